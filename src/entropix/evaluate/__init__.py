@@ -1,0 +1,1 @@
+"""Evaluation harness: tasks, answer grading, statistics and reports (no model needed)."""

@@ -1,0 +1,310 @@
+"""Markdown + PNG reports from evaluation result files (JSONL, one row per problem run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from entropix import EntropixError
+from entropix.evaluate.stats import mcnemar_exact, paired_counts, wilson_interval
+
+__all__ = ["ReportError", "load_results", "build_report", "eval_report", "main"]
+
+REQUIRED = ("id", "task", "sampler", "correct")
+BASELINE = "greedy"
+
+
+class ReportError(EntropixError, ValueError):
+    """Unreadable or missing results (one-line message)."""
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
+    """Rows from one or more results JSONL files, in file order.
+
+    A last line that is not valid JSON is taken to be a run still writing (or killed
+    mid-write) and skipped with a warning; bad JSON anywhere else is an error.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows: list[dict] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ReportError(f"results file not found: {path}")
+        # split("\n") rather than splitlines(): the latter also breaks at U+2028 etc.,
+        # which json.dumps(ensure_ascii=False) leaves raw inside strings.
+        lines = path.read_text(encoding="utf-8").split("\n")
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            where = f"{path}:{i + 1}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == last:
+                    warnings.warn(f"{where}: skipping a partially written last line", stacklevel=2)
+                    continue
+                raise ReportError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ReportError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise ReportError(f"{where}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def _truthy(v: object) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes", "y")
+    return bool(v)
+
+
+def _number(v: object) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Summary:
+    by_id: dict[str, bool] = field(default_factory=dict)
+    tokens: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.by_id)
+
+    @property
+    def correct(self) -> int:
+        return sum(self.by_id.values())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n)
+
+    @property
+    def tokens_per_problem(self) -> float | None:
+        return sum(self.tokens) / len(self.tokens) if self.tokens else None
+
+
+def _summarise(rows: list[dict]) -> tuple[dict[str, dict[str, _Summary]], int]:
+    """task -> sampler -> summary, and how many duplicate rows were dropped."""
+    latest: dict[tuple[str, str, str], dict] = {}
+    for row in rows:
+        # A resumed run may repeat a problem; the last row for it wins.
+        latest[(str(row["task"]), str(row["sampler"]), str(row["id"]))] = row
+    out: dict[str, dict[str, _Summary]] = {}
+    for (task, sampler, pid), row in latest.items():
+        s = out.setdefault(task, {}).setdefault(sampler, _Summary())
+        s.by_id[pid] = _truthy(row["correct"])
+        if (t := _number(row.get("tokens"))) is not None:
+            s.tokens.append(t)
+        if (sec := _number(row.get("seconds"))) is not None:
+            s.seconds += sec
+    return out, len(rows) - len(latest)
+
+
+def _sampler_order(samplers: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(samplers))
+    return ([BASELINE] if BASELINE in names else []) + [s for s in names if s != BASELINE]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{seconds:.1f} s ({s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d})"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _mcnemar_cell(s: _Summary, base: _Summary | None, sampler: str) -> str:
+    if sampler == BASELINE:
+        return "—"
+    if base is None:
+        return "n/a (no greedy run)"
+    _, b, c, _ = paired_counts(s.by_id, base.by_id)
+    shared = len(s.by_id.keys() & base.by_id.keys())
+    if shared == 0:
+        return "n/a (no shared problems)"
+    cell = f"{b}, {c}, {mcnemar_exact(b, c):.3g}"
+    return cell if shared == s.n == base.n else f"{cell} (on {shared} shared)"
+
+
+def _task_table(samplers: dict[str, _Summary]) -> list[str]:
+    lines = [
+        "| sampler | n | correct | accuracy | 95% CI | tokens/problem | seconds total | McNemar vs greedy (b, c, p) |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    base = samplers.get(BASELINE)
+    for name in _sampler_order(samplers):
+        s = samplers[name]
+        lo, hi = s.ci
+        tpp = s.tokens_per_problem
+        lines.append(
+            f"| {_cell(name)} | {s.n} | {s.correct} | {_pct(s.accuracy)} | {_pct(lo)} – {_pct(hi)} | "
+            f"{'—' if tpp is None else f'{tpp:.1f}'} | {s.seconds:.1f} | {_mcnemar_cell(s, base, name)} |"
+        )
+    return lines
+
+
+def _charts(summary: dict[str, dict[str, _Summary]], out_md: Path) -> list[Path]:
+    """Accuracy bars (with CIs) and accuracy vs tokens/problem, as PNGs next to out_md."""
+    # Figure + the Agg canvas directly: no pyplot, so no global backend switch and no
+    # display needed, whatever else the process has set up.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = sorted(summary)
+    samplers = _sampler_order(s for t in tasks for s in summary[t])
+    color = {s: f"C{i % 10}" for i, s in enumerate(samplers)}
+    acc_png = out_md.with_name(f"{out_md.stem}_accuracy.png")
+    tok_png = out_md.with_name(f"{out_md.stem}_tokens.png")
+
+    fig = Figure(figsize=(max(6.0, 3.0 + 0.5 * len(tasks) * max(1, len(samplers))), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(samplers))
+    for j, sampler in enumerate(samplers):
+        xs, ys, lo_err, hi_err = [], [], [], []
+        for i, task in enumerate(tasks):
+            s = summary[task].get(sampler)
+            if s is None or s.n == 0:
+                continue
+            lo, hi = s.ci
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(s.accuracy)
+            lo_err.append(s.accuracy - lo)
+            hi_err.append(hi - s.accuracy)
+        if xs:
+            ax.bar(xs, ys, width=width, color=color[sampler], label=sampler, yerr=[lo_err, hi_err], capsize=3)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_title("Accuracy by task and sampler")
+    # Outside the axes: bars near 100% would hide under it.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(acc_png, dpi=110)
+
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "osD^vP*Xh<>"
+    for sampler in samplers:
+        first = True
+        for i, task in enumerate(tasks):
+            s = summary[task].get(sampler)
+            if s is None or s.n == 0 or s.tokens_per_problem is None:
+                continue
+            lo, hi = s.ci
+            ax.errorbar(
+                s.tokens_per_problem, s.accuracy, yerr=[[s.accuracy - lo], [hi - s.accuracy]],
+                fmt=markers[i % len(markers)], color=color[sampler], capsize=3,
+                label=sampler if first else None,
+            )
+            ax.annotate(task, (s.tokens_per_problem, s.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            first = False
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Accuracy vs tokens per problem")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(tok_png, dpi=110)
+    return [acc_png, tok_png]
+
+
+def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation report") -> str:
+    """Write a markdown report (per-task tables, charts, notes) to out_md and return its text."""
+    if not rows:
+        raise ReportError("no results to report")
+    out_md = Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    summary, duplicates = _summarise(rows)
+    samplers = _sampler_order(s for t in sorted(summary) for s in summary[t])
+
+    md = [f"# {title}", ""]
+    md.append(f"{len(rows) - duplicates} results over {len(summary)} task(s); samplers: {', '.join(samplers)}.")
+    md.append("")
+    for task in sorted(summary):
+        md += [f"## {task}", ""] + _task_table(summary[task]) + [""]
+
+    try:
+        charts = _charts(summary, out_md)
+    except ImportError:  # matplotlib is an optional extra
+        charts = []
+    if charts:
+        md += ["## Charts", ""]
+        captions = ["Accuracy by task and sampler", "Accuracy vs tokens per problem"]
+        for caption, png in zip(captions, charts):
+            md += [f"![{caption}]({png.name})", ""]  # same folder as the markdown
+
+    total = sum(s.seconds for t in summary.values() for s in t.values())
+    md += ["## Notes", ""]
+    md.append(f"- Total run time (sum of per-problem seconds): {_duration(total)}.")
+    md.append("- 95% CI: Wilson score interval on accuracy.")
+    md.append(
+        f"- McNemar vs {BASELINE}: exact two-sided binomial test on the problems both samplers ran; "
+        f"b = this sampler right and {BASELINE} wrong, c = {BASELINE} right and this sampler wrong."
+    )
+    if duplicates:
+        md.append(f"- {duplicates} repeated row(s) for the same task, sampler and problem id: the last one was kept.")
+    if not charts:
+        md.append("- Charts skipped: matplotlib is not installed.")
+    text = "\n".join(md) + "\n"
+    out_md.write_text(text, encoding="utf-8")
+    return text
+
+
+def eval_report(paths: str | Path | Iterable[str | Path], out_md: str | Path, title: str = "Evaluation report") -> str:
+    """Load result files and write the report; returns the markdown text."""
+    return build_report(load_results(paths), out_md, title=title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m entropix.evaluate.report results.jsonl [...] -o report.md"""
+    ap = argparse.ArgumentParser(prog="python -m entropix.evaluate.report", description=__doc__)
+    ap.add_argument("results", nargs="+", help="results JSONL file(s)")
+    ap.add_argument("-o", "--out", default="report.md", help="markdown file to write (charts go next to it)")
+    ap.add_argument("--title", default="Evaluation report")
+    args = ap.parse_args(argv)
+    try:
+        eval_report(args.results, args.out, title=args.title)
+    except EntropixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

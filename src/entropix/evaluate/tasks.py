@@ -1,0 +1,498 @@
+"""Evaluation problems: GSM8K loading, deterministic synthetic tasks, prompting and grading."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable
+
+from entropix import EntropixError
+from entropix.answers import (
+    answers_equal,
+    extract_answer,
+    extract_list,
+    extract_number,
+    extract_option,
+    find_numbers,
+    normalise_number,
+)
+
+__all__ = [
+    "Problem",
+    "TASKS",
+    "TaskError",
+    "HubUnavailable",
+    "format_prompt",
+    "is_correct",
+    "load_gsm8k",
+    "load_gsm8k_hub",
+    "load_task",
+    "make_task",
+]
+
+
+class TaskError(EntropixError, ValueError):
+    """Bad task name, arguments or data file (one-line message)."""
+
+
+class HubUnavailable(EntropixError, RuntimeError):
+    """The Hugging Face Hub cannot be used (library missing or offline)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation item; expected is already normalised for its kind."""
+
+    id: str
+    prompt: str
+    expected: str
+    kind: str = "number"
+    # Excluded from hashing so that problems stay usable as dict keys.
+    extra: dict = field(default_factory=dict, hash=False)
+
+
+# ------------------------------------------------------------------------------ GSM8K
+
+
+def _gsm8k_problem(row: dict, index: int, where: str) -> Problem:
+    for key in ("question", "answer"):
+        if key not in row:
+            raise TaskError(f"{where}: missing field {key!r}")
+        if not isinstance(row[key], str):
+            raise TaskError(f"{where}: field {key!r} must be a string")
+    solution, sep, final = row["answer"].rpartition("####")
+    if not sep:
+        raise TaskError(f"{where}: answer has no '#### N' final line")
+    expected = normalise_number(final.strip())
+    if expected is None:
+        raise TaskError(f"{where}: final answer {final.strip()!r} is not a number")
+    extra = {k: v for k, v in row.items() if k not in ("id", "question", "answer")}
+    extra["solution"] = solution.strip()  # the worked rationale, useful for few-shot prompts
+    pid = str(row["id"]) if row.get("id") is not None else f"gsm8k-{index}"
+    return Problem(id=pid, prompt=row["question"].strip(), expected=expected, kind="number", extra=extra)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise TaskError(f"limit must be a non-negative integer, got {limit!r}")
+
+
+def load_gsm8k(path: str | Path, limit: int | None = None) -> list[Problem]:
+    """Read GSM8K-style JSONL ({"question", "answer" ending in "#### N"}) into problems."""
+    _check_limit(limit)
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"GSM8K file not found: {path}")
+    problems: list[Problem] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(problems) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            problems.append(_gsm8k_problem(row, lineno - 1, where))
+    return problems
+
+
+def load_gsm8k_hub(split: str = "test", limit: int | None = None) -> list[Problem]:
+    """Load GSM8K ("main" config) from the Hugging Face Hub; HubUnavailable when it cannot."""
+    _check_limit(limit)
+    try:
+        import datasets  # type: ignore
+    except ImportError:
+        datasets = None
+    rows = None
+    if datasets is not None:
+        try:
+            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        except Exception as e:  # offline, unknown split, ... all mean "cannot use the Hub"
+            raise HubUnavailable(f"could not load GSM8K from the Hub ({type(e).__name__}: {e}); pass a local JSONL file") from None
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise HubUnavailable(
+                "loading GSM8K from the Hub needs the `datasets` or `huggingface_hub` package; pass a local JSONL file"
+            ) from None
+        try:
+            import pyarrow.parquet as pq  # type: ignore
+        except ImportError:
+            raise HubUnavailable("reading the Hub's GSM8K parquet files needs `pyarrow` (or install `datasets`); pass a local JSONL file") from None
+        try:
+            local = hf_hub_download("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", repo_type="dataset")
+            rows = pq.read_table(local).to_pylist()
+        except Exception as e:
+            raise HubUnavailable(f"could not load GSM8K from the Hub ({type(e).__name__}: {e}); pass a local JSONL file") from None
+    problems = []
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            break
+        problems.append(_gsm8k_problem(dict(row), i, f"gsm8k {split} row {i}"))
+    return problems
+
+
+# ------------------------------------------------------------------------- arithmetic
+
+_NAMES = [
+    ("Alice", "she"), ("Bob", "he"), ("Carla", "she"), ("Daniel", "he"), ("Emma", "she"),
+    ("Farid", "he"), ("Grace", "she"), ("Hiro", "he"), ("Ines", "she"), ("Jamal", "he"),
+    ("Kate", "she"), ("Liam", "he"), ("Maria", "she"), ("Noah", "he"), ("Olga", "she"),
+    ("Pedro", "he"), ("Quinn", "she"), ("Ravi", "he"), ("Sara", "she"), ("Tom", "he"),
+    ("Uma", "she"), ("Victor", "he"), ("Wen", "she"), ("Yusuf", "he"), ("Zoe", "she"),
+]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "books", "coins"]
+
+
+@dataclass
+class _Expr:
+    text: str
+    value: int
+    prec: int  # 1: + -, 2: * /, 3: a single number
+
+
+def _combine(left: _Expr, op: str, right: _Expr) -> _Expr:
+    p = 1 if op in "+-" else 2
+    lt = left.text if left.prec >= p else f"({left.text})"
+    # The right operand needs brackets unless it binds tighter, or the operator is
+    # associative (+, *) and it has the same precedence.
+    rt = right.text if right.prec > p or (right.prec == p and op in "+*") else f"({right.text})"
+    if op == "+":
+        v = left.value + right.value
+    elif op == "-":
+        v = left.value - right.value
+    elif op == "*":
+        v = left.value * right.value
+    else:
+        v = left.value // right.value
+    return _Expr(f"{lt} {op} {rt}", v, p)
+
+
+def _expression_problem(rng: random.Random) -> tuple[str, int, str]:
+    first = rng.randint(1, 12)
+    cur = _Expr(str(first), first, 3)
+    for _ in range(rng.randint(2, 4)):
+        for _attempt in range(30):
+            op = rng.choice("++--**/")
+            if op == "/":
+                divisors = [d for d in range(2, 13) if cur.value % d == 0 and cur.value != 0]
+                if not divisors:
+                    continue
+                nxt = _combine(cur, "/", _Expr(str(d := rng.choice(divisors)), d, 3))
+            else:
+                m = rng.randint(2, 9) if op == "*" else rng.randint(1, 12)
+                atom = _Expr(str(m), m, 3)
+                nxt = _combine(cur, op, atom) if rng.random() < 0.7 else _combine(atom, op, cur)
+            if abs(nxt.value) <= 500:
+                cur = nxt
+                break
+    return f"Compute {cur.text}.", cur.value, cur.text
+
+
+def _wrap(expr: str) -> str:
+    return f"({expr})" if " " in expr else expr
+
+
+def _word_problem(rng: random.Random) -> tuple[str, int, str]:
+    name, he = rng.choice(_NAMES)
+    his = "her" if he == "she" else "his"
+    item = rng.choice(_ITEMS)
+    v = rng.randint(5, 20)
+    expr = str(v)
+    sentences = [f"{name} has {v} {item}."]
+    ops, target = 0, rng.randint(2, 4)
+    while ops < target:
+        step = rng.choice(["add", "sub", "mul", "div", "packs"])
+        if step == "add":
+            n = rng.randint(2, 15)
+            sentences.append(f"{he.capitalize()} buys {n} more {item}.")
+            v, expr, ops = v + n, f"{expr} + {n}", ops + 1
+        elif step == "sub" and v >= 3:
+            n = rng.randint(2, v - 1)
+            sentences.append(f"{he.capitalize()} gives {n} {item} to a friend.")
+            v, expr, ops = v - n, f"{expr} - {n}", ops + 1
+        elif step == "mul" and v <= 60:
+            k = rng.choice([2, 3])
+            word = {2: "doubles", 3: "triples"}[k]
+            sentences.append(f"Then {he} {word} the number of {item} {he} has.")
+            v, expr, ops = v * k, f"{_wrap(expr)} * {k}", ops + 1
+        elif step == "div" and any(v % k == 0 for k in (2, 3, 4)):
+            k = rng.choice([k for k in (2, 3, 4) if v % k == 0])
+            sentences.append(f"{he.capitalize()} splits {his} {item} equally into {k} bags and keeps only one bag.")
+            v, expr, ops = v // k, f"{_wrap(expr)} / {k}", ops + 1
+        elif step == "packs" and target - ops >= 2:
+            k, m = rng.randint(2, 5), rng.randint(2, 6)
+            sentences.append(f"{he.capitalize()} buys {k} packs with {m} {item} in each pack.")
+            v, expr, ops = v + k * m, f"{expr} + {k} * {m}", ops + 2
+    sentences.append(f"How many {item} does {name} have now?")
+    return " ".join(sentences), v, expr
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str, str, dict]:
+    maker = _expression_problem if rng.random() < 0.5 else _word_problem
+    prompt, value, expr = maker(rng)
+    return prompt, str(value), "number", {"expression": expr}
+
+
+# --------------------------------------------------------------------------- coinflip
+
+
+def _coinflip(rng: random.Random) -> tuple[str, str, str, dict]:
+    people = rng.sample([n for n, _ in _NAMES], rng.randint(2, 4))
+    flips = 0
+    sentences = ["A coin is heads up."]
+    for person in people:
+        if rng.random() < 0.5:
+            flips += 1
+            sentences.append(f"{person} flips the coin.")
+        else:
+            sentences.append(f"{person} does not flip the coin.")
+    sentences.append("Is the coin still heads up?")
+    expected = "yes" if flips % 2 == 0 else "no"
+    return " ".join(sentences), expected, "text", {"format": "yesno", "flips": flips}
+
+
+# ---------------------------------------------------------------------------- letters
+
+WORDS = """
+strawberry banana mississippi committee bookkeeper balloon coffee letter apple address
+accommodate assessment necessary possession success tomorrow embarrass millennium occurrence
+parallel programming raspberry blueberry cherry pepper puppy happiness butterfly grammar summer
+hello google yellow pizza giraffe elephant umbrella cinnamon broccoli spaghetti potato tomato
+avocado chocolate vanilla caramel marshmallow peppermint watermelon pineapple mango orange
+lemon coconut zucchini cucumber carrot lettuce cabbage onion garlic mushroom pumpkin squirrel
+rabbit kangaroo hippopotamus alligator crocodile penguin flamingo dolphin octopus jellyfish
+mosquito caterpillar grasshopper woodpecker chimpanzee cheetah panther gorilla buffalo
+antelope library computer keyboard internet telephone television calendar dictionary
+encyclopedia newspaper magazine notebook pencil eraser scissors stapler envelope paragraph
+sentence question answer mountain volcano waterfall river ocean island desert forest
+valley canyon glacier thunder lightning rainbow tornado hurricane blizzard weather season
+autumn winter spring january february september november december saturday wednesday
+thursday morning afternoon evening midnight breakfast dinner dessert sandwich hamburger
+spoon kitchen bedroom bathroom window ceiling staircase furniture mirror blanket pillow
+bottle basket bucket hammer engineer teacher doctor nurse farmer banker lawyer soldier
+student professor musician guitar violin trumpet piano drummer orchestra symphony concert
+theater cinema museum gallery stadium airport harbor station village kingdom castle
+bridge tunnel highway traffic bicycle motorcycle airplane helicopter submarine rocket
+satellite planet galaxy universe element molecule electron bubble puzzle riddle mystery
+adventure treasure pirate parrot dragon unicorn wizard goblin freedom courage kindness
+balance rhythm syllable vowel consonant alphabet language assistant tennessee referee
+""".split()
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _letters(rng: random.Random) -> tuple[str, str, str, dict]:
+    word = rng.choice(WORDS)
+    r = rng.random()
+    if r < 0.15:
+        letter = rng.choice([c for c in _ALPHABET if c not in word])
+    elif r < 0.45:
+        # The most repeated letter is where models miscount most.
+        top = max(word.count(c) for c in set(word))
+        letter = rng.choice(sorted(c for c in set(word) if word.count(c) == top))
+    else:
+        letter = rng.choice(sorted(set(word)))
+    prompt = f"How many times does the letter {letter} appear in the word {word}?"
+    return prompt, str(word.count(letter)), "number", {"word": word, "letter": letter}
+
+
+# ---------------------------------------------------------------------- compare, sort
+
+
+def _decimal_text(rng: random.Random, integer: int, digits: int) -> str:
+    if digits == 0:
+        return str(integer)
+    frac = rng.randint(1, 10**digits - 1)
+    while frac % 10 == 0:  # no trailing zeros: "9.10" would read as a different number
+        frac = rng.randint(1, 10**digits - 1)
+    return f"{integer}.{frac:0{digits}d}"
+
+
+def _compare(rng: random.Random) -> tuple[str, str, str, dict]:
+    while True:
+        if rng.random() < 0.6:
+            # Same integer part, different decimal lengths: the "9.9 vs 9.11" trap.
+            ip = rng.randint(0, 20)
+            a, b = _decimal_text(rng, ip, 1), _decimal_text(rng, ip, 2)
+        else:
+            a = _decimal_text(rng, rng.randint(0, 99), rng.randint(0, 2))
+            b = _decimal_text(rng, rng.randint(0, 99), rng.randint(1, 2))
+        if Decimal(a) != Decimal(b):
+            break
+    if rng.random() < 0.5:
+        a, b = b, a
+    larger = a if Decimal(a) > Decimal(b) else b
+    cands = [normalise_number(a), normalise_number(b)]
+    return f"Which is larger: {a} or {b}?", normalise_number(larger), "number", {"format": "compare", "candidates": cands}
+
+
+def _sort(rng: random.Random) -> tuple[str, str, str, dict]:
+    count = rng.randint(3, 6)
+    bases = rng.sample(range(0, 21), rng.randint(1, 3))
+    nums: list[str] = []
+    while len(nums) < count:
+        t = _decimal_text(rng, rng.choice(bases), rng.choice([0, 1, 1, 2, 2]))
+        if all(Decimal(t) != Decimal(x) for x in nums):
+            nums.append(t)
+    ordered = sorted(nums, key=Decimal)
+    for _ in range(10):  # an already-sorted list would test nothing
+        rng.shuffle(nums)
+        if nums != ordered:
+            break
+    expected = ",".join(normalise_number(x) for x in ordered)
+    prompt = f"Sort these numbers from smallest to largest: {', '.join(nums)}"
+    return prompt, expected, "list", {"numbers": list(nums), "count": count}
+
+
+# ---------------------------------------------------------------------------- registry
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str, dict]]] = {
+    "arithmetic": _arithmetic,
+    "coinflip": _coinflip,
+    "letters": _letters,
+    "compare": _compare,
+    "sort": _sort,
+}
+
+
+def _generate(name: str, n: int, seed: int) -> list[Problem]:
+    if not isinstance(n, int) or n < 0:
+        raise TaskError(f"n must be a non-negative integer, got {n!r}")
+    gen = _GENERATORS[name]
+    seen: set[str] = set()
+    out = []
+    for i in range(n):
+        # One RNG per item (string seeds are hashed stably), so the first k problems
+        # do not depend on n.
+        rng = random.Random(f"{name}:{seed}:{i}")
+        for _attempt in range(25):
+            prompt, expected, kind, extra = gen(rng)
+            if prompt not in seen:
+                break
+        seen.add(prompt)
+        out.append(Problem(id=f"{name}-{seed}-{i}", prompt=prompt, expected=expected, kind=kind, extra=extra))
+    return out
+
+
+def _registered(name: str) -> Callable[[int, int], list[Problem]]:
+    def make(n: int, seed: int = 0) -> list[Problem]:
+        return _generate(name, n, seed)
+
+    make.__name__ = f"make_{name}"
+    make.__doc__ = f"n deterministic {name!r} problems for a seed."
+    return make
+
+
+TASKS: dict[str, Callable[[int, int], list[Problem]]] = {name: _registered(name) for name in _GENERATORS}
+KNOWN_TASKS = tuple(sorted([*TASKS, "gsm8k"]))
+
+
+def _unknown(name: str) -> TaskError:
+    return TaskError(f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}")
+
+
+def make_task(name: str, n: int, seed: int = 0) -> list[Problem]:
+    """n synthetic problems of a task; the same (name, n, seed) always gives the same list."""
+    if name not in TASKS:
+        raise _unknown(name)
+    return TASKS[name](n, seed)
+
+
+def load_task(name: str, n: int | None = None, seed: int = 0, data: str | Path | None = None) -> list[Problem]:
+    """Problems for any task: synthetic ones (n defaults to 100) or gsm8k (first n rows).
+
+    gsm8k reads data (a JSONL path) when given, else the Hub's test split.
+    """
+    if name == "gsm8k":
+        return load_gsm8k(data, limit=n) if data is not None else load_gsm8k_hub("test", limit=n)
+    if name not in TASKS:
+        raise _unknown(name)
+    if data is not None:
+        raise TaskError(f"task {name!r} is synthetic and takes no data file")
+    return make_task(name, 100 if n is None else n, seed)
+
+
+# ---------------------------------------------------------------------- prompt, grade
+
+
+def format_prompt(problem: Problem) -> str:
+    """The user message for a problem: the bare question, with no "think step by step"
+    (CoT decoding should find reasoning paths without being asked); an answer-format
+    hint only where grading needs one."""
+    text = problem.prompt.strip()
+    if problem.extra.get("format") == "yesno" and "yes or no" not in text.lower():
+        text += " Answer yes or no."
+    options = problem.extra.get("options")
+    if problem.kind == "option" and isinstance(options, dict):
+        text += "\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
+    return text
+
+
+_YESNO_RE = re.compile(r"\b(yes|no)\b", re.I)
+_BIGGER = r"(?:larger|bigger|greater|higher)"
+
+
+def _last_yes_no(text: str) -> str | None:
+    last = None
+    for last in _YESNO_RE.finditer(text):
+        pass
+    return last.group(1).lower() if last else None
+
+
+def _compare_answer(text: str, candidates: list[str]) -> str | None:
+    """Which candidate the output calls larger ("9.9 is larger", "larger is 9.9", "9.9 > 9.11")."""
+    stated = extract_number(text, last_number=False)
+    if stated is not None:
+        return stated
+    winners: list[tuple[int, str]] = []
+    mentions: list[str] = []
+    for value, start, end in find_numbers(text):
+        if not any(answers_equal(value, c) for c in candidates):
+            continue
+        mentions.append(value)
+        before, after = text[max(0, start - 60) : start], text[end : end + 40]
+        if (
+            re.match(rf"\**\s*(?:is|was)\s+(?:the\s+)?{_BIGGER}\b", after, re.I)
+            or re.match(r"\s*>", after)
+            or re.search(rf"\b{_BIGGER}(?:\s+(?:number|one|value))?\s*(?:is|:|=)\s*\**\s*$", before, re.I)
+            or re.search(r"<\s*$", before)
+        ):
+            winners.append((start, value))
+    if winners:
+        return winners[-1][1]
+    if mentions:
+        return mentions[-1]
+    return extract_number(text)
+
+
+def is_correct(problem: Problem, output_text: str | None) -> tuple[str | None, bool]:
+    """(extracted answer, whether it matches problem.expected)."""
+    if not output_text:
+        return None, False
+    fmt = problem.extra.get("format")
+    if fmt == "yesno":
+        got = _last_yes_no(output_text)
+        return got, got == problem.expected.lower()
+    if fmt == "compare":
+        got = _compare_answer(output_text, problem.extra.get("candidates", []))
+        return got, answers_equal(got, problem.expected, "number")
+    options = problem.extra.get("options")
+    if problem.kind == "list":
+        length = problem.extra.get("count") or len(problem.expected.split(","))
+        got = extract_list(output_text, length=length)
+    elif problem.kind == "option" and isinstance(options, dict) and options:
+        got = extract_option(output_text, "".join(options))
+    else:
+        got = extract_answer(output_text, problem.kind, problem.extra.get("pattern"))
+    return got, answers_equal(got, problem.expected, problem.kind)

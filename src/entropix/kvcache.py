@@ -1,0 +1,103 @@
+"""A small KV cache with per-row lengths.
+
+Rows may hold different amounts of text: row b owns slots [starts[b], lengths[b]).
+Slots before starts[b] are left padding and are never attended to. Host-side copies
+of the lengths are kept in Python so that no step has to ask the device for them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
+                 capacity: int, device, dtype) -> None:
+        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, Hkv, S, D]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths: list[int] = [0] * batch  # next free slot per row
+        self.starts: list[int] = [0] * batch  # first valid slot per row
+        self._dev: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- shape -------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def max_length(self) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    def device_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, lengths) as device tensors, rebuilt only after a change."""
+        if self._dev is None:
+            dev = self.k.device
+            self._dev = (torch.tensor(self.starts, device=dev), torch.tensor(self.lengths, device=dev))
+        return self._dev
+
+    def ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity)
+        new_cap = (new_cap + 255) // 256 * 256
+        pad = new_cap - self.capacity
+        self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
+        self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
+
+    # -- writes ------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, Hkv, T, D] at each row's next T slots (lengths advance in advance_())."""
+        T = k.shape[2]
+        L0 = self.lengths[0]
+        if all(n == L0 for n in self.lengths):
+            self.k[layer, :, :, L0:L0 + T] = k
+            self.v[layer, :, :, L0:L0 + T] = v
+        else:
+            starts, lengths = self.device_lengths()
+            slots = lengths[:, None] + torch.arange(T, device=k.device)  # [B, T]
+            rows = torch.arange(self.batch, device=k.device)[:, None]  # [B, 1]
+            # advanced indices on dims 0 and 2 put [B, T] first: values must be [B, T, Hkv, D]
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def advance(self, T: int) -> None:
+        self.lengths = [n + T for n in self.lengths]
+        self._dev = None
+
+    # -- row surgery ---------------------------------------------------------
+    def select(self, rows: list[int]) -> None:
+        """Keep (and reorder, or repeat) the given rows."""
+        idx = torch.tensor(rows, device=self.k.device, dtype=torch.long)
+        self.k = self.k.index_select(1, idx)
+        self.v = self.v.index_select(1, idx)
+        self.lengths = [self.lengths[r] for r in rows]
+        self.starts = [self.starts[r] for r in rows]
+        self._dev = None
+
+    def fork(self, row: int, n: int) -> list[int]:
+        """Append n copies of `row`; returns the new row indices."""
+        first = self.batch
+        self.append_rows_from(self, [row] * n)
+        return list(range(first, first + n))
+
+    def append_rows_from(self, other: "KVCache", rows: list[int]) -> None:
+        """Append copies of other's rows (another cache, or this one) to this cache."""
+        idx = torch.tensor(rows, device=other.k.device, dtype=torch.long)
+        k_new, v_new = other.k.index_select(1, idx), other.v.index_select(1, idx)
+        S = max(self.capacity, other.capacity)
+        self.ensure_capacity(S)
+        if k_new.shape[3] < S:
+            pad = S - k_new.shape[3]
+            k_new = torch.nn.functional.pad(k_new, (0, 0, 0, pad))
+            v_new = torch.nn.functional.pad(v_new, (0, 0, 0, pad))
+        lengths = [other.lengths[r] for r in rows]
+        starts = [other.starts[r] for r in rows]
+        self.k = torch.cat([self.k, k_new], dim=1)
+        self.v = torch.cat([self.v, v_new], dim=1)
+        self.lengths = self.lengths + lengths
+        self.starts = self.starts + starts
+        self._dev = None

@@ -1,0 +1,141 @@
+"""Result loading and markdown/PNG report generation."""
+
+import json
+import re
+
+import pytest
+
+from entropix.evaluate.report import build_report, eval_report, load_results, main
+from entropix.evaluate.stats import mcnemar_exact
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_rows():
+    """Two tasks; on arithmetic greedy gets 6/10 and entropix 9/10 with b=4, c=1."""
+    rows = []
+    greedy = [True] * 6 + [False] * 4
+    entropix = [True] * 5 + [False] + [True] * 4
+    for i, (g, e) in enumerate(zip(greedy, entropix)):
+        for sampler, ok, tokens in (("greedy", g, 100), ("entropix", e, 150)):
+            rows.append(
+                {
+                    "id": f"arithmetic-0-{i}", "task": "arithmetic", "sampler": sampler,
+                    "prompt": "Compute 1 + 1.", "output": "2", "extracted": "2" if ok else "3",
+                    "expected": "2", "correct": ok, "tokens": tokens, "seconds": 0.5,
+                }
+            )
+    for i in range(4):
+        rows.append(
+            {
+                "id": f"letters-0-{i}", "task": "letters", "sampler": "greedy", "prompt": "p",
+                "output": "o", "extracted": "1", "expected": "1", "correct": i < 3, "tokens": 20, "seconds": 1.0,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path, rows, tail=""):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + tail)
+    return path
+
+
+def test_load_results_roundtrip(tmp_path):
+    rows = make_rows()
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:7])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[7:])
+    assert load_results([a, b]) == rows
+    assert load_results(str(a)) == rows[:7]
+
+
+def test_load_results_skips_partial_last_line(tmp_path):
+    rows = make_rows()[:3]
+    f = write_jsonl(tmp_path / "r.jsonl", rows, tail='{"id": "x", "task": "ari')
+    with pytest.warns(UserWarning, match="partially written"):
+        assert load_results(f) == rows
+
+
+def test_load_results_keeps_unicode_line_separators(tmp_path):
+    row = dict(make_rows()[0], output="a\u2028b")
+    f = write_jsonl(tmp_path / "u.jsonl", [row])
+    assert load_results(f)[0]["output"] == "a\u2028b"
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_results(tmp_path / "missing.jsonl")
+    rows = make_rows()[:2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n{broken\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        load_results(bad)
+    bad.write_text(json.dumps({"id": "1", "task": "t"}) + "\n")
+    with pytest.raises(ValueError, match="missing field.*sampler.*correct"):
+        load_results(bad)
+
+
+def test_build_report(tmp_path):
+    out = tmp_path / "out" / "report.md"
+    text = build_report(make_rows(), out, title="Test run")
+    assert out.read_text() == text
+    assert text.startswith("# Test run")
+    assert "| sampler | n | correct | accuracy | 95% CI | tokens/problem | seconds total | McNemar vs greedy (b, c, p) |" in text
+    assert "## arithmetic" in text and "## letters" in text
+
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    greedy = [c.strip() for c in re.findall(r"\| greedy .*", text)[0].split("|")[1:-1]]
+    assert greedy[:4] == ["greedy", "10", "6", "60.0%"]
+    assert greedy[4] == "31.3% – 83.2%"  # Wilson 6/10
+    assert greedy[5:7] == ["100.0", "5.0"]
+    assert greedy[7] == "—"
+    ent = [c.strip() for c in lines["entropix"].split("|")[1:-1]]
+    assert ent[:4] == ["entropix", "10", "9", "90.0%"]
+    assert ent[5] == "150.0"
+    assert ent[7] == f"4, 1, {mcnemar_exact(4, 1):.3g}"
+    # Greedy comes first within a task.
+    arithmetic = text.split("## arithmetic")[1].split("##")[0]
+    assert arithmetic.index("| greedy") < arithmetic.index("| entropix")
+    # Total run time: 20 * 0.5 + 4 * 1.0 seconds.
+    assert "14.0 s (0:00:14)" in text
+
+    for name in ("report_accuracy.png", "report_tokens.png"):
+        png = out.parent / name
+        assert f"]({name})" in text
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+        # Valid PNG: the IHDR chunk follows, with a non-zero width and height.
+        assert data[12:16] == b"IHDR"
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 100 and height > 100
+
+
+def test_report_without_greedy_and_with_duplicates(tmp_path):
+    rows = [r for r in make_rows() if r["sampler"] == "entropix"]
+    rows.append(dict(rows[0], correct=False))  # a resumed run repeats a problem
+    text = build_report(rows, tmp_path / "r.md")
+    assert "n/a (no greedy run)" in text
+    assert "| entropix | 10 | 8 |" in text  # the later row replaced the earlier one
+    assert "1 repeated row" in text
+
+
+def test_report_partial_overlap(tmp_path):
+    rows = make_rows()
+    rows = [r for r in rows if not (r["sampler"] == "entropix" and r["id"].endswith("-9"))]
+    text = build_report(rows, tmp_path / "r.md")
+    assert "(on 9 shared)" in text
+
+
+def test_report_rejects_empty(tmp_path):
+    with pytest.raises(ValueError, match="no results"):
+        build_report([], tmp_path / "r.md")
+
+
+def test_eval_report_and_main(tmp_path, capsys):
+    f = write_jsonl(tmp_path / "res.jsonl", make_rows())
+    out = tmp_path / "eval.md"
+    text = eval_report([f], out)
+    assert "## arithmetic" in text and (tmp_path / "eval_accuracy.png").exists()
+    assert main([str(f), "-o", str(tmp_path / "cli.md"), "--title", "CLI"]) == 0
+    assert (tmp_path / "cli.md").read_text().startswith("# CLI")
+    assert main([str(tmp_path / "absent.jsonl"), "-o", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""Wilson intervals, exact McNemar and paired counts."""
+
+import math
+
+import pytest
+
+from entropix.evaluate.stats import mcnemar_exact, paired_counts, wilson_interval
+
+
+def test_wilson_known_values():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0
+    assert hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4)
+    assert hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0
+    assert lo == pytest.approx(1 - 0.2775, abs=1e-4)
+    # 81/263 (a textbook example): 0.2553 .. 0.3662
+    lo, hi = wilson_interval(81, 263)
+    assert (lo, hi) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+
+
+def test_wilson_properties():
+    for n in (1, 7, 50, 400):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+            # Symmetric under swapping successes and failures.
+            lo2, hi2 = wilson_interval(n - k, n)
+            assert lo == pytest.approx(1 - hi2, abs=1e-12)
+    # A wider z widens the interval.
+    assert wilson_interval(5, 10, z=2.576)[0] < wilson_interval(5, 10)[0]
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+    with pytest.raises(ValueError):
+        wilson_interval(-1, 10)
+
+
+def test_wilson_matches_scipy_when_available():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 10), (3, 17), (50, 100), (399, 400)]:
+        ci = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = wilson_interval(k, n)
+        assert lo == pytest.approx(ci.low, abs=1e-6)
+        assert hi == pytest.approx(ci.high, abs=1e-6)
+
+
+def test_mcnemar_against_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for b, c in [(0, 1), (1, 0), (0, 5), (3, 1), (10, 2), (7, 7), (25, 12), (0, 20), (60, 41), (150, 190)]:
+        expected = scipy_stats.binomtest(b, b + c, 0.5, alternative="two-sided").pvalue
+        assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_mcnemar_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(4, 4) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(3, 1) == mcnemar_exact(1, 3)
+    # Stays finite and exact for very large counts.
+    p = mcnemar_exact(5000, 5400)
+    assert 0.0 < p < 0.01 and math.isfinite(p)
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_counts():
+    a = {"p1": True, "p2": True, "p3": False, "p4": False, "only_a": True}
+    b = {"p1": True, "p2": False, "p3": True, "p4": False, "only_b": False}
+    assert paired_counts(a, b) == (1, 1, 1, 1)
+    assert paired_counts(b, a) == (1, 1, 1, 1)
+    assert paired_counts({}, b) == (0, 0, 0, 0)
+    a = {i: i % 2 == 0 for i in range(10)}
+    b = {i: i % 3 == 0 for i in range(10)}
+    both, only_a, only_b, neither = paired_counts(a, b)
+    assert (both, only_a, only_b, neither) == (2, 3, 2, 3)
+    assert both + only_a + only_b + neither == 10

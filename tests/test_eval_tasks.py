@@ -1,0 +1,332 @@
+"""Evaluation tasks: GSM8K loading, synthetic generators, prompts and grading."""
+
+import ast
+import json
+import operator
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from entropix.evaluate.tasks import (
+    TASKS,
+    HubUnavailable,
+    Problem,
+    format_prompt,
+    is_correct,
+    load_gsm8k,
+    load_gsm8k_hub,
+    load_task,
+    make_task,
+)
+
+GSM8K = Path("/work/shared/data/gsm8k_train_400.jsonl")
+needs_gsm8k = pytest.mark.skipif(not GSM8K.is_file(), reason=f"{GSM8K} not present on this machine")
+SYNTHETIC = ["arithmetic", "coinflip", "letters", "compare", "sort"]
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def safe_eval(expr: str) -> Fraction:
+    """Evaluate + - * / over integer literals exactly; anything else is rejected."""
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        raise ValueError(f"unsupported syntax: {ast.dump(node)}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def solve_story(prompt: str) -> Fraction:
+    """Interpret the word-problem sentences one by one."""
+    value = None
+    for sentence in re.split(r"(?<=[.?])\s+", prompt):
+        if m := re.search(r" has (\d+) \w+\.$", sentence):
+            value = Fraction(int(m.group(1)))
+        elif m := re.search(r"buys (\d+) packs with (\d+) \w+ in each pack", sentence):
+            value += int(m.group(1)) * int(m.group(2))
+        elif m := re.search(r"buys (\d+) more", sentence):
+            value += int(m.group(1))
+        elif m := re.search(r"gives (\d+) \w+ to a friend", sentence):
+            value -= int(m.group(1))
+        elif "doubles" in sentence:
+            value *= 2
+        elif "triples" in sentence:
+            value *= 3
+        elif m := re.search(r"equally into (\d+) bags and keeps only one bag", sentence):
+            value /= int(m.group(1))
+        else:
+            assert sentence.startswith("How many"), sentence
+    return value
+
+
+def count_ops(expr: str) -> int:
+    return sum(isinstance(n, ast.BinOp) for n in ast.walk(ast.parse(expr, mode="eval")))
+
+
+def test_safe_eval_helper():
+    assert safe_eval("(3 + 4) * 2 - 5") == 9
+    assert safe_eval("12 / 4 - 1") == 2
+    with pytest.raises(ValueError):
+        safe_eval("__import__('os')")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_and_unknown_task():
+    assert set(SYNTHETIC) <= set(TASKS)
+    with pytest.raises(ValueError, match="known tasks: .*arithmetic.*gsm8k"):
+        make_task("nope", 3, 0)
+    with pytest.raises(ValueError, match="known tasks"):
+        load_task("nope", 3, 0)
+    with pytest.raises(ValueError):
+        make_task("arithmetic", -1, 0)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_synthetic_deterministic(name):
+    a = make_task(name, 40, seed=7)
+    b = make_task(name, 40, seed=7)
+    assert a == b
+    assert len(a) == 40
+    assert [p.id for p in a] == [f"{name}-7-{i}" for i in range(40)]
+    assert len({p.id for p in a}) == 40
+    # A different seed gives a different set, and the first k problems do not depend on n.
+    assert [p.prompt for p in make_task(name, 40, seed=8)] != [p.prompt for p in a]
+    assert make_task(name, 10, seed=7) == a[:10]
+    assert load_task(name, 40, 7) == a
+    for p in a:
+        assert isinstance(p, Problem)
+        assert p.prompt and p.expected
+        hash(p)  # usable as a dict key despite the extra dict
+
+
+def test_arithmetic_answers_are_right():
+    problems = make_task("arithmetic", 200, seed=1)
+    styles = set()
+    for p in problems:
+        assert p.kind == "number"
+        expr = p.extra["expression"]
+        if p.prompt.startswith("Compute "):
+            styles.add("expression")
+            assert p.prompt.endswith(".")
+            assert p.prompt[len("Compute ") : -1] == expr
+        else:
+            styles.add("word")
+            assert p.prompt.endswith("have now?")
+            # Re-solve the story on its own, not through the stored expression.
+            assert solve_story(p.prompt) == Fraction(p.expected), p.prompt
+        assert 2 <= count_ops(expr) <= 4, expr
+        value = safe_eval(expr)
+        assert value.denominator == 1, expr
+        assert abs(float(value) - float(p.expected)) < 1e-9, (expr, p.expected)
+        assert re.fullmatch(r"-?\d+", p.expected)
+    assert styles == {"expression", "word"}
+
+
+def test_coinflip_answers_are_right():
+    for p in make_task("coinflip", 100, seed=2):
+        assert p.kind == "text"
+        assert p.prompt.startswith("A coin is heads up.")
+        flips = p.prompt.count(" flips the coin.")
+        assert flips == p.extra["flips"]
+        assert p.expected == ("yes" if flips % 2 == 0 else "no")
+        assert format_prompt(p).endswith("Answer yes or no.")
+
+
+def test_letters_answers_are_right():
+    problems = make_task("letters", 200, seed=3)
+    counts = set()
+    for p in problems:
+        m = re.fullmatch(r"How many times does the letter ([a-z]) appear in the word ([a-z]+)\?", p.prompt)
+        assert m, p.prompt
+        letter, word = m.groups()
+        assert p.expected == str(word.count(letter))
+        counts.add(word.count(letter))
+    assert 0 in counts and max(counts) >= 3
+
+
+def test_letters_word_list():
+    from entropix.evaluate.tasks import WORDS
+
+    assert len(set(WORDS)) >= 150
+    assert "strawberry" in WORDS
+    assert all(w.isalpha() and w.islower() for w in WORDS)
+
+
+def test_compare_answers_are_right():
+    for p in make_task("compare", 100, seed=4):
+        m = re.fullmatch(r"Which is larger: ([\d.]+) or ([\d.]+)\?", p.prompt)
+        assert m, p.prompt
+        a, b = float(m.group(1)), float(m.group(2))
+        assert a != b
+        assert abs(float(p.expected) - max(a, b)) < 1e-9
+
+
+def test_sort_answers_are_right():
+    for p in make_task("sort", 100, seed=5):
+        assert p.kind == "list"
+        head, _, tail = p.prompt.partition(": ")
+        assert head == "Sort these numbers from smallest to largest"
+        nums = [float(x) for x in tail.split(", ")]
+        got = [float(x) for x in p.expected.split(",")]
+        assert got == sorted(nums)
+        assert len(set(nums)) == len(nums) >= 3
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+@needs_gsm8k
+def test_load_gsm8k_real_file():
+    problems = load_gsm8k(GSM8K)
+    assert len(problems) == 400
+    first = problems[0]
+    assert first.id == "gsm8k-0"
+    assert first.expected == "72"
+    assert first.prompt.startswith("Natalia sold clips")
+    assert first.kind == "number"
+    assert "solution" in first.extra and "####" not in first.extra["solution"]
+    raw = [json.loads(line) for line in GSM8K.read_text().splitlines() if line.strip()]
+    for p, row in zip(problems, raw):
+        final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert float(p.expected) == float(final)
+    assert "1080" in {p.expected for p in problems}  # "#### 1,080" in the file
+    assert len({p.id for p in problems}) == 400
+    assert load_gsm8k(GSM8K, limit=5) == problems[:5]
+    assert load_task("gsm8k", 3, data=GSM8K) == problems[:3]
+
+
+def test_load_gsm8k_ids_and_extra(tmp_path):
+    f = tmp_path / "g.jsonl"
+    rows = [
+        {"id": "q1", "question": "Q?", "answer": "a\n#### $1,234.50", "level": 2},
+        {"question": "R?", "answer": "#### -7"},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    a, b = load_gsm8k(f)
+    assert (a.id, a.expected, a.extra["level"]) == ("q1", "1234.5", 2)
+    assert (b.id, b.expected) == ("gsm8k-1", "-7")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "Q", "answer": "#### 1"}\n{not json}\n', r":2: invalid JSON"),
+        ('{"answer": "#### 1"}\n', r":1: missing field 'question'"),
+        ('{"question": "Q"}\n', r":1: missing field 'answer'"),
+        ('{"question": "Q", "answer": "no marker"}\n', r":1: .*####"),
+        ('{"question": "Q", "answer": "#### lots"}\n', r":1: .*not a number"),
+        ("[1, 2]\n", r":1: expected a JSON object"),
+    ],
+)
+def test_load_gsm8k_bad_files(tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_gsm8k(f)
+    assert "\n" not in str(info.value)
+
+
+def test_load_gsm8k_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_gsm8k(tmp_path / "absent.jsonl")
+
+
+def test_load_gsm8k_hub_without_libraries(monkeypatch):
+    # None in sys.modules makes the import fail, as if the packages were absent.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(RuntimeError, match="datasets"):
+        load_gsm8k_hub("test", limit=2)
+    with pytest.raises(HubUnavailable):
+        load_task("gsm8k", 2)
+
+
+def test_synthetic_task_rejects_data(tmp_path):
+    with pytest.raises(ValueError, match="synthetic"):
+        load_task("letters", 2, 0, data=tmp_path / "x.jsonl")
+
+
+# ---------------------------------------------------------------------- prompt, grade
+
+
+def test_format_prompt_has_no_cot_instruction():
+    for name in SYNTHETIC:
+        for p in make_task(name, 5, 0):
+            text = format_prompt(p)
+            assert text.startswith(p.prompt)
+            assert "step by step" not in text.lower()
+            if name != "coinflip":
+                assert text == p.prompt
+
+
+def test_format_prompt_gsm8k(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"question": "  How many?  ", "answer": "#### 3"}) + "\n")
+    gsm = load_gsm8k(f)[0]
+    assert format_prompt(gsm) == "How many?"
+
+
+def test_format_prompt_lists_options():
+    p = Problem("m1", "Pick one.", "B", "option", {"options": {"A": "red", "B": "blue"}})
+    assert format_prompt(p) == "Pick one.\n(A) red\n(B) blue"
+    assert is_correct(p, "The answer is (B).") == ("B", True)
+    # Letters come from the problem's own options, beyond the default A-E.
+    q = Problem("m2", "Pick one.", "F", "option", {"options": {c: c for c in "ABCDEF"}})
+    assert is_correct(q, "I choose (F)") == ("F", True)
+
+
+def test_is_correct_number():
+    p = Problem("x", "Compute 3 + 4.", "7")
+    assert is_correct(p, "3 + 4 = 7") == ("7", True)
+    assert is_correct(p, "The answer is 7.0, not 8") == ("7", True)
+    assert is_correct(p, "It is 8") == ("8", False)
+    assert is_correct(p, "") == (None, False)
+    assert is_correct(p, "no idea") == (None, False)
+
+
+def test_is_correct_coinflip():
+    p = make_task("coinflip", 1, 0)[0]
+    right, wrong = p.expected, ("no" if p.expected == "yes" else "yes")
+    assert is_correct(p, f"Let me count the flips... {right.capitalize()}.") == (right, True)
+    assert is_correct(p, f"Yes or no? No wait. {wrong}") == (wrong, False)
+    assert is_correct(p, "The coin shows heads.") == (None, False)
+
+
+def test_is_correct_compare():
+    p = Problem("c", "Which is larger: 9.9 or 9.11?", "9.9", "number", {"format": "compare", "candidates": ["9.9", "9.11"]})
+    assert is_correct(p, "9.9 is larger than 9.11.")[1]
+    assert is_correct(p, "Comparing 9.11 and 9.9, the larger number is 9.9.")[1]
+    assert is_correct(p, "9.9 > 9.11")[1]
+    assert is_correct(p, "9.11 < 9.9")[1]
+    assert is_correct(p, "The answer is 9.9")[1]
+    assert is_correct(p, "9.11 is bigger than 9.9") == ("9.11", False)
+    assert is_correct(p, "9.9") == ("9.9", True)
+
+
+def test_is_correct_list_and_letters():
+    p = Problem("s", "Sort these numbers from smallest to largest: 9.11, 9.9, 3.5", "3.5,9.11,9.9", "list", {"count": 3})
+    assert is_correct(p, "We have 9.11, 9.9, 3.5. Sorted: 3.5, 9.11, 9.9. That took 2 steps.") == ("3.5,9.11,9.9", True)
+    assert is_correct(p, "3.5, 9.9, 9.11")[1] is False
+    q = make_task("letters", 1, 0)[0]
+    assert is_correct(q, f"It appears {q.expected} times.") == (q.expected, True)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_expected_answers_grade_themselves(name):
+    # A model that just states the expected answer must be graded correct.
+    for p in make_task(name, 30, 9):
+        text = p.expected.replace(",", ", ") if p.kind == "list" else p.expected
+        got, ok = is_correct(p, f"The answer is {text}.")
+        assert ok, (p, got)
