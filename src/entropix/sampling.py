@@ -137,6 +137,7 @@ def make_sampler(name: str = "greedy", **kw: Any):
     if name in ("sample", "temperature", "min-p", "top-p", "top-k", "plain"):
         fields = {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p") if kw.get(k) is not None}
         return PlainSampler(SamplingParams(**fields))
+    _load_registered()
     if name in SAMPLERS:
         return SAMPLERS[name](**kw)
     known = ", ".join(sorted({"greedy", "sample", *SAMPLERS}))
@@ -145,3 +146,15 @@ def make_sampler(name: str = "greedy", **kw: Any):
 
 # Other modules add factories here: name -> callable(**kw) returning a sampler.
 SAMPLERS: dict[str, Callable[..., Any]] = {}
+
+
+def _load_registered() -> None:
+    """Import the modules that register samplers (they import this one, so lazily)."""
+    import importlib
+
+    for mod in ("entropix.entropix", "entropix.cot"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
