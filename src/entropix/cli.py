@@ -68,9 +68,11 @@ def sampler_from_args(args, lm=None):
         name = "sample" if (args.temperature or 0) > 0 or (args.temperature is None and filters) else "greedy"
     if name == "sample" and args.temperature == 0:
         name = "greedy"
+    if name == "entropix" and getattr(args, "branching", False):
+        name = "entropix-branching"
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     extra = {}
-    for k in ("sampler_config", "branches", "aggregate", "samples", "branching"):
+    for k in ("sampler_config", "branches", "aggregate", "samples"):
         if getattr(args, k, None) not in (None, False):
             extra[k] = getattr(args, k)
     return name, make_sampler(name, lm=lm, **kw, **extra)

@@ -237,19 +237,23 @@ class Engine:
         attn_keys = [k for k in ATTN_KEYS if k in metrics]
         cols += [metrics[k].double() for k in attn_keys]
         host = torch.cat([torch.stack(cols, 1), top_id.double(), top_lp.double()], 1).cpu().tolist()  # the one sync
+        n_fixed = 3 + len(LOGIT_KEYS) + len(attn_keys)
+        decisions = []  # per row: (token, code, logprob, [(id, logprob)] alternatives)
+        for row, vals in zip(self.rows, host):
+            alts = list(zip((int(t) for t in vals[n_fixed:n_fixed + K]), vals[n_fixed + K:n_fixed + 2 * K]))
+            decisions.append((int(vals[0]), int(vals[1]), vals[2], alts))
+        tokens = self._plan_forks(groups, decisions, tokens)
 
         records: list[TokenRecord] = []
         finished: list[int] = []
-        n_fixed = 3 + len(LOGIT_KEYS) + len(attn_keys)
-        for i, (row, vals) in enumerate(zip(self.rows, host)):
-            tok, code, lp = int(vals[0]), int(vals[1]), vals[2]
+        for i, row in enumerate(self.rows):
+            vals = host[i] if i < B else host[row.memory["forked_from"]]
+            tok, code, lp, alts = decisions[i]
             ent, vent, margin = vals[3:6]
             attn = {k: vals[6 + j] for j, k in enumerate(attn_keys)} if attn_keys else None
-            k_row = min(row.request.top_logprobs, K)
-            ids = vals[n_fixed:n_fixed + K][:k_row]
-            lps = vals[n_fixed + K:n_fixed + 2 * K][:k_row]
-            top = [(int(t), self.tok.token_text(int(t)), l) for t, l in zip(ids, lps)]
-            state = row.request.sampler.state_of(code) if hasattr(row.request.sampler, "state_of") else "sample"
+            top = [(t, self.tok.token_text(t), l) for t, l in alts[:row.request.top_logprobs]]
+            sampler = row.request.sampler
+            state = sampler.state_of(code) if hasattr(sampler, "state_of") else "sample"
             row.tokens.append(tok)
             req = row.request
             if tok in req.stop_ids:
@@ -269,15 +273,45 @@ class Engine:
                                        ent, vent, margin, attn, state, row.finish_reason))
             if row.finish_reason:
                 finished.append(i)
+        B = len(self.rows)
         if finished:
-            self._keep([i for i in range(len(self.rows)) if i not in set(finished)])
-            tokens = tokens.index_select(0, torch.tensor([i for i in range(B) if i not in set(finished)], device=dev)) \
-                if self.rows else tokens[:0]
+            done = set(finished)
+            alive = [i for i in range(B) if i not in done]
+            self._keep(alive)
+            tokens = tokens.index_select(0, torch.tensor(alive, device=dev, dtype=torch.long))
         if self.rows:
             capture = self.capture_layers if self._needs_attention(r.request for r in self.rows) else ()
             self.logits, caps = self.model(tokens[:, None], self.cache, capture_layers=capture)
             self.attn = self._attn_metrics(caps)
         return records
+
+    def _plan_forks(self, groups: dict[int, list[int]], decisions: list, tokens: torch.Tensor) -> torch.Tensor:
+        """Let samplers that branch (`plan_forks`) copy rows before this step's token.
+
+        A forked row gets the cache and pending logits of its source as they were
+        before the step, and takes an alternative token instead of the chosen one.
+        """
+        plans = []
+        for idx in groups.values():
+            sampler = self.rows[idx[0]].request.sampler
+            if hasattr(sampler, "plan_forks"):
+                for local, alts in sampler.plan_forks([self.rows[i] for i in idx], [decisions[i] for i in idx]):
+                    plans.append((idx[local], alts))
+        if not plans:
+            return tokens
+        extra = []
+        for src, alts in plans:
+            tok0, code, _, top = decisions[src]
+            lp_of = dict(top)
+            for new_index, alt in zip(self.fork(src, len(alts)), alts):
+                self.rows[new_index].memory["forked_from"] = src
+                self.rows[new_index].memory["parent"] = (self.rows[src].choice, len(self.rows[src].tokens))
+                on_fork = getattr(self.rows[src].request.sampler, "on_fork", None)
+                if on_fork is not None:
+                    on_fork(self.rows[src], self.rows[new_index])
+                decisions.append((alt, code, lp_of.get(alt, float("-inf")), top))
+                extra.append(alt)
+        return torch.cat([tokens, torch.tensor(extra, device=tokens.device, dtype=tokens.dtype)])
 
     def _apply_stop_strings(self, row: Row, delta: str) -> str:
         for s in row.request.stop_strings:
