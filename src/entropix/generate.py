@@ -21,6 +21,9 @@ from .sampling import make_generator
 from .weights import LoadedModel
 
 
+_ids = itertools.count()
+
+
 @dataclass
 class TokenRecord:
     request_id: str
@@ -61,7 +64,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     top_logprobs: int = 5
-    id: str = ""
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 
 @dataclass
@@ -77,9 +80,6 @@ class Row:
     memory: dict[str, Any] = field(default_factory=dict)
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
-
-
-_ids = itertools.count()
 
 
 def row_seed(seed: int | None, choice: int) -> int | None:
