@@ -68,8 +68,11 @@ def load_transformers(lm: LoadedModel):
     """The same model and dtype in transformers, or None when it is not installed."""
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         return None
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     from pathlib import Path
 
     src = Path(lm.source)

@@ -1,0 +1,134 @@
+"""The command line: generate, JSON output, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from entropix.cli import main
+
+from tiny import write_hf_model
+
+ENTROPIX = str(Path(sys.executable).with_name("entropix"))
+
+
+@pytest.fixture(scope="module")
+def tiny_short(tmp_path_factory, gguf_path):
+    """A tiny model with a 64-token context."""
+    return write_hf_model(tmp_path_factory.mktemp("ctx") / "tiny", gguf_path, max_position_embeddings=64,
+                          rope_scaling=None)
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, needle):
+    assert rc != 0
+    errors = [line for line in err.splitlines() if line.startswith("entropix: error:")]
+    assert len(errors) == 1, err
+    assert needle in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "hi", "--model", "/no/such/file.gguf"], "no such model"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "hi", "--top-k", "-2"], "top_k"),
+    (["generate", "hi", "--min-p", "3"], "min_p"),
+    (["generate", "hi", "--max-tokens", "0"], "max-tokens"),
+    (["generate", "hi", "--sampler", "bogus"], "unknown sampler"),
+    (["generate", "hi", "--dtype", "int3"], "dtype"),
+])
+def test_bad_input_one_line(args, needle, capsys):
+    rc, _, err = run_cli(args, capsys)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_truncated_gguf_one_line(tmp_path, gguf_path, capsys):
+    bad = tmp_path / "cut.gguf"
+    with open(gguf_path, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))
+    rc, _, err = run_cli(["generate", "hi", "--model", str(bad)], capsys)
+    assert_one_line_error(rc, err, "truncated")
+
+
+def test_non_llama_one_line(tmp_path, tiny_short, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_short, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_cli(["generate", "hi", "--model", str(folder)], capsys)
+    assert_one_line_error(rc, err, "architecture")
+
+
+def test_prompt_longer_than_context(tiny_short, capsys):
+    rc, _, err = run_cli(["generate", "word " * 200, "--model", str(tiny_short), "--raw"], capsys)
+    assert_one_line_error(rc, err, "context")
+
+
+def test_generation_stops_at_context_end(tiny_short, capsys):
+    rc, out, _ = run_cli(["generate", "word " * 40, "--model", str(tiny_short), "--raw", "--json",
+                          "--max-tokens", "500"], capsys)
+    assert rc == 0
+    res = json.loads(out)
+    assert res["finish_reason"] in ("length", "stop")
+    assert res["usage"]["prompt_tokens"] + res["usage"]["completion_tokens"] <= 64
+
+
+def test_generate_json_on_embedded_model(capsys):
+    rc, out, _ = run_cli(["generate", "What is the capital of France?", "--json", "--max-tokens", "24"], capsys)
+    assert rc == 0
+    res = json.loads(out)
+    for key in ("text", "tokens", "finish_reason", "usage", "records"):
+        assert key in res
+    assert len(res["records"]) == len(res["tokens"]) == res["usage"]["completion_tokens"]
+    assert "".join(r["text"] for r in res["records"]) == res["text"]
+    assert all({"token", "text", "logprob"} <= set(r) for r in res["records"])
+    assert "Paris" in res["text"]
+
+
+def test_same_seed_same_text(capsys):
+    args = ["generate", "Tell me a fact about cats.", "--json", "--max-tokens", "20", "--temperature", "0.9",
+            "--seed", "7"]
+    a = json.loads(run_cli(args, capsys)[1])["tokens"]
+    b = json.loads(run_cli(args, capsys)[1])["tokens"]
+    c = json.loads(run_cli(args[:-1] + ["8"], capsys)[1])["tokens"]
+    assert a == b
+    assert a != c
+
+
+def test_console_script_streams_and_exits_cleanly(tmp_path):
+    env = dict(os.environ, ENTROPIX_DEBUG="")
+    p = subprocess.run([ENTROPIX, "generate", "Say hi.", "--max-tokens", "8"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    p = subprocess.run([ENTROPIX, "generate", "hi", "--model", str(tmp_path / "none")], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("entropix: error:")
+
+
+def test_chat_multi_turn_over_stdin():
+    p = subprocess.run([ENTROPIX, "chat", "--max-tokens", "12"], input="Hello!\nWhat did I just say?\n/quit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(">>> ") >= 3  # three prompts shown: two turns answered, then /quit
+
+
+def test_download_offline_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    rc, _, err = run_cli(["download", "HuggingFaceTB/SmolLM2-360M-Instruct"], capsys)
+    assert_one_line_error(rc, err, "SmolLM2-360M-Instruct")
