@@ -6,7 +6,6 @@ import operator
 import re
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +21,6 @@ from entropix.evaluate.tasks import (
     make_task,
 )
 
-GSM8K = Path("/work/shared/data/gsm8k_train_400.jsonl")
-needs_gsm8k = pytest.mark.skipif(not GSM8K.is_file(), reason=f"{GSM8K} not present on this machine")
 SYNTHETIC = ["arithmetic", "coinflip", "letters", "compare", "sort"]
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -187,9 +184,8 @@ def test_sort_answers_are_right():
 # ----------------------------------------------------------------------------- GSM8K
 
 
-@needs_gsm8k
-def test_load_gsm8k_real_file():
-    problems = load_gsm8k(GSM8K)
+def test_load_gsm8k_real_file(gsm8k_path):
+    problems = load_gsm8k(gsm8k_path)
     assert len(problems) == 400
     first = problems[0]
     assert first.id == "gsm8k-0"
@@ -197,14 +193,14 @@ def test_load_gsm8k_real_file():
     assert first.prompt.startswith("Natalia sold clips")
     assert first.kind == "number"
     assert "solution" in first.extra and "####" not in first.extra["solution"]
-    raw = [json.loads(line) for line in GSM8K.read_text().splitlines() if line.strip()]
+    raw = [json.loads(line) for line in gsm8k_path.read_text().splitlines() if line.strip()]
     for p, row in zip(problems, raw):
         final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         assert float(p.expected) == float(final)
     assert "1080" in {p.expected for p in problems}  # "#### 1,080" in the file
     assert len({p.id for p in problems}) == 400
-    assert load_gsm8k(GSM8K, limit=5) == problems[:5]
-    assert load_task("gsm8k", 3, data=GSM8K) == problems[:3]
+    assert load_gsm8k(gsm8k_path, limit=5) == problems[:5]
+    assert load_task("gsm8k", 3, data=gsm8k_path) == problems[:3]
 
 
 def test_load_gsm8k_ids_and_extra(tmp_path):

@@ -111,6 +111,15 @@ def _result(branches: list[Branch], aggregate: bool, tokens_generated: int | Non
 
 # -- running many prompts through the engine -----------------------------------------------
 
+def prompt_seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int | None]:
+    """One seed per prompt: a list is taken as given; an int gives prompt j its own offset."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise EntropixError(f"got {len(seed)} seeds for {n} prompts")
+        return list(seed)
+    return [None if seed is None else int(seed) + 7919 * j for j in range(n)]
+
+
 def _collect(engine: Engine, requests: list[Request], stream=None, label=None) -> dict[str, dict[int, list[TokenRecord]]]:
     engine.add(requests)  # gives each request its id
     out: dict[str, dict[int, list[TokenRecord]]] = {r.id: defaultdict(list) for r in requests}
@@ -183,8 +192,8 @@ class CotSampler:
                  kind: str = "number", pattern: str | None = None, ignore_stop: bool = False,
                  follow_up: bool = True, stream=None) -> list[dict[str, Any]]:
         stops = frozenset() if ignore_stop else engine.tok.stop_ids
-        reqs = [Request(prompt=p, sampler=self, n=self.branches, max_tokens=max_tokens, seed=seed,
-                        stop_ids=stops, top_logprobs=2) for p in prompts]
+        reqs = [Request(prompt=p, sampler=self, n=self.branches, max_tokens=max_tokens, seed=s,
+                        stop_ids=stops, top_logprobs=2) for p, s in zip(prompts, prompt_seeds(seed, len(prompts)))]
         got = _collect(engine, reqs, stream, _stream_label if stream is not None else None)
         all_branches = [[_branch(c, got[r.id][c], kind, pattern) for c in range(self.branches)] for r in reqs]
         spent = [sum(len(b.tokens) for b in bs) for bs in all_branches]
@@ -220,9 +229,8 @@ class SelfConsistency:
                  stream=None) -> list[dict[str, Any]]:
         stops = frozenset() if ignore_stop else engine.tok.stop_ids
         sampler = PlainSampler(self.params)
-        reqs = [Request(prompt=p, sampler=sampler, n=self.samples, max_tokens=max_tokens,
-                        seed=None if seed is None else seed + 7919 * j, stop_ids=stops, top_logprobs=2)
-                for j, p in enumerate(prompts)]
+        reqs = [Request(prompt=p, sampler=sampler, n=self.samples, max_tokens=max_tokens, seed=s,
+                        stop_ids=stops, top_logprobs=2) for p, s in zip(prompts, prompt_seeds(seed, len(prompts)))]
         got = _collect(engine, reqs, stream, _stream_label if stream is not None else None)
         out = []
         for r in reqs:
@@ -301,9 +309,8 @@ class BranchingSampler:
         stops = frozenset() if ignore_stop else engine.tok.stop_ids
         # one wrapper per prompt: budgets and the fork tree are per request
         reqs = [Request(prompt=p, sampler=BranchingSampler(self.inner, self.cfg), max_tokens=max_tokens,
-                        seed=None if seed is None else seed + 7919 * j, stop_ids=stops,
-                        top_logprobs=max(5, self.cfg.width + 1))
-                for j, p in enumerate(prompts)]
+                        seed=s, stop_ids=stops, top_logprobs=max(5, self.cfg.width + 1))
+                for p, s in zip(prompts, prompt_seeds(seed, len(prompts)))]
         got = _collect(engine, reqs, stream, _stream_label if stream is not None else None)
         results = []
         for r in reqs:

@@ -213,12 +213,13 @@ class Engine:
         B, dev = logits.shape[0], logits.device
         metrics = logit_metrics(logits)
         metrics.update(self.attn)
-        # each request's rows go to its own sampler
+        # rows go to their sampler, one call per sampler object (requests may share one:
+        # samplers keep per-row state in the rows, never in themselves)
         tokens = torch.empty(B, dtype=torch.long, device=dev)
         codes = torch.zeros(B, dtype=torch.long, device=dev)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(self.rows):
-            groups.setdefault(id(r.request), []).append(i)
+            groups.setdefault(id(r.request.sampler), []).append(i)
         for idx in groups.values():
             sampler = self.rows[idx[0]].request.sampler
             it = torch.tensor(idx, device=dev)

@@ -285,9 +285,15 @@ def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation 
     return text
 
 
-def eval_report(paths: str | Path | Iterable[str | Path], out_md: str | Path, title: str = "Evaluation report") -> str:
-    """Load result files and write the report; returns the markdown text."""
-    return build_report(load_results(paths), out_md, title=title)
+def eval_report(paths: str | Path | Iterable[str | Path], out_md: str | Path, title: str = "Evaluation report",
+                preamble: str | None = None) -> str:
+    """Load result files and write the report (a preamble goes after the title); returns the markdown."""
+    text = build_report(load_results(paths), out_md, title=title)
+    if preamble:
+        head, _, rest = text.partition("\n\n")
+        text = f"{head}\n\n{preamble.strip()}\n\n{rest}"
+        Path(out_md).write_text(text, encoding="utf-8")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

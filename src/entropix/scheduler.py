@@ -1,0 +1,296 @@
+"""Continuous batching for the server: one engine, many requests.
+
+A background thread owns one `Engine`. Between decode steps it admits waiting
+requests (their prefill joins the running batch), drops cancelled ones, and hands
+every step's `TokenRecord`s to the asyncio side through each job's queue with
+`loop.call_soon_threadsafe` (asyncio queues are not thread-safe). Requests that do
+not fit under `max_rows` wait in FIFO order, so a large one is never starved.
+
+Items a job's queue receives: ``(job, "records", [TokenRecord, ...])`` once per step
+the job took part in, then exactly one ``(job, "done", None)``,
+``(job, "error", message)`` or ``(job, "cancelled", None)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import EntropixError
+from .generate import Engine, Request, TokenRecord
+
+log = logging.getLogger("entropix.scheduler")
+
+
+class SchedulerBusy(EntropixError):
+    """The waiting queue is full or the scheduler is stopping: try again later."""
+
+
+class _Guarded:
+    """A request's sampler, run so that its failure fails only that request.
+
+    The engine calls every request's sampler inside one step; an exception there would
+    abort the step for the whole batch. The guard records it and returns placeholder
+    tokens instead; the scheduler drops the request right after the step.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.failure: BaseException | None = None
+
+    def __call__(self, logits, metrics, rows):
+        if self.failure is None:
+            try:
+                return self._inner(logits, metrics, rows)
+            except Exception as e:
+                self.failure = e
+                log.error("sampler of a request failed:\n%s", traceback.format_exc())
+        return logits.argmax(-1), None
+
+    def __getattr__(self, name: str) -> Any:  # needs_attention, state_of, plan_forks, parents, ...
+        return getattr(self._inner, name)
+
+
+@dataclass(eq=False)
+class Job:
+    """One engine request and where its records go."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # admission (prefill) time
+    finished: float | None = None
+    tokens: int = 0  # records produced so far (all rows)
+    cancelled: bool = False
+    done: bool = False
+    status: str = "pending"  # pending, running, done, cancelled, error
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class Scheduler:
+    """Runs one engine in a thread and multiplexes requests onto its batch."""
+
+    def __init__(self, lm, max_rows: int = 32, capture_layers: tuple[int, ...] = (-1,),
+                 max_pending: int = 256) -> None:
+        if max_rows < 1:
+            raise EntropixError(f"max_rows must be at least 1, got {max_rows}")
+        self.lm = lm
+        self.max_rows = max_rows
+        self.max_pending = max_pending
+        self.capture_layers = capture_layers
+        self.engine = Engine(lm, capture_layers=capture_layers)
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
+        self._to_cancel: list[Job] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._next_id = 0
+        # counters for /health, tests and benchmarks
+        self.steps = 0
+        self.tokens = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.errors = 0
+        self.max_batch_rows = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="entropix-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; every unfinished job gets a 'cancelled' item."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- asyncio side ---------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        """Raise EntropixError for a request the engine would refuse or that can never fit."""
+        self.engine.validate(request)
+        if request.n > self.max_rows:
+            raise EntropixError(f"n is {request.n}; this server runs at most {self.max_rows} rows at once")
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None,
+               queue: asyncio.Queue | None = None) -> Job:
+        """Queue a request; its records arrive on the returned job's queue (call from the event loop)."""
+        self.validate(request)
+        loop = loop or asyncio.get_running_loop()
+        with self._cond:
+            if self._stopping:
+                raise SchedulerBusy("the server is shutting down")
+            if len(self._pending) >= self.max_pending:
+                raise SchedulerBusy(f"too many requests are waiting ({len(self._pending)}); try again later")
+            if not request.id:
+                self._next_id += 1
+                request.id = f"job-{self._next_id}-{id(request):x}"
+            if not isinstance(request.sampler, _Guarded):
+                request.sampler = _Guarded(request.sampler)
+            job = Job(request, loop, queue if queue is not None else asyncio.Queue())
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (client went away). Safe to call more than once or after it finished."""
+        with self._cond:
+            if job.done or job.cancelled:
+                return
+            job.cancelled = True
+            self._to_cancel.append(job)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "running_requests": len(self._running), "rows": len(self.engine.rows),
+                "pending_requests": len(self._pending), "max_rows": self.max_rows,
+                "steps": self.steps, "tokens": self.tokens, "completed": self.completed,
+                "cancelled": self.cancelled, "errors": self.errors, "max_batch_rows": self.max_batch_rows,
+                "alive": self.alive,
+            }
+
+    # -- engine thread --------------------------------------------------------------------
+    def _deliver(self, job: Job, kind: str, payload: Any = None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.queue.put_nowait, (job, kind, payload))
+        except RuntimeError:  # the client's event loop is closed: nobody is listening
+            job.cancelled = True
+
+    def _finish(self, job: Job, kind: str, payload: Any = None) -> None:
+        job.done = True
+        job.finished = time.perf_counter()
+        job.status = {"done": "done", "error": "error", "cancelled": "cancelled"}[kind]
+        self._running.pop(job.id, None)
+        if kind == "done":
+            self.completed += 1
+        elif kind == "cancelled":
+            self.cancelled += 1
+        else:
+            self.errors += 1
+        self._deliver(job, kind, payload)
+
+    def _take_work(self) -> tuple[list[Job], list[Job]] | None:
+        """Wait for work; return (cancelled, admitted) or None when stopping."""
+        with self._cond:
+            while not (self._stopping or self._pending or self._to_cancel or self.engine.rows):
+                self._cond.wait()
+            if self._stopping:
+                return None
+            cancels, self._to_cancel = self._to_cancel, []
+            admitted: list[Job] = []
+            rows = len(self.engine.rows) - sum(job.request.n for job in cancels if job.id in self._running)
+            while self._pending:
+                job = self._pending[0]
+                if job.cancelled:
+                    self._pending.popleft()
+                    continue
+                if rows + job.request.n > self.max_rows:
+                    break  # FIFO: later requests wait behind this one
+                self._pending.popleft()
+                admitted.append(job)
+                rows += job.request.n
+            return cancels, admitted
+
+    def _run(self) -> None:
+        try:
+            while True:
+                work = self._take_work()
+                if work is None:
+                    break
+                cancels, admitted = work
+                for job in cancels:
+                    if job.done:
+                        continue
+                    if job.id in self._running:
+                        self.engine.cancel(job.id)
+                    self._finish(job, "cancelled")
+                if admitted:
+                    self._admit(admitted)
+                if self.engine.rows:
+                    self._step()
+        finally:
+            self._shutdown()
+
+    def _admit(self, jobs: list[Job]) -> None:
+        now = time.perf_counter()
+        try:
+            self.engine.add([j.request for j in jobs])
+        except Exception as e:  # one bad request must not sink the others: retry them one by one
+            if len(jobs) == 1:
+                self._fail(jobs[0], e)
+                return
+            for job in jobs:
+                self._admit([job])
+            return
+        for job in jobs:
+            job.started, job.status = now, "running"
+            self._running[job.id] = job
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if not isinstance(e, EntropixError):
+            log.error("request %s failed:\n%s", job.id, traceback.format_exc())
+        msg = str(e) if isinstance(e, EntropixError) else f"{type(e).__name__}: {e}"
+        self._finish(job, "error", msg)
+
+    def _step(self) -> None:
+        try:
+            records = self.engine.step()
+        except Exception as e:
+            # The batch is in an unknown state: fail its requests and start from a fresh engine.
+            log.error("decode step failed:\n%s", traceback.format_exc())
+            for job in list(self._running.values()):
+                self._fail(job, e)
+            self.engine = Engine(self.lm, capture_layers=self.capture_layers)
+            return
+        self.steps += 1
+        self.tokens += len(records)
+        self.max_batch_rows = max(self.max_batch_rows, len(records))
+        for job in list(self._running.values()):  # a sampler failed: drop only its request
+            failure = getattr(job.request.sampler, "failure", None)
+            if failure is not None:
+                self.engine.cancel(job.id)
+                self._finish(job, "error", f"{type(failure).__name__}: {failure}")
+        by_job: dict[str, list[TokenRecord]] = {}
+        for rec in records:
+            by_job.setdefault(rec.request_id, []).append(rec)
+        for rid, recs in by_job.items():
+            job = self._running.get(rid)
+            if job is None:
+                continue
+            job.tokens += len(recs)
+            self._deliver(job, "records", recs)
+        # A job is done once none of its rows is left in the batch (rows may fork, so count rows).
+        live = {row.request.id for row in self.engine.rows}
+        for rid in [rid for rid in self._running if rid not in live]:
+            self._finish(self._running[rid], "done")
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            waiting = list(self._pending) + list(self._running.values())
+            self._pending.clear()
+        for job in waiting:
+            if not job.done:
+                self._finish(job, "cancelled")
+        self.engine = Engine(self.lm, capture_layers=self.capture_layers)

@@ -1,0 +1,189 @@
+"""The server's scheduler: continuous batching, the row cap, cancellation, isolation of failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from entropix import EntropixError
+from entropix.generate import Request
+from entropix.sampling import make_sampler
+from entropix.scheduler import Scheduler
+
+
+@pytest.fixture
+def sched(lm):
+    s = Scheduler(lm, max_rows=4)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _req(lm, text: str, max_tokens: int = 4, n: int = 1, stop: bool = True, sampler=None) -> Request:
+    return Request(prompt=lm.tokenizer.encode(text), sampler=sampler or make_sampler("greedy"), max_tokens=max_tokens,
+                   n=n, stop_ids=lm.tokenizer.stop_ids if stop else frozenset())
+
+
+async def _drain(job, timeout: float = 120.0):
+    """All records of a job and how it ended."""
+    records = []
+    while True:
+        _, kind, payload = await asyncio.wait_for(job.queue.get(), timeout)
+        if kind == "records":
+            records.extend(payload)
+        else:
+            return records, kind, payload
+
+
+def test_concurrent_requests_decode_in_the_same_steps(lm, sched):
+    async def main():
+        jobs = [sched.submit(_req(lm, f"Count to {i}:", max_tokens=4, stop=False)) for i in range(3)]
+        return await asyncio.gather(*[_drain(j) for j in jobs])
+
+    results = asyncio.run(main())
+    for recs, kind, _ in results:
+        assert kind == "done"
+        assert [r.index for r in recs] == [0, 1, 2, 3]
+        assert recs[-1].finish_reason == "length"
+    assert sched.max_batch_rows >= 2  # they shared decode steps, not one after another
+    assert sched.steps < 3 * 4
+    assert sched.stats()["completed"] == 3
+
+
+@pytest.mark.slow
+def test_batched_text_equals_alone(lm, sched):
+    """Greedy text of a request does not depend on what else is in the batch."""
+    async def alone():
+        return await _drain(sched.submit(_req(lm, "The capital of France is", max_tokens=5, stop=False)))
+
+    async def together():
+        jobs = [sched.submit(_req(lm, "The capital of France is", max_tokens=5, stop=False)),
+                sched.submit(_req(lm, "Write a long poem about the sea and the wind:", max_tokens=5, stop=False))]
+        return await asyncio.gather(*[_drain(j) for j in jobs])
+
+    solo, _, _ = asyncio.run(alone())
+    (mixed, _, _), _ = asyncio.run(together())
+    assert [r.token for r in mixed] == [r.token for r in solo]
+
+
+def test_row_cap_queues_the_rest(lm):
+    s = Scheduler(lm, max_rows=2)
+    s.start()
+    try:
+        async def main():
+            jobs = [s.submit(_req(lm, f"Item {i}:", max_tokens=3, stop=False)) for i in range(3)]
+            pending_seen = s.stats()["pending_requests"]
+            results = await asyncio.gather(*[_drain(j) for j in jobs])
+            return pending_seen, results, jobs
+
+        pending_seen, results, jobs = asyncio.run(main())
+        assert all(kind == "done" for _, kind, _ in results)
+        assert s.max_batch_rows <= 2
+        # the third request was admitted only after the first two left the batch
+        assert jobs[2].started >= min(jobs[0].finished, jobs[1].finished)
+        assert pending_seen >= 1
+        with pytest.raises(EntropixError, match="at most 2 rows"):
+            s.validate(_req(lm, "x", n=3))
+    finally:
+        s.stop()
+
+
+def test_cancel_stops_generation(lm, sched):
+    async def main():
+        job = sched.submit(_req(lm, "Tell me a very long story:", max_tokens=400, stop=False))
+        first = []
+        while len(first) < 2:  # wait until it is really decoding
+            _, kind, payload = await asyncio.wait_for(job.queue.get(), 120)
+            assert kind == "records"
+            first.extend(payload)
+        sched.cancel(job)
+        recs, kind, _ = await _drain(job)
+        return job, first + recs, kind
+
+    job, recs, kind = asyncio.run(main())
+    assert kind == "cancelled"
+    assert job.status == "cancelled"
+    assert len(recs) < 400 and job.tokens < 400
+    t0 = time.monotonic()
+    while sched.stats()["rows"] and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert sched.stats()["rows"] == 0  # its rows left the engine
+    assert sched.stats()["cancelled"] == 1
+    sched.cancel(job)  # a second cancel is harmless
+
+    async def after():  # and the scheduler keeps serving
+        return await _drain(sched.submit(_req(lm, "Hello", max_tokens=2, stop=False)))
+
+    assert asyncio.run(after())[1] == "done"
+
+
+def test_cancel_while_waiting(lm):
+    s = Scheduler(lm, max_rows=1)
+    s.start()
+    try:
+        async def main():
+            a = s.submit(_req(lm, "First:", max_tokens=3, stop=False))
+            b = s.submit(_req(lm, "Second:", max_tokens=3, stop=False))
+            s.cancel(b)  # still queued behind a
+            return await asyncio.gather(_drain(a), _drain(b))
+
+        (ra, ka, _), (rb, kb, _) = asyncio.run(main())
+        assert ka == "done" and len(ra) == 3
+        assert kb == "cancelled" and rb == []
+    finally:
+        s.stop()
+
+
+class _Broken:
+    """A sampler that fails at its first call."""
+
+    def __call__(self, logits, metrics, rows):
+        raise RuntimeError("boom")
+
+
+def test_a_failing_sampler_fails_only_its_request(lm, sched):
+    async def main():
+        good = sched.submit(_req(lm, "Hello there", max_tokens=3, stop=False))
+        bad = sched.submit(_req(lm, "Hi", max_tokens=3, sampler=_Broken()))
+        return await asyncio.gather(_drain(bad), _drain(good))
+
+    (recs, kind, msg), (good_recs, good_kind, _) = asyncio.run(main())
+    assert kind == "error" and "boom" in msg and recs == []
+    assert good_kind == "done" and len(good_recs) == 3  # its neighbour in the batch finished
+    assert sched.alive and sched.stats()["errors"] == 1 and sched.stats()["rows"] == 0
+
+    async def after():
+        return await _drain(sched.submit(_req(lm, "Hi", max_tokens=2, stop=False)))
+
+    assert asyncio.run(after())[1] == "done"
+
+
+def test_submit_validates(lm, sched):
+    async def main():
+        with pytest.raises(EntropixError, match="empty"):
+            sched.submit(Request(prompt=[], sampler=make_sampler("greedy")))
+        with pytest.raises(EntropixError, match="context"):
+            sched.submit(Request(prompt=[1] * lm.config.max_position_embeddings, sampler=make_sampler("greedy")))
+
+    asyncio.run(main())
+    assert sched.stats()["pending_requests"] == 0
+
+
+def test_stop_cancels_unfinished_jobs(lm):
+    s = Scheduler(lm, max_rows=2)
+    s.start()
+
+    async def main():
+        job = s.submit(_req(lm, "Go on forever:", max_tokens=1000, stop=False))
+        _, kind, _ = await asyncio.wait_for(job.queue.get(), 120)
+        assert kind == "records"
+        await asyncio.to_thread(s.stop)
+        return await _drain(job)
+
+    _, kind, _ = asyncio.run(main())
+    assert kind == "cancelled"
+    assert not s.alive
+    assert torch.is_inference_mode_enabled() is False  # the engine thread's mode did not leak

@@ -1,0 +1,374 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from entropix.cli import build_parser, main
+from entropix.server import ServerThread, create_app
+
+KEY = "sekrit-test-key"
+CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture(scope="module")
+def app(lm):
+    return create_app(lm, max_rows=16, max_n=8)
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(lm):
+    return lm.name
+
+
+def _error(r: httpx.Response, status: int, param: str | None = "unset", code: str | None = "unset") -> dict:
+    """Assert an OpenAI-shaped error and return its inner object."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] in ("invalid_request_error", "server_error")
+    if param != "unset":
+        assert err["param"] == param
+    if code != "unset":
+        assert err["code"] == code
+    return err
+
+
+def _still_serving(client, model):
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens >= 1
+
+
+# -- the basics ---------------------------------------------------------------------------
+
+def test_models(client, model, http):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [model]
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == model and health["scheduler"]["alive"]
+
+
+@pytest.mark.slow
+def test_chat_stream_equals_non_stream(client, model):
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
+    ch = full.choices[0]
+    assert full.object == "chat.completion" and ch.message.role == "assistant"
+    assert ch.message.content and ch.finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens >= 1
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ch.message.content  # streamed greedy text equals the non-streamed one
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [ch.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_completions_stream_and_stop(client, model, lm):
+    prompt = "The capital of France is"
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
+    assert full.object == "text_completion"
+    assert full.usage.prompt_tokens == len(lm.tokenizer.encode(prompt))
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 5
+    text = full.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == text
+
+    # a stop string cuts the text (and is never streamed), the same in both modes
+    cut = text.strip()[:2]
+    assert cut
+    stopped = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, stop=[cut[1:]])
+    assert stopped.choices[0].finish_reason == "stop" and cut[1:] not in stopped.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=5, temperature=0, stop=cut[1:], stream=True) if c.choices)
+    assert streamed == stopped.choices[0].text
+
+
+def test_completions_n_and_prompts(client, model):
+    out = client.completions.create(model=model, prompt=["1, 2, 3,", "a, b, c,"], max_tokens=2, n=2, seed=5,
+                                    temperature=1.0)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 8
+    again = client.completions.create(model=model, prompt=["1, 2, 3,", "a, b, c,"], max_tokens=2, n=2, seed=5,
+                                      temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
+
+
+def test_chat_logprobs(client, model, lm):
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for item in content:
+        assert item.logprob <= 0
+        assert len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].token == item.token  # greedy takes the most likely token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token
+    if out.choices[0].finish_reason == "length":
+        assert "".join(i.token for i in content) == out.choices[0].message.content
+
+
+def test_completion_logprobs(client, model):
+    out = client.completions.create(model=model, prompt="One, two, three,", max_tokens=3, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+@pytest.mark.slow
+def test_entropix_sampler_returns_metrics(client, model):
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, seed=11,
+                                         extra_body={"sampler": "entropix"})
+    extra = out.choices[0].model_extra
+    metrics = extra["entropix"]
+    assert 1 <= len(metrics) <= 4
+    for m in metrics:
+        assert m["entropy"] >= 0 and m["varentropy"] >= 0
+        assert isinstance(m["state"], str) and m["state"] not in ("greedy", "sample")
+        assert m["top"] and 0 <= m["top"][0]["prob"] <= 1
+        assert "attn_entropy" in m  # the entropix sampler reads attention metrics
+    assert out.model_extra["entropix_sampler"] == "entropix"
+    assert {"low_ent", "high_ent", "high_vent"} <= set(out.model_extra["entropix_thresholds"])
+
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, seed=11, stream=True,
+                                                 extra_body={"sampler": "entropix"}))
+    per_chunk = [c.choices[0].model_extra.get("entropix") for c in chunks if c.choices and c.choices[0].delta.content]
+    assert per_chunk and all(p and len(p) == 1 for p in per_chunk)
+
+
+def test_metrics_on_request_for_plain_samplers(http, model):
+    r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 2,
+                                                "temperature": 0, "metrics": True})
+    assert r.status_code == 200, r.text
+    metrics = r.json()["choices"][0]["entropix"]
+    assert metrics and all(m["state"] == "greedy" for m in metrics)
+    r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1, "temperature": 0})
+    assert "entropix" not in r.json()["choices"][0]  # plain OpenAI responses stay lean
+
+
+@pytest.mark.slow
+def test_cot_branches_come_back_as_choices(http, model):
+    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
+                                           "sampler": "cot", "branches": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 3
+    for c in body["choices"]:
+        assert "confidence" in c and "answer" in c
+        assert c["confidence"] is None or 0 <= c["confidence"] <= 1
+    assert body["cot_choice"] in (0, 1, 2)
+    firsts = {c["entropix"][0]["token"] for c in body["choices"]}
+    assert len(firsts) == 3  # each branch starts from a different first token
+
+
+@pytest.mark.slow
+def test_self_consistency_votes(http, model):
+    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA: The answer is",
+                                           "max_tokens": 3, "sampler": "self-consistency", "samples": 3, "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 3
+    assert all("answer" in c and "confidence" in c for c in body["choices"])
+    assert body["cot_choice"] in (0, 1, 2) and "votes" in body
+    if body["answer"] is not None:
+        assert body["choices"][body["cot_choice"]]["answer"] == body["answer"]
+
+
+# -- bad requests ---------------------------------------------------------------------------
+
+def test_bad_requests_get_openai_errors(http, client, model):
+    url = "/v1/chat/completions"
+    ok = {"model": model, "messages": CHAT, "max_tokens": 1}
+    _error(http.post(url, content=b"{not json"), 400, None, "invalid_json")
+    _error(http.post(url, content=b"[1, 2]"), 400, None, "invalid_json")
+    _error(http.post(url, content=b'{"model": "x", "temperature": NaN}'), 400, None, "invalid_json")
+    _error(http.post(url, json={**ok, "temperature": "hot"}), 400, "temperature", "invalid_type")
+    _error(http.post(url, json={**ok, "messages": "hello"}), 400, "messages", "invalid_type")
+    _error(http.post(url, json={**ok, "n": 1.5}), 400, "n", "invalid_type")
+    _error(http.post(url, json={**ok, "stream": "yes"}), 400, "stream", "invalid_type")
+    _error(http.post(url, json={**ok, "top_p": 2}), 400, "top_p", "invalid_value")
+    _error(http.post(url, json={**ok, "max_tokens": 0}), 400, "max_tokens", "invalid_value")
+    _error(http.post(url, json={**ok, "n": 100}), 400, "n", "invalid_value")
+    _error(http.post(url, json={**ok, "frobnicate": 1}), 400, "frobnicate", "unknown_parameter")
+    _error(http.post(url, json={"messages": CHAT}), 400, "model", "missing_required_parameter")
+    _error(http.post(url, json={**ok, "messages": [{"role": "wizard", "content": "hi"}]}), 400, "messages[0].role")
+    _error(http.post(url, json={**ok, "sampler": "nope"}), 400, "sampler")
+    _error(http.post(url, json={**ok, "top_logprobs": 2}), 400, "top_logprobs")
+    _error(http.post(url, json={**ok, "max_tokens": 10**6}), 400, "max_tokens", "context_length_exceeded")
+    _error(http.post("/v1/completions", json={"model": model, "prompt": [1] * 9000, "max_tokens": 1}),
+           400, "prompt", "context_length_exceeded")
+    _error(http.post(url, json={**ok, "model": "gpt-9"}), 404, "model", "model_not_found")
+    _error(http.post(url, content=b"x" * (3 * 1024 * 1024)), 413, None, "request_too_large")
+    _error(http.get("/v1/nothing-here"), 404)
+    _error(http.get("/v1/chat/completions"), 405)
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=CHAT, top_p=2)
+    assert e.value.status_code == 400 and e.value.code == "invalid_value" and e.value.param == "top_p"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=CHAT)
+    assert e.value.code == "model_not_found"
+    assert http.get("/health").json()["status"] == "ok"
+    _still_serving(client, model)
+
+
+def test_api_key(lm, model):
+    with ServerThread(create_app(lm, api_key=KEY)) as srv:
+        wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.models.list()
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model=model, messages=CHAT, max_tokens=1)
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            _error(http.post("/v1/chat/completions", json={"model": model, "messages": CHAT}), 401, None, "missing_api_key")
+            _error(http.get("/v1/models", headers={"Authorization": "Basic " + KEY}), 401, None, "invalid_api_key")
+            assert http.get("/health").status_code == 200  # probes and the playground page need no key
+            assert http.get("/").status_code == 200
+        right = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        assert [m.id for m in right.models.list().data] == [model]
+        _still_serving(right, model)
+
+
+# -- concurrency and disconnects ------------------------------------------------------------------
+
+def test_disconnect_stops_generation(server, app, model):
+    sched = app.state.scheduler
+    before, tokens_before = sched.stats()["cancelled"], sched.stats()["tokens"]
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            got = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    got += 1
+                if got >= 2:
+                    break  # leave: closing the response drops the connection
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        s = sched.stats()
+        if s["cancelled"] > before and s["rows"] == 0:
+            break
+        time.sleep(0.1)
+    s = sched.stats()
+    assert s["cancelled"] == before + 1 and s["rows"] == 0 and s["running_requests"] == 0
+    spent = s["tokens"] - tokens_before
+    assert spent < 500  # it did not run to its 500 tokens
+    time.sleep(0.5)
+    assert sched.stats()["tokens"] - tokens_before == spent  # and nothing decodes any more
+
+
+@pytest.mark.slow
+def test_eight_concurrent_streams(server, app, model):
+    sched = app.state.scheduler
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
+
+    async def one(i: int):
+        stream = await client.completions.create(model=model, prompt=f"List {i} fruits:", max_tokens=6,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.text
+                finish = c.finish_reason or finish
+        return text, finish
+
+    async def run_all():
+        try:
+            return await asyncio.gather(*[one(i) for i in range(8)])
+        finally:
+            await client.close()
+
+    before = sched.stats()["max_batch_rows"]
+    results = asyncio.run(run_all())
+    assert len(results) == 8
+    assert all(finish == "length" and text for text, finish in results)
+    assert max(before, sched.stats()["max_batch_rows"]) >= 4  # they were decoded together
+
+
+# -- the playground files and the CLI ------------------------------------------------------------
+
+def test_playground_is_served(http):
+    r = http.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "<canvas" in r.text and "/static/app.js" in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
+    js = http.get("/static/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert http.get("/static/style.css").status_code == 200
+
+
+def test_serve_command(capsys):
+    args = build_parser().parse_args(["serve", "--port", "8123", "--api-key", "k"])
+    assert args.port == 8123 and args.api_key == "k" and args.host == "127.0.0.1"
+    assert main(["serve", "--port", "0"]) == 2
+    assert "entropix: error: --port" in capsys.readouterr().err
+
+
+def test_stream_is_server_sent_events(http, model):
+    r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1, "stream": True,
+                                                "temperature": 0})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") and json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+class _Broken:
+    def __call__(self, logits, metrics, rows):
+        raise RuntimeError("sampler exploded")
+
+
+def test_sampler_failure_is_an_openai_error(http, client, model, monkeypatch):
+    from entropix import sampling
+
+    monkeypatch.setitem(sampling.SAMPLERS, "broken-test", lambda **kw: _Broken())
+    body = {"model": model, "messages": CHAT, "max_tokens": 2, "sampler": "broken-test"}
+    err = _error(http.post("/v1/chat/completions", json=body), 500, None, "generation_failed")
+    assert err["type"] == "server_error" and "sampler exploded" in err["message"]
+    # once the stream has started, the error travels as an SSE event, then [DONE]
+    events = [e for e in http.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == "generation_failed"
+    _still_serving(client, model)
