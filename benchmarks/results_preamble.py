@@ -26,7 +26,7 @@ def preamble(log: Path) -> str:
         "",
         "Samplers: greedy; self-consistency = majority vote over 5 samples at T=0.7; cot = CoT decoding",
         "(Wang & Zhou 2024), 10 first-token branches continued greedily, max-path by answer-token margin;",
-        "entropix = entropy/varentropy-guided sampling with the default profile. `tokens/problem` counts every",
+        "entropix = entropy/varentropy-guided sampling with the model's calibrated profile. `tokens/problem` counts every",
         "token decoded for a problem over all its rows (plus CoT's \"So the answer is\" follow-ups): the",
         "compute each sampler spent. `seconds total` is the decoding time charged to the problems (each",
         "batched step's time split over the rows in it), so it adds up to the run's decoding time.",

@@ -19,8 +19,11 @@ def logit_metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
       entropy     H = -sum p log2 p
       varentropy  V = sum p (log2 p + H)^2   (variance of the surprisal)
       margin      p(top-1) - p(top-2)
+      logz        log of the softmax normaliser (natural log), so that a sampler can get
+                  any token's log-probability as logits - logz without another pass
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # natural log
+    x = logits.float()
+    logp = torch.log_softmax(x, dim=-1)  # natural log
     p = logp.exp()
     log2p = logp / LN2
     # p * log p is 0 where p == 0; masked to avoid 0 * -inf
@@ -28,8 +31,10 @@ def logit_metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     ent = -plog.sum(-1)
     dev = torch.where(p > 0, p * (log2p + ent[:, None]) ** 2, torch.zeros_like(p))
     vent = dev.sum(-1)
-    top2 = p.topk(2, dim=-1).values
-    return {"entropy": ent, "varentropy": vent, "margin": top2[:, 0] - top2[:, 1]}
+    top2, top_i = p.topk(2, dim=-1)
+    # logz from the top token, whose logit is always finite (one gather, not a vocab pass)
+    logz = (x.gather(1, top_i[:, :1]) - logp.gather(1, top_i[:, :1]))[:, 0]
+    return {"entropy": ent, "varentropy": vent, "margin": top2[:, 0] - top2[:, 1], "logz": logz}
 
 
 def attention_metrics(probs: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
