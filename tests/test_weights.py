@@ -116,3 +116,10 @@ def test_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(EntropixError, match="local cache"):
         load_model("HuggingFaceTB/SmolLM2-360M-Instruct", progress=False)
+
+
+def test_gguf_name_survives_renaming(tmp_path, gguf_path):
+    """Profiles are chosen by model name: a renamed embedded GGUF still reads as smollm2-135m."""
+    renamed = tmp_path / "model.gguf"
+    renamed.symlink_to(gguf_path)
+    assert load_model(str(renamed), progress=False).name == "smollm2-135m"

@@ -75,12 +75,16 @@ def load_transformers(lm: LoadedModel):
     hf_logging.set_verbosity_error()
     from pathlib import Path
 
+    import contextlib
+    import io
+
     src = Path(lm.source)
     kw: dict[str, Any] = {"dtype": lm.model.dtype}
-    if src.suffix == ".gguf":
-        hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, **kw)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(src, **kw)
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF converter's own progress bars
+        if src.suffix == ".gguf":
+            hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, **kw)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(src, **kw)
     return hf.to(lm.model.device).eval()
 
 

@@ -219,7 +219,10 @@ def load_gguf(path: Path, progress: bool = True):
     if not tied:
         sd["output.weight"] = get("output.weight")
     freq = torch.from_numpy(get("rope_freqs.weight")) if "rope_freqs.weight" in tensors else None
-    return cfg, {k: torch.from_numpy(v) for k, v in sd.items()}, tok, freq
+    # a name that survives renaming the file: profiles are chosen by it
+    parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
+    name = "-".join(parts).lower() if parts else path.stem
+    return cfg, {k: torch.from_numpy(v) for k, v in sd.items()}, tok, freq, name
 
 
 # -- Hugging Face folders ------------------------------------------------------------
@@ -291,7 +294,7 @@ def load_hf_folder(folder: Path, progress: bool = True):
         sd["output.weight"] = get("lm_head.weight")
     elif not cfg.tie_word_embeddings:
         cfg = cfg.replace(tie_word_embeddings=True)  # no lm_head stored: it is tied
-    return cfg, sd, tok, None
+    return cfg, sd, tok, None, folder.name
 
 
 # -- hub -----------------------------------------------------------------------------
@@ -347,9 +350,9 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise EntropixError(f"{path} is not a .gguf file or a model folder")
-        cfg, sd, tok, freq = load_gguf(path, progress)
+        cfg, sd, tok, freq, name = load_gguf(path, progress)
     else:
-        cfg, sd, tok, freq = load_hf_folder(path, progress)
+        cfg, sd, tok, freq, name = load_hf_folder(path, progress)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
@@ -362,7 +365,10 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device=dev, dtype=dt).eval()
     model.inv_freq = model.inv_freq.float()
-    name = spec if spec and spec.lower() not in DEFAULT_ALIASES else DEFAULT_MODEL
+    if spec is None or spec.lower() in DEFAULT_ALIASES:
+        name = DEFAULT_MODEL
+    elif _looks_like_hub_id(spec) and not Path(spec).exists():
+        name = spec
     return LoadedModel(name=name, model=model, tokenizer=tok, config=cfg, source=str(path))
 
 
