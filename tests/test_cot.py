@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from entropix.cli import main
-from entropix.cot import BranchingConfig, BranchingSampler, CotSampler, answer_confidence, choose, Branch
+from entropix.cot import Branch, BranchingConfig, BranchingSampler, CotSampler, answer_confidence, choose, majority_vote
 from entropix.generate import Engine, Request, TokenRecord, generate, row_seed
 from entropix.sampling import make_sampler
 
@@ -39,8 +39,11 @@ def test_no_answer_gives_no_confidence():
 def test_max_and_agg_paths_and_normalised_answers():
     bs = [Branch(0, [], "", "72", 0.5, [], []), Branch(1, [], "", "72", 0.4, [], []),
           Branch(2, [], "", "80", 0.7, [], []), Branch(3, [], "", None, 0.0, [], [])]
-    assert choose(bs, aggregate=False) == (2, "80")
-    assert choose(bs, aggregate=True) == (0, "72")  # 0.9 summed beats 0.7
+    pairs = [(b.answer, b.confidence) for b in bs]
+    assert choose(pairs, aggregate=False) == (2, "80")
+    assert choose(pairs, aggregate=True) == (0, "72")  # 0.9 summed beats 0.7
+    assert choose([(None, 0.0)], aggregate=True) == (0, None)
+    assert majority_vote(["72", "72.0", "80", None, "$72"]) == ("72", 0, {"72": 3, "80": 1})
     from entropix.answers import extract_answer
     assert {extract_answer(t) for t in ["72", "72.0", "$72", "72 sheep"]} == {"72"}
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from . import EntropixError
-from .answers import answer_span, extract_answer
+from .answers import answer_span, answers_equal, extract_answer
 from .generate import Engine, Request, TokenRecord
 from .sampling import SAMPLERS, PlainSampler, SamplingParams
 
@@ -71,20 +71,42 @@ def answer_confidence(records: Sequence[TokenRecord], kind: str = "number", patt
     return extract_answer(text, kind, pattern), conf, idx
 
 
-def choose(branches: Sequence[Branch], aggregate: bool) -> tuple[int, str | None]:
-    """Index of the chosen branch and its answer (max path, or agg path by answer)."""
-    scored = [b for b in branches if b.answer is not None]
-    if not scored:
+def choose(scored: Sequence[tuple[str | None, float]], aggregate: bool) -> tuple[int, str | None]:
+    """Index and answer chosen from (answer, confidence) pairs.
+
+    Max path: the most confident answered branch. Agg path: the answer with the largest
+    summed confidence, represented by its most confident branch. Ties go to the earliest.
+    """
+    answered = [(i, a, c) for i, (a, c) in enumerate(scored) if a is not None]
+    if not answered:
         return 0, None
-    if not aggregate:
-        best = max(scored, key=lambda b: b.confidence)
-        return branches.index(best), best.answer
-    totals: dict[str, float] = defaultdict(float)
-    for b in scored:
-        totals[b.answer] += b.confidence
-    answer = max(totals, key=totals.get)
-    best = max((b for b in scored if b.answer == answer), key=lambda b: b.confidence)
-    return branches.index(best), answer
+    if aggregate:
+        totals: dict[str, float] = defaultdict(float)
+        for _, a, c in answered:
+            totals[a] += c
+        best_answer = max(totals, key=lambda a: (totals[a], -min(i for i, b, _ in answered if b == a)))
+        answered = [t for t in answered if t[1] == best_answer]
+    i, a, _ = max(answered, key=lambda t: (t[2], -t[0]))
+    return i, a
+
+
+def majority_vote(answers: Sequence[str | None], kind: str = "number") -> tuple[str | None, int, dict[str, int]]:
+    """(winning answer, first index that gave it, votes per answer); equal answers
+    ("72", "72.0") vote together; ties go to the earliest."""
+    groups: list[tuple[str, list[int]]] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for rep, members in groups:
+            if answers_equal(rep, a, kind):
+                members.append(i)
+                break
+        else:
+            groups.append((a, [i]))
+    if not groups:
+        return None, 0, {}
+    best = max(groups, key=lambda g: (len(g[1]), -g[1][0]))
+    return best[0], best[1][0], {rep: len(m) for rep, m in groups}
 
 
 def score_branches(records_per_branch: Sequence[Sequence[TokenRecord]], aggregate: bool = False,
@@ -101,7 +123,7 @@ def _branch(choice: int, recs: Sequence[TokenRecord], kind: str, pattern: str | 
 
 
 def _result(branches: list[Branch], aggregate: bool, tokens_generated: int | None = None) -> dict[str, Any]:
-    i, answer = choose(branches, aggregate)
+    i, answer = choose([(b.answer, b.confidence) for b in branches], aggregate)
     return {
         "branches": [b.to_dict() for b in branches], "choice": i, "answer": answer,
         "text": branches[i].text if branches else "", "aggregate": aggregate,
@@ -235,14 +257,11 @@ class SelfConsistency:
         out = []
         for r in reqs:
             bs = [_branch(c, got[r.id][c], kind, pattern) for c in range(self.samples)]
-            votes: dict[str, int] = defaultdict(int)
-            for b in bs:
-                if b.answer is not None:
-                    votes[b.answer] += 1
-            answer = max(votes, key=lambda a: (votes[a], -min(b.choice for b in bs if b.answer == a))) if votes else None
-            i = next((b.choice for b in bs if b.answer == answer), 0) if answer is not None else 0
-            for b in bs:  # a branch's "confidence" here is its share of the vote
-                b.confidence = votes.get(b.answer, 0) / self.samples if b.answer is not None else 0.0
+            answer, i, votes = majority_vote([b.answer for b in bs], kind)
+            for b in bs:  # a sample's "confidence" here is its answer's share of the vote
+                share = max((v for a, v in votes.items() if b.answer is not None and answers_equal(a, b.answer, kind)),
+                            default=0)
+                b.confidence = share / self.samples
             out.append({"branches": [b.to_dict() for b in bs], "choice": i, "answer": answer,
                         "text": bs[i].text, "votes": dict(votes),
                         "tokens_generated": sum(len(b.tokens) for b in bs)})

@@ -40,6 +40,8 @@ except ModuleNotFoundError as _e:  # pragma: no cover
     def Field(*a, **k):
         return None
 
+from .answers import answers_equal, extract_answer
+from .cot import ANSWER_PROMPT, answer_confidence, choose, majority_vote, score_branches
 from .generate import Request, TokenRecord
 from .scheduler import Job, Scheduler, SchedulerBusy
 
@@ -167,19 +169,6 @@ class CompletionRequest(_Params):
 
 # -- samplers ----------------------------------------------------------------------------
 
-def _cot_module():
-    """entropix.cot when it is built and has score_branches, else None."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("entropix.cot")
-    except ModuleNotFoundError as e:
-        if e.name == "entropix.cot":
-            return None
-        raise
-    return mod if hasattr(mod, "score_branches") else None
-
-
 def sampler_thresholds(sampler: Any) -> dict[str, float] | None:
     """The (entropy, varentropy) quadrant thresholds a sampler uses, if it exposes them."""
     th = getattr(sampler, "thresholds", None)
@@ -257,9 +246,6 @@ def plan_sampler(p: _Params, lm, max_n: int) -> Plan:
             raise bad_request(f"{which} must be at most {max_n} on this server, got {k}", which, "invalid_value")
         kind = p.answer_kind or "number"
         if name in COT_NAMES:
-            if _cot_module() is None:
-                raise bad_request("the cot sampler is not available on this server (entropix.cot is not built)",
-                                  "sampler", "sampler_unavailable")
             _try_sampler(lambda: make_sampler("cot", lm=lm, branches=k), "cot")
             return Plan("cot", "cot", lambda: make_sampler("cot", lm=lm, branches=k), k,
                         True if metrics is None else metrics, kind, bool(p.aggregate))
@@ -384,26 +370,6 @@ def chat_logprob(tok, rec: TokenRecord, k: int) -> dict[str, Any]:
     }
 
 
-def majority_vote(answers: list[str | None], kind: str) -> tuple[str | None, int, dict[str, int]]:
-    """(winning answer, first choice that gave it, votes per answer); ties go to the earliest."""
-    from .answers import answers_equal
-
-    groups: list[tuple[str, list[int]]] = []
-    for i, a in enumerate(answers):
-        if a is None:
-            continue
-        for rep, members in groups:
-            if answers_equal(rep, a, kind):
-                members.append(i)
-                break
-        else:
-            groups.append((a, [i]))
-    if not groups:
-        return None, 0, {}
-    best = max(groups, key=lambda g: (len(g[1]), -g[1][0]))
-    return best[0], best[1][0], {rep: len(m) for rep, m in groups}
-
-
 # -- one API request in flight ----------------------------------------------------------------
 
 class Run:
@@ -510,8 +476,6 @@ class Run:
         if self.plan.kind == "cot":
             return await self._finish_cot()
         if self.plan.kind == "self-consistency":
-            from .answers import extract_answer
-
             order = sorted(self.choices)
             kind = self.plan.answer_kind
             answers = [extract_answer(self.choices[i].text, kind) for i in order]
@@ -519,21 +483,20 @@ class Run:
             for i, a in zip(order, answers):  # a sample's confidence is its answer's share of the vote
                 share = 0.0
                 if a is not None:
-                    share = max((v for rep, v in votes.items() if _same(rep, a, kind)), default=0) / len(order)
+                    share = max((v for rep, v in votes.items() if answers_equal(rep, a, kind)), default=0) / len(order)
                 self.choices[i].extra = {"answer": a, "confidence": _r(share)}
             return {"cot_choice": order[first] if order else 0, "answer": winner, "votes": votes}
         return {}
 
     async def _finish_cot(self) -> dict[str, Any]:
-        cot = _cot_module()
         order = sorted(self.choices)
         rows = [self.choices[i].records for i in order]
         try:
-            res = _score_branches(cot, self.tok, self.prompts[0], rows, self.plan.aggregate, self.plan.answer_kind)
+            res = score_branches(rows, aggregate=self.plan.aggregate, kind=self.plan.answer_kind)
             branches = [dict(b) for b in res.get("branches", [])]
             if len(branches) != len(order):
                 raise ValueError(f"{len(branches)} scores for {len(order)} branches")
-            follow = await self._cot_follow_up(cot, branches)
+            follow = await self._cot_follow_up(branches)
         except APIError:
             raise
         except Exception as e:
@@ -545,16 +508,16 @@ class Run:
             if i in follow:
                 self.choices[i].extra["follow_up"] = follow[i]
         if follow:  # answers changed: choose again (max path, or agg path by summed confidence)
-            choice, answer = choose_branch(branches, self.plan.aggregate)
+            choice, answer = choose([(b.get("answer"), b.get("confidence") or 0.0) for b in branches],
+                                    self.plan.aggregate)
         else:
             choice, answer = int(res.get("choice", 0)), res.get("answer")
         return {"cot_choice": order[choice] if order else 0, "answer": answer}
 
-    async def _cot_follow_up(self, cot, branches: list[dict]) -> dict[int, str]:
+    async def _cot_follow_up(self, branches: list[dict]) -> dict[int, str]:
         """Ask "So the answer is" of branches that gave no answer (batched in the scheduler)."""
-        suffix_text = getattr(cot, "ANSWER_PROMPT", None)
-        confidence = getattr(cot, "answer_confidence", None)
-        if not suffix_text or confidence is None or self.stop_ids != self.tok.stop_ids:
+        suffix_text = ANSWER_PROMPT
+        if self.stop_ids != self.tok.stop_ids:
             return {}
         from .sampling import make_sampler
 
@@ -583,49 +546,11 @@ class Run:
         out = {}
         self.extra_tokens = sum(len(recs) for _, recs in todo.values())
         for i, recs in todo.values():
-            answer, conf, _ = confidence(recs, self.plan.answer_kind)
+            answer, conf, _ = answer_confidence(recs, self.plan.answer_kind)
             if answer is not None:
                 branches[i]["answer"], branches[i]["confidence"] = answer, conf
                 out[sorted(self.choices)[i]] = suffix_text + "".join(r.text for r in recs)
         return out
-
-
-def _score_branches(cot, tok, prompt: list[int], rows: list[list[TokenRecord]], aggregate: bool, kind: str) -> dict:
-    """Call entropix.cot.score_branches whichever of its two signatures it has."""
-    import inspect
-
-    try:
-        params = list(inspect.signature(cot.score_branches).parameters)
-    except (TypeError, ValueError):
-        params = []
-    kw: dict[str, Any] = {"aggregate": aggregate}
-    if "kind" in params:
-        kw["kind"] = kind
-    if params and params[0].startswith("tok"):
-        return cot.score_branches(tok, prompt, rows, **kw)
-    return cot.score_branches(rows, **kw)
-
-
-def choose_branch(branches: list[dict], aggregate: bool) -> tuple[int, str | None]:
-    """Max path: the most confident answered branch; agg path: the answer with the largest summed confidence."""
-    scored = [(i, b) for i, b in enumerate(branches) if b.get("answer") is not None]
-    if not scored:
-        return 0, None
-    if not aggregate:
-        i, b = max(scored, key=lambda ib: (ib[1].get("confidence") or 0.0, -ib[0]))
-        return i, b["answer"]
-    totals: dict[str, float] = {}
-    for _, b in scored:
-        totals[b["answer"]] = totals.get(b["answer"], 0.0) + (b.get("confidence") or 0.0)
-    answer = max(totals, key=lambda a: totals[a])
-    i, _ = max(((i, b) for i, b in scored if b["answer"] == answer), key=lambda ib: (ib[1].get("confidence") or 0.0, -ib[0]))
-    return i, answer
-
-
-def _same(a: str, b: str, kind: str) -> bool:
-    from .answers import answers_equal
-
-    return answers_equal(a, b, kind)
 
 
 # -- the app -------------------------------------------------------------------------------
@@ -668,12 +593,7 @@ class AppState:
                 out.append("entropix")
             except Exception:
                 pass
-            if _cot_module() is not None:
-                try:
-                    make_sampler("cot", lm=self.lm, branches=2)
-                    out.append("cot")
-                except Exception:
-                    pass
+            out.append("cot")
             out.append("self-consistency")
             self._samplers = out
         return self._samplers
