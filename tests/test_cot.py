@@ -126,3 +126,15 @@ def test_branching_respects_row_budget(lm):
     bs = BranchingSampler(ForkAtStep(1), BranchingConfig(max_rows=2, max_forks=5, width=4, min_prob=0.0))
     res = bs.run_many(Engine(lm), [ids], max_tokens=6)[0]
     assert len(res["branches"]) == 2
+
+
+def test_fork_never_reuses_a_finished_rows_choice(lm):
+    """A finished branch's number (and so its seed) is never handed to a later fork."""
+    e = Engine(lm)
+    e.add([Request(prompt=lm.tokenizer.encode("Hello"), sampler=make_sampler("greedy"), max_tokens=5, seed=1)])
+    e.fork(0, 2)
+    assert [r.choice for r in e.rows] == [0, 1, 2]
+    e._keep([0, 1])  # the row with choice 2 finishes
+    e.fork(0, 1)
+    assert [r.choice for r in e.rows] == [0, 1, 3]
+    assert len({r.generator.initial_seed() for r in e.rows}) == 3

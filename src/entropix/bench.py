@@ -25,7 +25,7 @@ def _prompt(lm: LoadedModel, n: int) -> list[int]:
 
 def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, sampler, seed: int = 0) -> dict[str, float]:
     """Prefill and decode times of one request in our engine (stop tokens ignored)."""
-    eng = Engine(lm)
+    eng = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
     req = Request(prompt=prompt, sampler=sampler, max_tokens=tokens, seed=seed, stop_ids=frozenset(), top_logprobs=1)
     _sync(lm)
     t0 = time.perf_counter()
@@ -44,7 +44,7 @@ def time_runner(lm: LoadedModel, prompt: list[int], tokens: int, sampler, seed: 
     """Wall time of a multi-row decoder (CoT, self-consistency) for the same job."""
     _sync(lm)
     t0 = time.perf_counter()
-    sampler.run(Engine(lm), prompt, max_tokens=tokens, seed=seed, stream=None, ignore_stop=True)
+    sampler.run(Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,))), prompt, max_tokens=tokens, seed=seed, stream=None, ignore_stop=True)
     _sync(lm)
     return time.perf_counter() - t0
 

@@ -98,7 +98,8 @@ def cmd_generate(args) -> int:
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     runner = getattr(sampler, "run", None)
     if runner is not None:  # multi-row decoders (cot, self-consistency) drive the engine themselves
-        result = runner(Engine(lm), ids, max_tokens=args.max_tokens, seed=args.seed, stream=None if args.json else sys.stdout)
+        engine = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
+        result = runner(engine, ids, max_tokens=args.max_tokens, seed=args.seed, stream=None if args.json else sys.stdout)
         if args.json:
             print(json.dumps(result))
         return 0

@@ -159,13 +159,15 @@ def _follow_up(engine: Engine, prompts: list[list[int]], branches: list[list[Bra
                kind: str, pattern: str | None, max_tokens: int = 16) -> list[int]:
     """Ask "So the answer is" of every branch that gave no answer; tokens spent per prompt."""
     tok = engine.tok
-    suffix = tok.encode(ANSWER_PROMPT)
+    suffix = tok.encode(ANSWER_PROMPT, add_bos=False)
     greedy = PlainSampler(SamplingParams(0.0))
     reqs, where = [], []
     for p, (prompt, bs) in enumerate(zip(prompts, branches)):
         for b in bs:
             if b.answer is None:
                 body = [t for t in b.tokens if t not in tok.stop_ids]
+                if len(prompt) + len(body) + len(suffix) + max_tokens >= engine.max_context:
+                    continue  # no room left to ask
                 reqs.append(Request(prompt=prompt + body + suffix, sampler=greedy,
                                     max_tokens=max_tokens, stop_ids=tok.stop_ids, top_logprobs=1))
                 where.append((p, b))
@@ -311,7 +313,9 @@ class BranchingSampler:
         for i, (tok, code, _, top) in enumerate(decisions):
             if code != self._branch_code or self.forks_used >= self.cfg.max_forks or live >= self.cfg.max_rows:
                 continue
-            alts = [t for t, lp in top if t != tok and math.exp(lp) >= self.cfg.min_prob][: self.cfg.width]
+            stops = rows[i].request.stop_ids  # a fork that stops at once wastes the budget
+            alts = [t for t, lp in top if t != tok and t not in stops and math.exp(lp) >= self.cfg.min_prob]
+            alts = alts[: self.cfg.width]
             alts = alts[: self.cfg.max_rows - live]
             if alts:
                 plans.append((i, alts))

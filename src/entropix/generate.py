@@ -100,6 +100,7 @@ class Engine:
         self.logits: torch.Tensor | None = None  # [B, V] pending next-token logits
         self.attn: dict[str, torch.Tensor] = {}  # [B] attention metrics for the pending step
         self.max_context = lm.config.max_position_embeddings
+        self._next_choice: dict[str, int] = {}  # per request: choices only ever grow (forks too)
 
     # -- admission ----------------------------------------------------------------------
     def _needs_attention(self, reqs: Iterable[Request]) -> bool:
@@ -147,6 +148,8 @@ class Engine:
             Row(r, c, make_generator(row_seed(r.seed, c), dev), self.tok.detokenizer())
             for r in requests for c in range(r.n)
         ]
+        for r in requests:
+            self._next_choice[r.id] = r.n
         self._append(new_rows, cache, logits, attn)
 
     def _append(self, rows: list[Row], cache, logits: torch.Tensor, attn: dict[str, torch.Tensor]) -> None:
@@ -169,7 +172,9 @@ class Engine:
         self.logits = torch.cat([self.logits, self.logits.index_select(0, idx)])
         self.attn = {k: torch.cat([v, v.index_select(0, idx)]) for k, v in self.attn.items()}
         for i in range(n):
-            choice = max((r.choice for r in self.rows if r.request is src.request), default=0) + 1
+            # never reuse the number (and so the seed) of a row that already finished
+            choice = self._next_choice.get(src.request.id, src.choice + 1)
+            self._next_choice[src.request.id] = choice + 1
             g = make_generator(row_seed(src.request.seed, choice), self.logits.device)
             detok = self.tok.detokenizer()
             for t in src.tokens:
@@ -178,6 +183,7 @@ class Engine:
         return new
 
     def cancel(self, request_id: str) -> None:
+        self._next_choice.pop(request_id, None)
         keep = [i for i, r in enumerate(self.rows) if r.request.id != request_id]
         self._keep(keep)
 
@@ -265,7 +271,8 @@ class Engine:
                 if req.stop_strings:
                     delta = self._apply_stop_strings(row, delta)
                 if row.finish_reason is None and (len(row.tokens) >= req.max_tokens
-                                                  or self.cache.lengths[i] + 1 >= self.max_context):
+                                                  or self.cache.lengths[i] - self.cache.starts[i] + 1
+                                                  >= self.max_context):
                     tail = row.detok.flush()
                     row.text += tail
                     delta += tail
@@ -277,6 +284,10 @@ class Engine:
         B = len(self.rows)
         if finished:
             done = set(finished)
+            live = {r.request.id for j, r in enumerate(self.rows) if j not in done}
+            for j in done:
+                if self.rows[j].request.id not in live:
+                    self._next_choice.pop(self.rows[j].request.id, None)
             alive = [i for i in range(B) if i not in done]
             self._keep(alive)
             tokens = tokens.index_select(0, torch.tensor(alive, device=dev, dtype=torch.long))
