@@ -38,6 +38,8 @@ browser:
 
 demo: install
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96
+	@echo "--- the same question with the entropix sampler (tokens coloured by strategy on a terminal):"
+	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96 --sampler entropix --seed 11
 
 test: install
 	$(BIN)/python -m pytest -q
