@@ -783,16 +783,20 @@ def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int
                 "scheduler": sched.stats()}
 
     # -- completions ------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest):
+    async def parse(request: HTTPRequest, model_cls):
+        """Key, body, schema, model name and the checks both routes share: (params, stop strings)."""
         state.check_key(request)
         data = await read_json(request, state.max_body)
         try:
-            p = ChatRequest.model_validate(data)
+            p = model_cls.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
         state.check_model(p.model)
-        stop = check_common(p)
+        return p, check_common(p)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        p, stop = await parse(request, ChatRequest)
         if not p.messages:
             raise bad_request("messages must hold at least one message", "messages", "invalid_value")
         if p.top_logprobs is not None and not p.logprobs:
@@ -819,14 +823,7 @@ def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        state.check_key(request)
-        data = await read_json(request, state.max_body)
-        try:
-            p = CompletionRequest.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        state.check_model(p.model)
-        stop = check_common(p)
+        p, stop = await parse(request, CompletionRequest)
         if p.suffix:
             raise bad_request("suffix is not supported by this server", "suffix", "unsupported_parameter")
         if p.best_of is not None and p.best_of != (p.n or 1):
