@@ -6,7 +6,7 @@ streaming completions (raw prompts, `ignore_eos` so every request decodes exactl
 object with both aggregate tokens/s and their ratio. Concurrent requests share the
 engine's decode steps (continuous batching), so the ratio shows what batching buys.
 
-Usage: python benchmarks/bench_server.py [--requests 8] [--tokens 64] [--model M]
+Usage: python benchmarks/bench_server.py [--requests 8] [--tokens 64] [--model M] [--backend torch]
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, model: str | None, device: str) -> subprocess.Popen:
+def start_server(port: int, model: str | None, device: str, backend: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "entropix.cli", "serve", "--port", str(port), "--log-level", "warning",
-           "--device", device]
+           "--device", device, "--backend", backend]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -117,13 +117,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="torch")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     args = ap.parse_args()
     proc = None
     url = args.url
     if url is None:
         port = free_port()
-        proc = start_server(port, args.model, args.device)
+        proc = start_server(port, args.model, args.device, args.backend)
         url = f"http://127.0.0.1:{port}"
     try:
         result = asyncio.run(bench(url, args.requests, args.tokens))

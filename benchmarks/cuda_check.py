@@ -23,9 +23,11 @@ def main() -> int:
         return 1
 
     from entropix.bench import run_bench
-    from entropix.generate import Engine, Request, generate
-    from entropix.sampling import make_sampler
-    from entropix.weights import load_model
+    from entropix.decode.engine import generate
+    from entropix.decode.records import Request
+    from entropix.loading import load_model
+    from entropix.sampler import catalog
+    from entropix.sampler.policy import Greedy
 
     out: dict = {"device": torch.cuda.get_device_name()}
     cpu = load_model(args.model, device="cpu", dtype="float32", progress=False)
@@ -45,9 +47,9 @@ def main() -> int:
     out["bf16_cuda_vs_cpu_max_abs"] = (logits(bf) - ref).abs().max().item()
 
     def greedy(lm, prompts, n=48):
-        reqs = [Request(prompt=p, sampler=make_sampler("greedy"), max_tokens=n, stop_ids=frozenset()) for p in prompts]
+        reqs = [Request(prompt=p, policy=Greedy(), max_tokens=n) for p in prompts]
         got = {r.id: [] for r in reqs}
-        for rec in generate(Engine(lm), reqs):
+        for rec in generate(lm.engine(), reqs):
             got[rec.request_id].append(rec.token)
         return [got[r.id] for r in reqs]
 
@@ -56,10 +58,12 @@ def main() -> int:
     on_gpu = greedy(gpu, prompts)
     out["greedy_cuda_equals_cpu"] = on_gpu == greedy(cpu, prompts)
     out["batch4_equals_alone_cuda"] = on_gpu == [greedy(gpu, [p])[0] for p in prompts]
-    seeded = make_sampler("entropix", lm=gpu)
-    r1 = [r.token for r in generate(Engine(gpu), [Request(prompt=prompts[1], sampler=seeded, max_tokens=32, seed=11)])]
-    r2 = [r.token for r in generate(Engine(gpu), [Request(prompt=prompts[1], sampler=seeded, max_tokens=32, seed=11)])]
+    ent = catalog.resolve("entropix", gpu).policy
+    r1 = [r.token for r in generate(gpu.engine(), [Request(prompt=prompts[1], policy=ent, max_tokens=32, seed=11)])]
+    r2 = [r.token for r in generate(gpu.engine(), [Request(prompt=prompts[1], policy=ent, max_tokens=32, seed=11)])]
+    r3 = [r.token for r in generate(cpu.engine(), [Request(prompt=prompts[1], policy=ent, max_tokens=32, seed=11)])]
     out["entropix_same_seed_same_tokens_cuda"] = r1 == r2
+    out["entropix_cuda_equals_cpu"] = r1 == r3  # the draws come from the host: the same on every device
     del cpu
     t = time.perf_counter()
     out["bench_fp32"] = run_bench(gpu, tokens=args.tokens, repeats=3, samplers=["entropix", "cot"])

@@ -43,7 +43,7 @@ def main() -> int:
     from entropix.evaluate.report import eval_report
     from entropix.evaluate.runner import run_eval, sampler_params
     from entropix.evaluate.tasks import load_task
-    from entropix.weights import load_model
+    from entropix.loading import load_model
     from results_preamble import preamble
 
     outdir = Path(args.outdir)

@@ -13,14 +13,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def lm():
     """The embedded SmolLM2-135M-Instruct in fp32 on the CPU."""
-    from entropix.weights import load_model
+    from entropix.loading import load_model
 
     return load_model(None, device="cpu", dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="session")
 def gguf_path():
-    from entropix.weights import embedded_model_path
+    from entropix.io.source import embedded_model_path
 
     return embedded_model_path()
 

@@ -48,6 +48,8 @@ def assert_one_line_error(rc, err, needle):
     (["generate", "hi", "--max-tokens", "0"], "max-tokens"),
     (["generate", "hi", "--sampler", "bogus"], "unknown sampler"),
     (["generate", "hi", "--dtype", "int3"], "dtype"),
+    (["generate", "hi", "--backend", "tpu-magic"], "backend"),
+    (["generate", "hi", "--sampler", "cot", "--branches", "0"], "--branches"),
 ])
 def test_bad_input_one_line(args, needle, capsys):
     rc, _, err = run_cli(args, capsys)
@@ -78,14 +80,15 @@ def test_prompt_longer_than_context(tiny_short, capsys):
 
 
 def test_generation_stops_at_context_end(tiny_short, capsys):
-    rc, out, _ = run_cli(["generate", "word " * 40, "--model", str(tiny_short), "--raw", "--json",
-                          "--max-tokens", "500"], capsys)
+    rc, out, _ = run_cli(["generate", "word " * 40, "--model", str(tiny_short), "--backend", "torch", "--raw",
+                          "--json", "--max-tokens", "500"], capsys)
     assert rc == 0
     res = json.loads(out)
     assert res["finish_reason"] in ("length", "stop")
     assert res["usage"]["prompt_tokens"] + res["usage"]["completion_tokens"] <= 64
 
 
+@pytest.mark.slow
 def test_generate_json_on_embedded_model(capsys):
     rc, out, _ = run_cli(["generate", "What is the capital of France?", "--json", "--max-tokens", "24"], capsys)
     assert rc == 0
@@ -98,6 +101,7 @@ def test_generate_json_on_embedded_model(capsys):
     assert "Paris" in res["text"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_text(capsys):
     args = ["generate", "Tell me a fact about cats.", "--json", "--max-tokens", "20", "--temperature", "0.9",
             "--seed", "7"]
@@ -108,6 +112,7 @@ def test_same_seed_same_text(capsys):
     assert a != c
 
 
+@pytest.mark.slow
 def test_console_script_streams_and_exits_cleanly(tmp_path):
     env = dict(os.environ, ENTROPIX_DEBUG="")
     p = subprocess.run([ENTROPIX, "generate", "Say hi.", "--max-tokens", "8"], capture_output=True, text=True,
@@ -120,6 +125,7 @@ def test_console_script_streams_and_exits_cleanly(tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith("entropix: error:")
 
 
+@pytest.mark.slow
 def test_chat_multi_turn_over_stdin():
     p = subprocess.run([ENTROPIX, "chat", "--max-tokens", "12"], input="Hello!\nWhat did I just say?\n/quit\n",
                        capture_output=True, text=True, timeout=300)

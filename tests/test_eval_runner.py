@@ -7,7 +7,6 @@ import pytest
 from entropix import EntropixError
 from entropix.cli import main
 from entropix.evaluate.runner import (
-    SAMPLER_SPECS,
     answer_kind,
     load_done,
     problem_seed,
@@ -16,6 +15,7 @@ from entropix.evaluate.runner import (
     summarise,
 )
 from entropix.evaluate.tasks import Problem, is_correct, make_task
+from entropix.sampler import catalog
 
 ROW_KEYS = {"id", "task", "sampler", "prompt", "output", "extracted", "expected", "correct", "tokens", "seconds"}
 SUMMARY_KEYS = {"task", "sampler", "n", "correct", "accuracy", "ci95", "tokens_per_problem", "seconds"}
@@ -108,14 +108,7 @@ def test_eval_sampling_is_seeded_per_problem(cli_lm, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_entropix_sampler_when_available(cli_lm, capsys, tmp_path):
-    from entropix.sampling import SAMPLERS, _load_registered
-
-    _load_registered()
-    if "entropix" not in SAMPLERS:
-        with pytest.raises(EntropixError, match="not available"):
-            run_eval(cli_lm, make_task("compare", 1, 0), "entropix", task="compare", progress=False)
-        return
+def test_eval_entropix_sampler(cli_lm, capsys, tmp_path):
     out = tmp_path / "e.jsonl"
     code, stdout, _ = run_cli(capsys, "eval", "--task", "compare", "--sampler", "entropix", "--limit", "3",
                               "--max-tokens", "10", "--out", str(out), "--json", "--quiet")
@@ -126,7 +119,7 @@ def test_entropix_sampler_when_available(cli_lm, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cot_through_run_many(cli_lm, capsys, tmp_path):
+def test_eval_cot_through_its_strategy(cli_lm, capsys, tmp_path):
     out = tmp_path / "cot.jsonl"
     code, stdout, _ = run_cli(capsys, "eval", "--task", "letters", "--sampler", "cot", "--branches", "3", "--limit", "2",
                               "--max-tokens", "8", "--batch-size", "6", "--out", str(out), "--json", "--quiet")
@@ -141,27 +134,34 @@ def test_eval_cot_through_run_many(cli_lm, capsys, tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["n"] == 2
 
 
-class FakeMultiRow:
-    """A stand-in multi-row decoder: run_many's contract without decoding."""
-
-    samples = 4
+class FakeStrategies:
+    """Stands in for the strategy driver: records each chunk, returns results without decoding."""
 
     def __init__(self):
         self.calls = []
 
-    def run_many(self, engine, prompts, max_tokens, seed, kind="number", pattern=None):
-        self.calls.append((len(prompts), kind, pattern, seed))
-        assert all(isinstance(p, list) and p for p in prompts)
+    def decode(self, dec, task, tok, max_context):
+        return task
+
+    def run(self, engine, task):
+        self.calls.append((len(task.prompts), task.kind, task.pattern, list(task.seeds)))
+        assert all(isinstance(p, list) and p for p in task.prompts)
         return [{"text": f"The answer is {i}.", "answer": str(i), "tokens_generated": 10 * (i + 1),
                  "branches": [{"answer": str(i), "score": 0.5, "tokens": [1, 2], "text": "x"}]}
-                for i in range(len(prompts))]
+                for i in range(len(task.prompts))]
 
 
-def test_multi_row_path(lm, tmp_path):
+def test_multi_row_path(monkeypatch, tmp_path):
+    from tinymodel import tiny_lm
+
+    lm = tiny_lm()
+    fake = FakeStrategies()
+    monkeypatch.setattr("entropix.decode.strategies.decode", fake.decode)
+    monkeypatch.setattr("entropix.decode.strategies.run", fake.run)
     problems = [Problem(f"p{i}", f"What is {i} + 0?", str(i % 2)) for i in range(5)]
-    fake = FakeMultiRow()
     out = tmp_path / "m.jsonl"
-    s = run_eval(lm, problems, "self-consistency", task="toy", out=out, batch_size=8, progress=False, sampler=fake)
+    dec = catalog.resolve("self-consistency", lm, samples=4)
+    s = run_eval(lm, problems, "self-consistency", task="toy", out=out, batch_size=8, progress=False, decoder=dec)
     # 8 rows per chunk at 4 rows per problem: chunks of 2, 2 and 1 problems.
     assert [c[0] for c in fake.calls] == [2, 2, 1]
     assert all(c[1:3] == ("number", None) for c in fake.calls)
@@ -171,11 +171,11 @@ def test_multi_row_path(lm, tmp_path):
     assert [r["decoder_answer"] for r in rows] == ["0", "1", "0", "1", "0"]
     assert all(r["correct"] for r in rows)  # "The answer is i." graded against i % 2 with i in {0, 1}
     assert rows[0]["branches"] == [{"answer": "0", "score": 0.5, "text": "x"}]  # token lists dropped
-    assert rows[0]["params"] == {"samples": 5, "temperature": 0.7}
+    assert rows[0]["params"] == {"samples": 4, "temperature": 0.7}  # what the decoder used
     assert s["n"] == 5 and s["correct"] == 5 and s["tokens_per_problem"] == 14.0
     # Resume skips all of them: no decoder call.
-    again = run_eval(lm, problems, "self-consistency", task="toy", out=out, progress=False, sampler=FakeMultiRow())
-    assert again["skipped"] == 5 and again["n"] == 5
+    again = run_eval(lm, problems, "self-consistency", task="toy", out=out, progress=False, decoder=dec)
+    assert again["skipped"] == 5 and again["n"] == 5 and len(fake.calls) == 3
 
 
 def test_answer_kinds():
@@ -210,8 +210,8 @@ def test_compare_answer_region(text, answer):
 
 
 def test_sampler_params_defaults_and_errors():
-    assert set(SAMPLER_SPECS) >= {"greedy", "temperature", "min-p", "self-consistency", "cot", "cot-agg",
-                                  "entropix", "entropix-branching"}
+    assert set(catalog.names()) >= {"greedy", "temperature", "min-p", "self-consistency", "cot", "cot-agg",
+                                    "entropix", "entropix-branching"}
     assert sampler_params("greedy") == {}
     assert sampler_params("temperature") == {"temperature": 0.7}
     assert sampler_params("temperature", temperature=1.2) == {"temperature": 1.2}
@@ -225,7 +225,7 @@ def test_sampler_params_defaults_and_errors():
         sampler_params("greedy", samples=3)
     with pytest.raises(EntropixError, match="unknown sampler 'beam'.*greedy"):
         sampler_params("beam")
-    with pytest.raises(EntropixError, match="--branches must be at least 1"):
+    with pytest.raises(EntropixError, match="--branches must be between 1 and 64"):
         sampler_params("cot", branches=0)
     with pytest.raises(EntropixError, match="temperature"):
         sampler_params("temperature", temperature=-1.0)
@@ -281,7 +281,7 @@ def test_load_done_refuses_a_damaged_file(tmp_path):
     "argv, message",
     [
         (["--task", "nope"], "unknown task 'nope'; known tasks: arithmetic"),
-        (["--task", "letters", "--sampler", "beam"], "unknown sampler 'beam'; known samplers: greedy"),
+        (["--task", "letters", "--sampler", "beam"], "unknown sampler 'beam' (known: greedy"),
         (["--task", "gsm8k", "--data", "/nonexistent/g.jsonl"], "--data file not found: /nonexistent/g.jsonl"),
         (["--task", "letters", "--data", "x.jsonl"], "synthetic and takes no data file"),
         (["--task", "letters", "--samples", "3"], "--samples does not apply to sampler 'greedy'"),

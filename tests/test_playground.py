@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from entropix.server import ServerThread, create_app
+from entropix.serve import ServerThread, create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -9,7 +9,7 @@ import pytest
 
 from entropix import EntropixError
 from entropix.cli import main
-from entropix.entropix import SamplerConfig
+from entropix.sampler.config import SamplerConfig
 from entropix.plot import read_run, regions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

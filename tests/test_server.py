@@ -1,25 +1,53 @@
-"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn server."""
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn server.
+
+Most tests run on a tiny in-memory model whose output layer only favours ASCII tokens
+(so a token's text, bytes and the decoded text agree, and the end-of-text token is never
+the argmax); the ones marked slow run the embedded model end to end.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
+import torch
 
 from entropix.cli import build_parser, main
-from entropix.server import ServerThread, create_app
+from entropix.decode.strategies import ANSWER_PROMPT
+from entropix.sampler import catalog
+from entropix.sampler.policy import TokenPolicy
+from entropix.serve import ServerThread, create_app
+
+from tinymodel import ByteTokenizer, tiny_lm
 
 KEY = "sekrit-test-key"
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
+def ascii_lm(**over):
+    """A tiny model (context 4096) whose logits for token 0 (end of text) and bytes >= 128 are 0:
+    with ~64 positive ASCII logits per step, greedy and CoT's first ranks never pick them."""
+    lm = tiny_lm(max_position_embeddings=4096, **over)
+    with torch.no_grad():
+        lm.model.lm_head.weight[128:] = 0
+        lm.model.lm_head.weight[0] = 0
+    return lm
+
+
 @pytest.fixture(scope="module")
-def app(lm):
-    return create_app(lm, max_rows=16, max_n=8)
+def tiny():
+    return ascii_lm()
+
+
+@pytest.fixture(scope="module")
+def app(tiny):
+    return create_app(tiny, max_rows=16, max_n=8)
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +58,18 @@ def server(app):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=300) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def model(lm):
-    return lm.name
+def model(tiny):
+    return tiny.name
 
 
 def _error(r: httpx.Response, status: int, param: str | None = "unset", code: str | None = "unset") -> dict:
@@ -65,6 +93,12 @@ def _still_serving(client, model):
     assert out.usage.completion_tokens >= 1
 
 
+def _sse_events(text: str) -> list[dict]:
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
 # -- the basics ---------------------------------------------------------------------------
 
 def test_models(client, model, http):
@@ -77,7 +111,6 @@ def test_models(client, model, http):
     assert health["status"] == "ok" and health["model"] == model and health["scheduler"]["alive"]
 
 
-@pytest.mark.slow
 def test_chat_stream_equals_non_stream(client, model):
     full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
     ch = full.choices[0]
@@ -98,12 +131,11 @@ def test_chat_stream_equals_non_stream(client, model):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
-@pytest.mark.slow
-def test_completions_stream_and_stop(client, model, lm):
+def test_completions_stream_and_stop(client, model, tiny):
     prompt = "The capital of France is"
     full = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
     assert full.object == "text_completion"
-    assert full.usage.prompt_tokens == len(lm.tokenizer.encode(prompt))
+    assert full.usage.prompt_tokens == len(tiny.tokenizer.encode(prompt))
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 5
     text = full.choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(
@@ -112,7 +144,7 @@ def test_completions_stream_and_stop(client, model, lm):
 
     # a stop string cuts the text (and is never streamed), the same in both modes
     cut = text.strip()[:2]
-    assert cut
+    assert len(cut) == 2
     stopped = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, stop=[cut[1:]])
     assert stopped.choices[0].finish_reason == "stop" and cut[1:] not in stopped.choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(
@@ -130,9 +162,7 @@ def test_completions_n_and_prompts(client, model):
     assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
 
 
-def test_chat_logprobs(client, model, lm):
-    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
-                                         logprobs=True, top_logprobs=3)
+def _check_chat_logprobs(out) -> None:
     content = out.choices[0].logprobs.content
     assert 1 <= len(content) <= 4
     for item in content:
@@ -145,8 +175,12 @@ def test_chat_logprobs(client, model, lm):
         assert "".join(i.token for i in content) == out.choices[0].message.content
 
 
-def test_completion_logprobs(client, model):
-    out = client.completions.create(model=model, prompt="One, two, three,", max_tokens=3, temperature=0, logprobs=2)
+def test_chat_logprobs(client, model):
+    _check_chat_logprobs(client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
+                                                        logprobs=True, top_logprobs=3))
+
+
+def _check_completion_logprobs(out) -> None:
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert "".join(lp.tokens) == out.choices[0].text
@@ -154,7 +188,11 @@ def test_completion_logprobs(client, model):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
-@pytest.mark.slow
+def test_completion_logprobs(client, model):
+    _check_completion_logprobs(client.completions.create(model=model, prompt="One, two, three,", max_tokens=3,
+                                                         temperature=0, logprobs=2))
+
+
 def test_entropix_sampler_returns_metrics(client, model):
     out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, seed=11,
                                          extra_body={"sampler": "entropix"})
@@ -185,12 +223,7 @@ def test_metrics_on_request_for_plain_samplers(http, model):
     assert "entropix" not in r.json()["choices"][0]  # plain OpenAI responses stay lean
 
 
-@pytest.mark.slow
-def test_cot_branches_come_back_as_choices(http, model):
-    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
-                                           "sampler": "cot", "branches": 3})
-    assert r.status_code == 200, r.text
-    body = r.json()
+def _check_cot(body: dict) -> None:
     assert len(body["choices"]) == 3
     for c in body["choices"]:
         assert "confidence" in c and "answer" in c
@@ -200,17 +233,121 @@ def test_cot_branches_come_back_as_choices(http, model):
     assert len(firsts) == 3  # each branch starts from a different first token
 
 
-@pytest.mark.slow
-def test_self_consistency_votes(http, model):
-    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA: The answer is",
-                                           "max_tokens": 3, "sampler": "self-consistency", "samples": 3, "seed": 1})
+def test_cot_branches_come_back_as_choices(http, model):
+    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
+                                           "sampler": "cot", "branches": 3})
     assert r.status_code == 200, r.text
-    body = r.json()
+    _check_cot(r.json())
+
+
+def test_cot_stream_carries_the_scores_at_the_end(http, model):
+    body = {"model": model, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6, "sampler": "cot", "branches": 3}
+    full = http.post("/v1/completions", json=body).json()
+    events = _sse_events(http.post("/v1/completions", json={**body, "stream": True}).text)
+    last = events[-1]
+    assert last["cot_choice"] == full["cot_choice"] and last["answer"] == full["answer"]
+    assert [c["confidence"] for c in last["choices"]] == [c["confidence"] for c in full["choices"]]
+    finishes = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    assert not finishes  # finish reasons wait for the scores
+    texts = {i: "" for i in range(3)}
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] += c["text"]
+    assert [texts[i] for i in range(3)] == [c["text"] for c in full["choices"]]
+
+
+def _check_self_consistency(body: dict) -> None:
     assert len(body["choices"]) == 3
     assert all("answer" in c and "confidence" in c for c in body["choices"])
     assert body["cot_choice"] in (0, 1, 2) and "votes" in body
     if body["answer"] is not None:
         assert body["choices"][body["cot_choice"]]["answer"] == body["answer"]
+
+
+def test_self_consistency_votes(http, model):
+    r = http.post("/v1/completions", json={"model": model, "prompt": "Q: What is 2 + 3?\nA: The answer is",
+                                           "max_tokens": 3, "sampler": "self-consistency", "samples": 3, "seed": 1})
+    assert r.status_code == 200, r.text
+    _check_self_consistency(r.json())
+
+
+def test_forked_rows_become_choices_with_their_parents_prefix(http, model):
+    """Entropy-triggered branching: thresholds that call every token a fork make rows fork at once."""
+    always_branch = {"low_ent": 0, "med_ent": 50, "high_ent": 50, "low_vent": 0, "med_vent": 0, "high_vent": 0}
+    body = {"model": model, "prompt": "Once", "max_tokens": 6, "seed": 3, "sampler": "entropix-branching",
+            "sampler_config": always_branch}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    full = r.json()
+    choices = full["choices"]
+    assert len(choices) > 1
+    for c in choices:
+        entries = c["entropix"]
+        # a fork's choice holds its parent's tokens before the fork, so every choice is a whole path
+        assert [e["index"] for e in entries] == list(range(len(entries)))
+        assert "".join(e["text"] for e in entries) == c["text"]
+        assert "confidence" in c and "answer" in c
+    assert any(len(c["entropix"]) > 1 and c["entropix"][0]["token"] == choices[0]["entropix"][0]["token"]
+               for c in choices[1:])  # some fork shares its parent's first token(s)
+    assert full["usage"]["completion_tokens"] < sum(len(c["entropix"]) for c in choices)  # shared tokens count once
+    texts: dict[int, str] = {}
+    for e in _sse_events(http.post("/v1/completions", json={**body, "stream": True}).text):
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in choices}  # seeded: the stream builds the same tree
+    # a fork's first chunk carries its parent's prefix: its metrics and logprobs cover that text too
+    entries: dict[int, list] = {}
+    lps: dict[int, list] = {}
+    for e in _sse_events(http.post("/v1/completions", json={**body, "stream": True, "logprobs": 1}).text):
+        for c in e["choices"]:
+            entries.setdefault(c["index"], []).extend(c.get("entropix") or [])
+            lps.setdefault(c["index"], []).extend((c.get("logprobs") or {}).get("tokens") or [])
+    for c in choices:
+        assert [x["token"] for x in entries[c["index"]]] == [x["token"] for x in c["entropix"]]
+        assert len(lps[c["index"]]) == len(c["entropix"])
+
+
+def test_attention_layers_must_be_the_servers(http, model):
+    body = {"model": model, "prompt": "Once", "max_tokens": 2, "sampler": "entropix",
+            "sampler_config": {"attention_layers": [0]}}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "attention layers" in r.json()["error"]["message"], r.text
+
+
+# -- the CoT follow-up ----------------------------------------------------------------------
+
+BOS = 255  # a byte the ASCII model never prefers
+
+
+class BosTokenizer(ByteTokenizer):
+    """A Llama-3-like tokenizer: BOS first unless told add_bos=False."""
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return ([] if add_bos is False else [BOS]) + super().encode(text)
+
+
+def test_cot_follow_up_has_no_bos_inside(monkeypatch):
+    """Branches cut off by max_tokens without an answer are asked "So the answer is"; that
+    suffix joins the sequence mid-way, so it must not bring a BOS of its own."""
+    lm = dataclasses.replace(ascii_lm(), tokenizer=BosTokenizer())
+    app = create_app(lm, max_rows=8, max_n=8)
+    sched, seen = app.state.scheduler, []
+    submit = sched.submit
+    monkeypatch.setattr(sched, "submit", lambda req, **kw: (seen.append(req), submit(req, **kw))[1])
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={"model": lm.name, "messages": CHAT, "max_tokens": 4,
+                                                    "sampler": "cot", "branches": 3})
+    assert r.status_code == 200, r.text
+    assert seen[0].prompt[0] == BOS and seen[0].n == 3
+    follow_ups = seen[1:]
+    assert follow_ups  # some branch ended without an answer
+    suffix = list(ANSWER_PROMPT.encode())
+    for req in follow_ups:
+        assert req.prompt[-len(suffix):] == suffix
+        assert BOS not in req.prompt[1:], req.prompt
+    asked = [c for c in r.json()["choices"] if "follow_up" in c]
+    assert all(c["follow_up"].startswith(ANSWER_PROMPT) for c in asked)
+    assert r.json()["usage"]["completion_tokens"] > 3 * 4  # the follow-ups count in usage
 
 
 # -- bad requests ---------------------------------------------------------------------------
@@ -251,8 +388,25 @@ def test_bad_requests_get_openai_errors(http, client, model):
     _still_serving(client, model)
 
 
-def test_api_key(lm, model):
-    with ServerThread(create_app(lm, api_key=KEY)) as srv:
+def test_sampler_options_are_checked_against_the_catalogue(http, model):
+    url = "/v1/chat/completions"
+    ok = {"model": model, "messages": CHAT, "max_tokens": 1}
+    err = _error(http.post(url, json={**ok, "branches": 3}), 400, "branches", "invalid_value")
+    assert "cot" in err["message"]
+    _error(http.post(url, json={**ok, "sampler": "greedy", "samples": 3}), 400, "samples", "invalid_value")
+    _error(http.post(url, json={**ok, "sampler": "greedy", "sampler_config": {}}), 400, "sampler_config")
+    _error(http.post(url, json={**ok, "answer_kind": "number"}), 400, "answer_kind", "invalid_value")
+    err = _error(http.post(url, json={**ok, "sampler": "cot", "n": 2}), 400, "n", "invalid_value")
+    assert "branches" in err["message"]
+    _error(http.post(url, json={**ok, "sampler": "cot", "branches": 9}), 400, "branches", "invalid_value")
+    _error(http.post(url, json={**ok, "sampler": "cot"}), 400, "branches", "invalid_value")  # its default 10 > 8
+    _error(http.post(url, json={**ok, "sampler": "entropix", "sampler_config": {"low_ent": -1}}), 400, "sampler",
+           "invalid_sampler")
+    _error(http.post(url, json={**ok, "sampler": "entropix", "temperature": 0}), 400, "sampler", "invalid_sampler")
+
+
+def test_api_key(tiny, model):
+    with ServerThread(create_app(tiny, api_key=KEY)) as srv:
         wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
             wrong.models.list()
@@ -264,7 +418,7 @@ def test_api_key(lm, model):
             _error(http.get("/v1/models", headers={"Authorization": "Basic " + KEY}), 401, None, "invalid_api_key")
             assert http.get("/health").status_code == 200  # probes and the playground page need no key
             assert http.get("/").status_code == 200
-        right = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        right = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in right.models.list().data] == [model]
         _still_serving(right, model)
 
@@ -274,9 +428,9 @@ def test_api_key(lm, model):
 def test_disconnect_stops_generation(server, app, model):
     sched = app.state.scheduler
     before, tokens_before = sched.stats()["cancelled"], sched.stats()["tokens"]
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0,
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    with httpx.Client(base_url=server.url, timeout=300) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             got = 0
@@ -290,22 +444,21 @@ def test_disconnect_stops_generation(server, app, model):
         s = sched.stats()
         if s["cancelled"] > before and s["rows"] == 0:
             break
-        time.sleep(0.1)
+        time.sleep(0.02)
     s = sched.stats()
     assert s["cancelled"] == before + 1 and s["rows"] == 0 and s["running_requests"] == 0
     spent = s["tokens"] - tokens_before
-    assert spent < 500  # it did not run to its 500 tokens
-    time.sleep(0.5)
+    assert spent < 4000  # it did not run to its 4000 tokens
+    time.sleep(0.2)
     assert sched.stats()["tokens"] - tokens_before == spent  # and nothing decodes any more
 
 
-@pytest.mark.slow
 def test_eight_concurrent_streams(server, app, model):
     sched = app.state.scheduler
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
     async def one(i: int):
-        stream = await client.completions.create(model=model, prompt=f"List {i} fruits:", max_tokens=6,
+        stream = await client.completions.create(model=model, prompt=f"List {i} fruits:", max_tokens=100,
                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
         text, finish = "", None
         async for chunk in stream:
@@ -339,9 +492,18 @@ def test_playground_is_served(http):
     assert http.get("/static/style.css").status_code == 200
 
 
+def test_info_lists_the_catalogue(http, tiny):
+    info = http.get("/v1/entropix/info").json()
+    assert info["samplers"] == catalog.names(listed_only=True) == [s["name"] for s in info["sampler_specs"]]
+    cot = next(s for s in info["sampler_specs"] if s["name"] == "cot")
+    assert cot["defaults"]["branches"] == catalog.spec("cot").defaults["branches"] and "aggregate" in cot["options"]
+    assert info["thresholds"] == catalog.default_thresholds(tiny)
+    assert info["context_length"] == 4096 and info["max_n"] == 8
+
+
 def test_serve_command(capsys):
     args = build_parser().parse_args(["serve", "--port", "8123", "--api-key", "k"])
-    assert args.port == 8123 and args.api_key == "k" and args.host == "127.0.0.1"
+    assert args.port == 8123 and args.api_key == "k" and args.host == "127.0.0.1" and args.backend == "torch"
     assert main(["serve", "--port", "0"]) == 2
     assert "entropix: error: --port" in capsys.readouterr().err
 
@@ -350,25 +512,57 @@ def test_stream_is_server_sent_events(http, model):
     r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1, "stream": True,
                                                 "temperature": 0})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = [e for e in r.text.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    assert all(e.startswith("data: ") and json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert all(e["object"] == "chat.completion.chunk" for e in _sse_events(r.text))
 
 
-class _Broken:
-    def __call__(self, logits, metrics, rows):
+@dataclass(frozen=True)
+class _Broken(TokenPolicy):
+    """A policy whose host-side inputs fail: the engine step that samples it raises."""
+
+    def host_inputs(self, rows):
         raise RuntimeError("sampler exploded")
 
 
 def test_sampler_failure_is_an_openai_error(http, client, model, monkeypatch):
-    from entropix import sampling
-
-    monkeypatch.setitem(sampling.SAMPLERS, "broken-test", lambda **kw: _Broken())
+    spec = catalog.SamplerSpec("broken-test", "fails", "single", lambda params, model: _Broken())
+    monkeypatch.setitem(catalog._BY_NAME, "broken-test", spec)
     body = {"model": model, "messages": CHAT, "max_tokens": 2, "sampler": "broken-test"}
     err = _error(http.post("/v1/chat/completions", json=body), 500, None, "generation_failed")
     assert err["type"] == "server_error" and "sampler exploded" in err["message"]
     # once the stream has started, the error travels as an SSE event, then [DONE]
-    events = [e for e in http.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["error"]["code"] == "generation_failed"
+    events = _sse_events(http.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    assert events[-1]["error"]["code"] == "generation_failed"
     _still_serving(client, model)
+
+
+# -- the embedded model, end to end ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded(lm):
+    with ServerThread(create_app(lm, max_rows=16, max_n=8)) as srv:
+        yield srv
+
+
+@pytest.mark.slow
+def test_embedded_model_end_to_end(embedded, lm):
+    """The real tokenizer and chat template: multi-byte tokens in logprobs, stop strings, CoT, votes."""
+    client = openai.OpenAI(base_url=embedded.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    assert client.models.retrieve("default").id == lm.name  # the embedded model's aliases
+    _check_chat_logprobs(client.chat.completions.create(model=lm.name, messages=CHAT, max_tokens=4, temperature=0,
+                                                        logprobs=True, top_logprobs=3))
+    _check_completion_logprobs(client.completions.create(model=lm.name, prompt="One, two, three,", max_tokens=3,
+                                                         temperature=0, logprobs=2))
+    full = client.chat.completions.create(model=lm.name, messages=CHAT, max_tokens=8, temperature=0)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=lm.name, messages=CHAT, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == full.choices[0].message.content
+    with httpx.Client(base_url=embedded.url, timeout=300) as http:
+        r = http.post("/v1/completions", json={"model": lm.name, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
+                                               "sampler": "cot", "branches": 3})
+        assert r.status_code == 200, r.text
+        _check_cot(r.json())
+        r = http.post("/v1/completions", json={"model": lm.name, "prompt": "Q: What is 2 + 3?\nA: The answer is",
+                                               "max_tokens": 3, "sampler": "self-consistency", "samples": 3,
+                                               "seed": 1})
+        assert r.status_code == 200, r.text
+        _check_self_consistency(r.json())

@@ -9,7 +9,10 @@ import re
 
 import pytest
 
-from entropix.tokenizer import StreamingDetokenizer, Tokenizer
+from entropix.io.gguf import read_gguf
+from entropix.io.tokenizer import StreamingDetokenizer, Tokenizer
+
+from tiny import gguf_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,11 +52,10 @@ def gguf_dir(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def meta(gguf_dir):
-    import gguf
-
-    reader = gguf.GGUFReader(os.path.join(gguf_dir, GGUF_NAME))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+def meta(gguf_path):
+    """The tokenizer metadata as the checkpoint reads it (our GGUF reader)."""
+    meta, _, _ = read_gguf(gguf_path)
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,9 @@ def tok(meta):
 
 
 @pytest.fixture(scope="module")
-def hf(gguf_dir):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+def hf(gguf_path):
+    # transformers' own tokenizer of the GGUF, shared with the checkpoint writers (built once)
+    return gguf_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,15 @@ def hf_saved(hf, tmp_path_factory):
 
 # --------------------------------------------------------------------------------------
 # GGUF metadata
+
+
+@pytest.mark.slow  # the gguf package's reader takes ~2 s over a 49k vocabulary
+def test_our_gguf_reader_matches_the_gguf_package(gguf_dir, meta):
+    import gguf
+
+    reader = gguf.GGUFReader(os.path.join(gguf_dir, GGUF_NAME))
+    theirs = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    assert meta == theirs
 
 
 def test_gguf_fields(tok, meta):
@@ -348,7 +358,7 @@ def test_from_tiktoken_matches_reference_bpe(tiktoken_file):
 def test_from_tiktoken_matches_tiktoken_package(tiktoken_file):
     import tiktoken
 
-    from entropix.tokenizer import LLAMA3_PATTERN
+    from entropix.io.tokenizer import LLAMA3_PATTERN
 
     tt = Tokenizer.from_tiktoken(tiktoken_file)
     specials = {"<|begin_of_text|>": tt.bos_id, "<|eot_id|>": tt.find_token("<|eot_id|>")}

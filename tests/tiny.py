@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def hf_config(**over) -> dict:
 
 def write_hf_model(folder: Path, gguf_path: Path, seed: int = 0, **over) -> Path:
     """A random LlamaForCausalLM saved by transformers, with the embedded model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**hf_config(**over))
@@ -37,9 +38,16 @@ def write_hf_model(folder: Path, gguf_path: Path, seed: int = 0, **over) -> Path
                 p.normal_(0, 0.08)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tok.save_pretrained(folder)
+    gguf_tokenizer(gguf_path).save_pretrained(folder)
     return folder
+
+
+@lru_cache(maxsize=2)
+def gguf_tokenizer(gguf_path: Path):
+    """transformers' tokenizer of a GGUF file, built once per session (it takes seconds)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
 def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -69,7 +77,7 @@ def write_gguf_from_hf(folder: Path, out: Path, embedded_gguf: Path, qtype: str 
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     # tokenizer: copy the embedded model's
-    from entropix.weights import read_gguf
+    from entropix.io.gguf import read_gguf
 
     meta, _, _ = read_gguf(embedded_gguf)
     w.add_tokenizer_model(meta["tokenizer.ggml.model"])
@@ -111,3 +119,34 @@ def write_gguf_from_hf(folder: Path, out: Path, embedded_gguf: Path, qtype: str 
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def write_safetensors_copy(src: Path, dst: Path, dtype: torch.dtype | None = None, drop: tuple[str, ...] = (),
+                           shards: int = 1) -> Path:
+    """`src`'s weights re-saved with safetensors (cast to `dtype`, without the tensors in
+    `drop`, split over `shards` files with an index when more than one), beside copies of
+    its config and tokenizer files."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items() if k not in drop}
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.json"):
+        if f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    if shards == 1:
+        save_file(sd, str(dst / "model.safetensors"))
+        return dst
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: sd[k] for k in part}, str(dst / file))
+        weight_map.update({k: file for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst

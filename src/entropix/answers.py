@@ -245,7 +245,7 @@ def extract_number(text: str | None, last_number: bool = True) -> str | None:
 # --------------------------------------------------------------------------- options
 
 
-def _option_hit(text: str, options: str = "ABCDE") -> _Hit | None:
+def _option_hit(text: str, options: str = "ABCDE", explicit: bool = False) -> _Hit | None:
     letters = "".join(dict.fromkeys("".join(options).upper()))
     if not letters:
         raise ValueError("options must name at least one letter")
@@ -264,6 +264,8 @@ def _option_hit(text: str, options: str = "ABCDE") -> _Hit | None:
         if text[i].islower() and not re.match(r"[)\]]?\s*(?:$|[.,:;!?*\n])", text[i + 1 :]):
             continue
         return _Hit(text[i].upper(), i, i + 1)
+    if explicit:  # only an answer phrase marks the choice
+        return None
 
     # 2. A marked capital letter: "(B)" or "B)".
     last = None
@@ -314,7 +316,14 @@ def extract_pattern(text: str | None, pattern: str | re.Pattern) -> str | None:
 # --------------------------------------------------------------------------- text
 
 
-def _text_hit(text: str) -> _Hit | None:
+def _text_hit(text: str, explicit: bool = False) -> _Hit | None:
+    if explicit:  # the answer is what a marker, box or answer phrase introduces, if anything
+        regions = [r for r in (_marker_region(text), _boxed_region(text)) if r is not None]
+        for a, b in itertools.chain(regions, _phrase_regions(text)):
+            hit = _text_hit(text[a:b])
+            if hit is not None:
+                return _Hit(hit.value, a + hit.start, a + hit.end)
+        return None
     end = len(text)
     for line in reversed(text.splitlines(keepends=True)):
         start = end - len(line)
@@ -346,7 +355,7 @@ def _runs(text: str, start: int, end: int) -> list[tuple[list[str], int, int]]:
     return out
 
 
-def _list_hit(text: str, length: int | None = None) -> _Hit | None:
+def _list_hit(text: str, length: int | None = None, explicit: bool = False) -> _Hit | None:
     def pick(runs, first):
         if length is not None:
             fit = [r for r in runs if len(r[0]) == length]
@@ -362,6 +371,8 @@ def _list_hit(text: str, length: int | None = None) -> _Hit | None:
         run = pick(_runs(text, *region), first=True)
         if run:
             return _Hit(",".join(run[0]), run[1], run[2])
+    if explicit:
+        return None
     run = pick(_runs(text, 0, len(text)), first=False)
     return _Hit(",".join(run[0]), run[1], run[2]) if run else None
 
@@ -379,7 +390,7 @@ def extract_list(text: str | None, length: int | None = None) -> str | None:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _hit(text: str, kind: str, pattern: str | None) -> _Hit | None:
+def _hit(text: str, kind: str, pattern: str | None, explicit: bool = False) -> _Hit | None:
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; known kinds: {', '.join(KINDS)}")
     if pattern is not None:
@@ -391,28 +402,33 @@ def _hit(text: str, kind: str, pattern: str | None) -> _Hit | None:
             return None
         return _Hit(inner.value, outer.start + inner.start, outer.start + inner.end)
     if kind == "number":
-        return _number_hit(text)
+        return _number_hit(text, last_number=not explicit)
     if kind == "option":
-        return _option_hit(text)
+        return _option_hit(text, explicit=explicit)
     if kind == "text":
-        return _text_hit(text)
+        return _text_hit(text, explicit)
     if kind == "list":
-        return _list_hit(text)
+        return _list_hit(text, explicit=explicit)
     raise ValueError("answer kind 'pattern' needs a pattern")
 
 
-def extract_answer(text: str | None, kind: str = "number", pattern: str | None = None) -> str | None:
+def extract_answer(text: str | None, kind: str = "number", pattern: str | None = None,
+                   explicit: bool = False) -> str | None:
     """Extract the answer of the given kind ("number", "option", "text", "list", "pattern").
 
     With a pattern, the regex picks the region first and the kind then normalises it.
+    With explicit, the answer must be marked as one ("####", \\boxed, "the answer is"):
+    the last number (option, line, list) of a text cut off mid-reasoning is no answer.
+    A pattern is the caller's own definition of an answer and counts as explicit.
     """
-    hit = _hit(text or "", kind, pattern)
+    hit = _hit(text or "", kind, pattern, explicit)
     return hit.value if hit else None
 
 
-def answer_span(text: str | None, kind: str = "number", pattern: str | None = None) -> tuple[int, int] | None:
+def answer_span(text: str | None, kind: str = "number", pattern: str | None = None,
+                explicit: bool = False) -> tuple[int, int] | None:
     """(start, end) of the occurrence that extract_answer chose, or None."""
-    hit = _hit(text or "", kind, pattern)
+    hit = _hit(text or "", kind, pattern, explicit)
     return (hit.start, hit.end) if hit else None
 
 

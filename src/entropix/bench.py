@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-from .generate import Engine, Request
-from .sampling import make_sampler
-from .weights import LoadedModel
+from .decode.records import Request
+from .decode.strategies import Task, decode, run
+from .loading import LoadedModel
+from .sampler import catalog
+from .sampler.catalog import Decoder
 
 
 def _prompt(lm: LoadedModel, n: int) -> list[int]:
@@ -23,10 +25,10 @@ def _prompt(lm: LoadedModel, n: int) -> list[int]:
     return ids[:n]
 
 
-def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, sampler, seed: int = 0) -> dict[str, float]:
+def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, dec: Decoder, seed: int = 0) -> dict[str, float]:
     """Prefill and decode times of one request in our engine (stop tokens ignored)."""
-    eng = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
-    req = Request(prompt=prompt, sampler=sampler, max_tokens=tokens, seed=seed, stop_ids=frozenset(), top_logprobs=1)
+    eng = lm.engine(dec.capture_layers)
+    req = Request(prompt=prompt, policy=dec.policy, max_tokens=tokens, seed=seed, stop_ids=frozenset(), top_logprobs=1)
     _sync(lm)
     t0 = time.perf_counter()
     eng.add([req])
@@ -40,11 +42,12 @@ def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, sampler, seed: in
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n}
 
 
-def time_runner(lm: LoadedModel, prompt: list[int], tokens: int, sampler, seed: int = 0) -> float:
-    """Wall time of a multi-row decoder (CoT, self-consistency) for the same job."""
+def time_runner(lm: LoadedModel, prompt: list[int], tokens: int, dec: Decoder, seed: int = 0) -> float:
+    """Wall time of a multi-row decoder (CoT, self-consistency) for the same job (no stops, no follow-ups)."""
+    task = Task(prompts=[prompt], max_tokens=[tokens], seeds=[seed], follow_up=False)
     _sync(lm)
     t0 = time.perf_counter()
-    sampler.run(Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,))), prompt, max_tokens=tokens, seed=seed, stream=None, ignore_stop=True)
+    run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, lm.config.max_position_embeddings))
     _sync(lm)
     return time.perf_counter() - t0
 
@@ -89,10 +92,10 @@ def load_transformers(lm: LoadedModel):
 
 
 def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3,
-              samplers: list[str] = (), branches: int = 10, baseline: bool = True) -> dict[str, Any]:
+              samplers: list[str] = (), branches: int | None = None, baseline: bool = True) -> dict[str, Any]:
     prompt = _prompt(lm, prompt_tokens)
-    greedy = make_sampler("greedy")
-    extra = {name: make_sampler(name, lm=lm, branches=branches) for name in samplers}
+    greedy = catalog.resolve("greedy", lm)
+    extra = {name: catalog.resolve(name, lm, branches=branches) for name in samplers}
     hf = load_transformers(lm) if baseline else None
     # warm-up: first calls allocate and pick kernels
     time_ours(lm, prompt, 8, greedy)
@@ -104,7 +107,7 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
         if hf is not None:
             runs["hf"].append(time_transformers(hf, prompt, tokens, lm.model.device))
         for name, s in extra.items():
-            if hasattr(s, "run"):
+            if s.strategy != "single":
                 runs[name].append(time_runner(lm, prompt, tokens, s))
             else:
                 runs[name].append(time_ours(lm, prompt, tokens, s, seed=1))

@@ -7,15 +7,13 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from . import EntropixError, __version__
 
 STATE_COLOURS = {  # ANSI colours per sampler state, shared by every subcommand that streams
-    "greedy": "", "sample": "",
     "flowing": "\033[38;5;250m", "treading": "\033[38;5;214m", "branch": "\033[38;5;45m",
     "resample": "\033[38;5;197m", "adaptive": "\033[38;5;120m", "pause": "\033[38;5;226m",
-    "cot": "", "forced": "\033[38;5;45m",
 }
 RESET = "\033[0m"
 
@@ -29,13 +27,17 @@ def eprint(*a: Any) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file, Hugging Face folder, hub id, or 'default' (the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="torch", help="the array framework that computes (default: torch)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from .sampler import catalog
+
     p.add_argument("--sampler", default=None,
-                   help="greedy, sample, entropix, cot, self-consistency (default: greedy, or sample when --temperature > 0)")
+                   help=f"{', '.join(catalog.names())} (default: greedy, or sample when --temperature > 0)")
     p.add_argument("--temperature", "-t", type=float, default=None, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -46,36 +48,31 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def load(args, quiet: bool = False):
-    from .weights import load_model
+    from .loading import load_model
 
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not quiet)
+    lm = load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device, dtype=args.dtype,
+                    progress=not quiet)
     if not quiet:
-        eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.model.device}, "
-               f"{str(lm.model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t:.1f}s")
+        eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
+               f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
     return lm
 
 
-def sampler_from_args(args, lm=None):
-    from .sampling import check_params, make_sampler
+def decoder_from_args(args, lm=None):
+    """The catalogue's Decoder for the sampling flags (checked before the model loads when lm is None)."""
+    from .sampler import catalog
 
-    check_params(args.temperature, args.top_k, args.top_p, args.min_p)
-    name = args.sampler
-    if name is None:
-        filters = any(v is not None for v in (args.top_k, args.top_p, args.min_p))
-        name = "sample" if (args.temperature or 0) > 0 or (args.temperature is None and filters) else "greedy"
-    if name == "sample" and args.temperature == 0:
-        name = "greedy"
-    if name == "entropix" and getattr(args, "branching", False):
-        name = "entropix-branching"
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    extra = {}
-    for k in ("sampler_config", "branches", "aggregate", "samples"):
-        if getattr(args, k, None) not in (None, False):
-            extra[k] = getattr(args, k)
-    return name, make_sampler(name, lm=lm, **kw, **extra)
+    filters = any(v is not None for v in (args.top_k, args.top_p, args.min_p))
+    name = catalog.variant(args.sampler or catalog.default_name(args.temperature, filters),
+                           branching=getattr(args, "branching", False))
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 sampler_config=args.sampler_config, branches=getattr(args, "branches", None),
+                 aggregate=getattr(args, "aggregate", None), samples=getattr(args, "samples", None))
+    params = catalog.parameters(name, **given)
+    return None if lm is None else catalog.build(name, params, lm)
 
 
 def prompt_ids(lm, text: str, raw: bool, system: str | None = None) -> list[int]:
@@ -89,59 +86,107 @@ def prompt_ids(lm, text: str, raw: bool, system: str | None = None) -> list[int]
 # -- generate -------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    from .generate import Engine, Request, generate
-
     if args.max_tokens < 1:
         raise EntropixError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    decoder_from_args(args)  # bad sampler flags fail before the model loads
     lm = load(args, quiet=args.json)
-    name, sampler = sampler_from_args(args, lm)
+    dec = decoder_from_args(args, lm)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
-    runner = getattr(sampler, "run", None)
-    if runner is not None:  # multi-row decoders (cot, self-consistency) drive the engine themselves
-        engine = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
-        result = runner(engine, ids, max_tokens=args.max_tokens, seed=args.seed, stream=None if args.json else sys.stdout)
-        if args.json:
-            print(json.dumps(result))
-        return 0
-    req = Request(prompt=ids, sampler=sampler, max_tokens=args.max_tokens, seed=args.seed,
+    if dec.strategy != "single":  # multi-row decoders: CoT, self-consistency, branching
+        return _generate_multi(args, lm, dec, ids)
+    from .decode.engine import generate
+    from .decode.records import Request
+
+    req = Request(prompt=ids, policy=dec.policy, max_tokens=args.max_tokens, seed=args.seed,
                   stop_ids=lm.tokenizer.stop_ids, top_logprobs=args.top_logprobs)
-    colour = sys.stdout.isatty() and not args.no_color and name == "entropix"
-    records, text, t0 = [], [], time.perf_counter()
-    for rec in generate(Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,))), [req]):
+    colour = sys.stdout.isatty() and not args.no_color and dec.spec.needs_attention
+    records, t0 = [], time.perf_counter()
+    for rec in generate(lm.engine(dec.capture_layers), [req]):
         records.append(rec)
-        text.append(rec.text)
         if not args.json:
-            c = STATE_COLOURS.get(rec.state, "") if colour else ""
-            sys.stdout.write(f"{c}{rec.text}{RESET if c else ''}")
+            sys.stdout.write(paint(rec.text, rec.state, colour))
             sys.stdout.flush()
     secs = time.perf_counter() - t0
     finish = records[-1].finish_reason if records else "length"
     if args.json:
-        out = {
-            "model": lm.name, "sampler": name, "prompt": args.prompt, "text": "".join(text),
+        print(json.dumps({
+            "model": lm.name, "sampler": dec.name, "prompt": args.prompt, "text": "".join(r.text for r in records),
             "tokens": [r.token for r in records], "finish_reason": finish,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(records),
                       "total_tokens": len(ids) + len(records)},
-            "seconds": round(secs, 3), "records": [r.to_dict() for r in records],
-        }
-        print(json.dumps(out))
+            "seconds": round(secs, 3), "records": [r.to_dict() for r in records]}))
         return 0
     sys.stdout.write("\n")
-    summary = getattr(sampler, "summary", None)
-    if summary is not None:
-        eprint(summary(records, colour=colour))
+    if dec.spec.needs_attention:
+        eprint(strategy_summary(records, dec.policy.states, colour))
     eprint(f"[{len(records)} tokens in {secs:.2f}s, {len(records) / max(secs, 1e-9):.1f} tokens/s, finish: {finish}]")
     return 0
+
+
+def _generate_multi(args, lm, dec, ids: list[int]) -> int:
+    from .decode.strategies import Task, decode, run
+
+    task = Task(prompts=[ids], max_tokens=[args.max_tokens], seeds=[args.seed], stop_ids=lm.tokenizer.stop_ids)
+    on_record = None if args.json else _dot_per_row
+    res = run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, lm.config.max_position_embeddings),
+              on_record)[0]
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print_branches(res, sys.stdout)
+    return 0
+
+
+def _dot_per_row(rec) -> None:
+    if rec.finish_reason:
+        sys.stdout.write(".")
+        sys.stdout.flush()
+
+
+def print_branches(res: dict[str, Any], stream) -> None:
+    stream.write("\n")
+    for b in res["branches"]:
+        mark = "=>" if b["choice"] == res["choice"] else "  "
+        text = " ".join(b["text"].split())
+        if len(text) > 160:
+            text = text[:157] + "..."
+        stream.write(f"{mark} [{b['choice']:>2}] answer={b['answer']!s:<10} confidence={b['confidence']:.3f}  {text}\n")
+    stream.write(f"answer: {res['answer']}\n")
+    stream.flush()
+
+
+def paint(text: str, state: str, colour: bool) -> str:
+    c = STATE_COLOURS.get(state, "") if colour else ""
+    return f"{c}{text}{RESET}" if c else text
+
+
+def strategy_summary(records: Iterable[Any], states: tuple[str, ...], colour: bool = False) -> str:
+    """A legend of the entropix strategies and how often each chose a token."""
+    from .sampler.policy import LEGEND
+
+    counts: dict[str, int] = {}
+    for r in records:
+        st = r.get("state") if isinstance(r, dict) else getattr(r, "state", None)
+        counts[st or "?"] = counts.get(st or "?", 0) + 1
+    total = sum(counts.values())
+    legend = "legend: " + " | ".join(f"{paint(s, s, colour)} = {LEGEND[s]}" for s in states if s in LEGEND)
+    order = [s for s in states if s in counts] + sorted(s for s in counts if s not in states)
+    fired = ", ".join(f"{paint(s, s, colour)} {counts[s]} ({100 * counts[s] / total:.0f}%)" for s in order)
+    return f"{legend}\nstrategies: {fired or 'none'}"
 
 
 # -- chat -----------------------------------------------------------------------
 
 def cmd_chat(args) -> int:
-    from .generate import Engine, Request, generate
+    from .decode.engine import generate
+    from .decode.records import Request
 
+    decoder_from_args(args)
     lm = load(args)
-    name, sampler = sampler_from_args(args, lm)
-    engine = Engine(lm)
+    dec = decoder_from_args(args, lm)
+    if dec.strategy != "single":
+        raise EntropixError(f"chat streams one answer; the {dec.name} sampler decodes several (use generate)")
+    engine = lm.engine(dec.capture_layers)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     eprint("chat with the model; /reset clears the conversation, /quit or Ctrl-D leaves")
     while True:
@@ -150,17 +195,16 @@ def cmd_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if not line.strip():
-            continue
         if line.strip() in ("/quit", "/exit"):
             return 0
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
             continue
+        if not line.strip():
+            continue
         messages.append({"role": "user", "content": line})
-        ids = lm.tokenizer.encode_chat(messages)
-        req = Request(prompt=ids, sampler=sampler, max_tokens=args.max_tokens, seed=args.seed,
-                      stop_ids=lm.tokenizer.stop_ids)
+        req = Request(prompt=lm.tokenizer.encode_chat(messages), policy=dec.policy, max_tokens=args.max_tokens,
+                      seed=args.seed, stop_ids=lm.tokenizer.stop_ids)
         reply = []
         try:
             for rec in generate(engine, [req]):
@@ -177,7 +221,10 @@ def cmd_chat(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
+    from .sampler import catalog
 
+    for name in args.sampler or []:
+        catalog.spec(name)
     lm = load(args, quiet=True)
     result = run_bench(lm, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        samplers=args.sampler or [], branches=args.branches, baseline=not args.no_transformers)
@@ -190,19 +237,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .weights import download
+    from .io.source import download
 
-    path = download(args.id)
-    print(path)
+    print(download(args.id))
     return 0
 
 
 # -- main -----------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="entropix", description="Entropy-guided decoding for Llama-family models.")
-    ap.add_argument("--version", action="version", version=f"entropix {__version__}")
-    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+def _generate_parser(sub) -> None:
+    from .sampler import catalog
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)")
     g.add_argument("prompt")
@@ -213,11 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and per-token records")
     g.add_argument("--top-logprobs", type=int, default=5, help="alternatives recorded per token")
     g.add_argument("--no-color", action="store_true")
-    g.add_argument("--branches", type=int, default=None, help="cot: first-token branches (default 10)")
+    g.add_argument("--branches", type=int, default=None,
+                   help=f"cot: first-token branches (default {catalog.default_of('branches')})")
     g.add_argument("--aggregate", action="store_true", help="cot: choose by summed confidence per answer")
-    g.add_argument("--samples", type=int, default=None, help="self-consistency: number of samples")
+    g.add_argument("--samples", type=int, default=None,
+                   help=f"self-consistency: number of samples (default {catalog.default_of('samples')})")
     g.add_argument("--branching", action="store_true", help="entropix: fork rows where the metrics say 'branch'")
     g.set_defaults(fn=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="entropix", description="Entropy-guided decoding for Llama-family models.")
+    ap.add_argument("--version", action="version", version=f"entropix {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    _generate_parser(sub)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat")
     add_model_args(c)
@@ -231,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--sampler", action="append", help="also time this sampler against greedy (entropix, cot)")
-    b.add_argument("--branches", type=int, default=10)
+    b.add_argument("--branches", type=int, default=None, help="cot: first-token branches (default: the catalogue's)")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
@@ -240,25 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("id", help="hub id, e.g. HuggingFaceTB/SmolLM2-360M-Instruct")
     d.set_defaults(fn=cmd_download)
 
-    for register in _extra_commands():
+    from .evaluate.runner import register_cli as register_eval
+    from .plot import register_cli as register_plot
+    from .sampler.calibrate import register_cli as register_calibrate
+    from .serve.cli import register_cli as register_serve
+
+    for register in (register_calibrate, register_plot, register_serve, register_eval):
         register(sub)
     return ap
-
-
-def _extra_commands():
-    """Subcommands that live beside their concern (serve, eval, plot, calibrate)."""
-    import importlib
-
-    out = []
-    for mod in ("entropix.entropix", "entropix.plot", "entropix.server", "entropix.evaluate.runner"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue  # that part is not built
-            raise
-        out.append(m.register_cli)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
+    # Which model code runs it: HF `model_type` / GGUF `general.architecture`.
+    arch: str = "llama"
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -68,6 +70,7 @@ class ModelConfig:
                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
                 rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+                arch=arch,
             )
         except KeyError as e:
             raise EntropixError(f"config.json lacks the field {e.args[0]!r}") from None
@@ -99,6 +102,7 @@ class ModelConfig:
                 tie_word_embeddings=False,
                 rope_type="default" if scaling in (None, "none", "linear") else str(scaling),
                 rope_factor=float(meta.get(p + "rope.scaling.factor", 1.0)),
+                arch=arch,
             )
         except KeyError as e:
             raise EntropixError(f"GGUF metadata lacks {e.args[0]!r}") from None

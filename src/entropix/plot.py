@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import EntropixError
-from .entropix import STATES, SamplerConfig, load_profile
+from .sampler.config import SamplerConfig, load_profile
+from .sampler.policy import ENTROPIX_STATES as STATES
 
 STATE_COLOURS = {  # matplotlib colours, close to the terminal's
     "flowing": "#8d99ae", "treading": "#f4a261", "pause": "#e9c46a", "branch": "#00b4d8",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from entropix import EntropixError
+from entropix.evaluate.jsonl import json_objects
 from entropix.evaluate.stats import mcnemar_exact, paired_counts, wilson_interval
 
 __all__ = ["ReportError", "load_results", "build_report", "eval_report", "main"]
@@ -38,23 +37,7 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     for path in map(Path, paths):
         if not path.is_file():
             raise ReportError(f"results file not found: {path}")
-        # split("\n") rather than splitlines(): the latter also breaks at U+2028 etc.,
-        # which json.dumps(ensure_ascii=False) leaves raw inside strings.
-        lines = path.read_text(encoding="utf-8").split("\n")
-        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            where = f"{path}:{i + 1}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == last:
-                    warnings.warn(f"{where}: skipping a partially written last line", stacklevel=2)
-                    continue
-                raise ReportError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ReportError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for where, _, row in json_objects(path, ReportError, partial_last=True):
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ReportError(f"{where}: missing field(s) {', '.join(missing)}")

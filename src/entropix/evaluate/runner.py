@@ -1,9 +1,9 @@
 """`entropix eval`: run one sampler over a task's problems, one JSONL row per problem.
 
-Plain samplers (greedy, temperature, min-p, entropix) decode as single-row requests
-through one `Engine`, kept full: finished problems leave and new ones join between
-decode steps. Multi-row decoders (self-consistency, cot, entropix with branching)
-have `run_many` and get whole chunks of prompts at once. Each problem is charged its
+Single-row samplers (greedy, temperature, min-p, entropix) decode as requests through one
+host `Engine`, kept full: finished problems leave and new ones join between decode steps.
+Multi-row strategies (self-consistency, cot, entropix with branching) run through
+`decode.strategies` on whole chunks of prompts at once. Each problem is charged its
 share of the wall time (a step's time split over the rows that took part), so the
 per-problem seconds add up to the run's decoding time.
 """
@@ -22,84 +22,18 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from entropix import EntropixError
+from entropix.sampler import catalog
+from entropix.sampler.catalog import Decoder
 from entropix.evaluate.stats import wilson_interval
 from entropix.evaluate.tasks import KNOWN_TASKS, Problem, format_prompt, is_correct, load_task
 
-__all__ = ["SAMPLER_SPECS", "build_sampler", "load_done", "run_eval", "summarise", "register_cli"]
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """How an eval sampler name maps onto `make_sampler`: factory, defaults, accepted options."""
-
-    factory: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    options: tuple[str, ...] = ()  # parameters the user may set for it
-    help: str = ""
-    requires: tuple[str, ...] = ()  # registered samplers the factory builds on
-
-
-SAMPLER_SPECS: dict[str, SamplerSpec] = {
-    "greedy": SamplerSpec("greedy", help="argmax at every step"),
-    "temperature": SamplerSpec("sample", {"temperature": 0.7}, ("temperature",), "plain sampling, T=0.7"),
-    "min-p": SamplerSpec("sample", {"temperature": 1.0, "min_p": 0.1}, ("temperature", "min_p"), "min_p 0.1 at T=1"),
-    "self-consistency": SamplerSpec("self-consistency", {"samples": 5, "temperature": 0.7}, ("samples", "temperature"),
-                                    "majority vote over k=5 samples at T=0.7"),
-    "cot": SamplerSpec("cot", {"branches": 10, "aggregate": False}, ("branches", "aggregate"),
-                       "CoT decoding, max path over 10 first-token branches"),
-    "cot-agg": SamplerSpec("cot", {"branches": 10, "aggregate": True}, ("branches",),
-                           "CoT decoding, aggregated path"),
-    "entropix": SamplerSpec("entropix", {}, ("sampler_config",), "entropy-guided sampling"),
-    "entropix-branching": SamplerSpec("entropix-branching", {}, ("sampler_config",),
-                                      "entropix with entropy-triggered branching", requires=("entropix",)),
-}
-
-_OPTION_FLAGS = {"temperature": "--temperature", "min_p": "--min-p", "samples": "--samples",
-                 "branches": "--branches", "aggregate": "--aggregate", "sampler_config": "--sampler-config"}
-
-
-def _unknown_sampler(name: str) -> EntropixError:
-    return EntropixError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_SPECS)}")
+__all__ = ["answer_kind", "load_done", "run_eval", "sampler_params", "summarise", "register_cli"]
 
 
 def sampler_params(name: str, **given: Any) -> dict[str, Any]:
-    """The full parameter set for an eval sampler: its defaults overridden by the given (non-None) values."""
-    spec = SAMPLER_SPECS.get(name)
-    if spec is None:
-        raise _unknown_sampler(name)
-    params = dict(spec.defaults)
-    for key, value in given.items():
-        if value is None or value is False:
-            continue
-        if key not in spec.options:
-            raise EntropixError(f"{_OPTION_FLAGS.get(key, key)} does not apply to sampler {name!r}")
-        params[key] = value
-    from entropix.sampling import check_params
-
-    check_params(params.get("temperature"), None, None, params.get("min_p"))
-    if name in ("temperature", "self-consistency") and params.get("temperature") == 0:
-        raise EntropixError(f"sampler {name!r} needs --temperature > 0 (use greedy for 0)")
-    for key in ("samples", "branches"):
-        if key in params and (not isinstance(params[key], int) or params[key] < 1):
-            raise EntropixError(f"{_OPTION_FLAGS[key]} must be at least 1, got {params[key]}")
-    if "sampler_config" in params and not Path(params["sampler_config"]).is_file():
-        raise EntropixError(f"sampler config file not found: {params['sampler_config']}")
-    return params
-
-
-def build_sampler(name: str, lm, params: dict[str, Any]):
-    """The sampler object for an eval sampler name and its parameters (from `sampler_params`)."""
-    from entropix.sampling import SAMPLERS, _load_registered, make_sampler
-
-    spec = SAMPLER_SPECS.get(name)
-    if spec is None:
-        raise _unknown_sampler(name)
-    if spec.factory not in ("greedy", "sample"):
-        _load_registered()
-        for need in (spec.factory, *spec.requires):
-            if need not in SAMPLERS:
-                raise EntropixError(f"sampler {name!r} is not available: no {need!r} decoder is registered")
-    return make_sampler(spec.factory, lm=lm, **params)
+    """The full parameter set for a sampler: its catalogue defaults overridden by the given
+    (non-None) values; a value the sampler does not take is an error here."""
+    return catalog.parameters(name, strict=True, **given)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -129,12 +63,12 @@ def prompt_tokens(lm, problem: Problem, system: str | None = None) -> list[int]:
     return lm.tokenizer.encode_chat(msgs)
 
 
-def decode_plain(lm, sampler, items: Sequence[tuple[int, Problem, list[int]]], *, max_tokens: int, seed: int,
+def decode_plain(lm, dec: Decoder, items: Sequence[tuple[int, Problem, list[int]]], *, max_tokens: int, seed: int,
                  batch_size: int) -> Iterator[Outcome]:
     """Single-row requests through one engine kept up to batch_size rows; yields as problems finish."""
-    from entropix.generate import Engine, Request
+    from entropix.decode.records import Request
 
-    engine = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
+    engine = lm.engine(dec.capture_layers)
     pending = deque(items)
     live: dict[str, dict[str, Any]] = {}
     # Refill in groups, so that prefills are batched rather than one prompt per step.
@@ -146,7 +80,7 @@ def decode_plain(lm, sampler, items: Sequence[tuple[int, Problem, list[int]]], *
             while pending and len(new) < free:
                 index, problem, ids = pending.popleft()
                 rid = f"eval-{index}"
-                new.append(Request(prompt=ids, sampler=sampler, max_tokens=max_tokens,
+                new.append(Request(prompt=ids, policy=dec.policy, max_tokens=max_tokens,
                                    seed=problem_seed(seed, problem.id), stop_ids=lm.tokenizer.stop_ids,
                                    top_logprobs=1, id=rid))
                 live[rid] = {"index": index, "problem": problem, "text": [], "tokens": 0, "seconds": 0.0,
@@ -200,19 +134,6 @@ def answer_kind(problem: Problem) -> tuple[str, str | None]:
     return "number", None
 
 
-def _rows_per_problem(sampler) -> int:
-    """About how many rows a multi-row decoder keeps per prompt (to size its chunks)."""
-    for attr in ("rows_per_prompt", "samples", "branches"):
-        v = getattr(sampler, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    max_rows = getattr(getattr(sampler, "cfg", None), "max_rows", None)
-    if isinstance(max_rows, int) and max_rows > 0:
-        # Entropy-triggered branching forks only now and then: count a quarter of its row cap.
-        return max(1, max_rows // 4)
-    return 1
-
-
 def _compact(value: Any, depth: int = 0) -> Any:
     """Branch records without bulky token lists or per-token records (rows stay readable)."""
     if isinstance(value, dict):
@@ -225,13 +146,13 @@ def _compact(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def decode_multi(lm, sampler, items: Sequence[tuple[int, Problem, list[int]]], *, max_tokens: int, seed: int,
+def decode_multi(lm, dec: Decoder, items: Sequence[tuple[int, Problem, list[int]]], *, max_tokens: int, seed: int,
                  batch_size: int) -> Iterator[Outcome]:
-    """Chunks of prompts through the decoder's run_many; about batch_size rows per chunk."""
-    from entropix.generate import Engine
+    """Chunks of prompts through the decoder's strategy; about batch_size rows per chunk."""
+    from entropix.decode.strategies import Task, decode, run
 
-    engine = Engine(lm, capture_layers=getattr(sampler, "capture_layers", (-1,)))
-    per_call = max(1, batch_size // _rows_per_problem(sampler))
+    engine = lm.engine(dec.capture_layers)
+    per_call = max(1, batch_size // dec.rows_per_prompt)
     i = 0
     while i < len(items):
         kind = answer_kind(items[i][1])
@@ -240,13 +161,12 @@ def decode_multi(lm, sampler, items: Sequence[tuple[int, Problem, list[int]]], *
         while i < len(items) and len(chunk) < per_call and answer_kind(items[i][1]) == kind:
             chunk.append(items[i])
             i += 1
+        task = Task(prompts=[ids for _, _, ids in chunk], max_tokens=[max_tokens] * len(chunk),
+                    seeds=[problem_seed(seed, p.id) for _, p, _ in chunk], stop_ids=lm.tokenizer.stop_ids,
+                    kind=kind[0], pattern=kind[1])
         t0 = time.perf_counter()
-        results = sampler.run_many(engine, [ids for _, _, ids in chunk], max_tokens=max_tokens,
-                                   seed=[problem_seed(seed, p.id) for _, p, _ in chunk], kind=kind[0],
-                                   pattern=kind[1])
+        results = run(engine, decode(dec, task, lm.tokenizer, lm.config.max_position_embeddings))
         dt = time.perf_counter() - t0
-        if len(results) != len(chunk):
-            raise RuntimeError(f"run_many returned {len(results)} results for {len(chunk)} prompts")
         total = sum(int(r.get("tokens_generated", 0)) for r in results)
         for (index, problem, _), res in zip(chunk, results):
             tokens = int(res.get("tokens_generated", 0))
@@ -309,7 +229,7 @@ def summarise(rows: Sequence[dict], task: str, sampler: str) -> dict[str, Any]:
 def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, params: dict[str, Any] | None = None,
              out: str | Path | None = None, seed: int = 0, max_tokens: int = 256, batch_size: int = 16,
              label: str | None = None, system: str | None = None, progress: bool = True,
-             sampler=None) -> dict[str, Any]:
+             decoder: Decoder | None = None) -> dict[str, Any]:
     """Evaluate problems with a sampler; append rows to out as they finish; return the summary.
 
     Problems whose (task, sampler label, id) already have a row in out are skipped, and
@@ -319,6 +239,8 @@ def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, p
         raise EntropixError(f"--max-tokens must be at least 1, got {max_tokens}")
     if batch_size < 1:
         raise EntropixError(f"--batch-size must be at least 1, got {batch_size}")
+    if decoder is not None:  # the rows record what actually decoded
+        params = dict(decoder.params)
     params = sampler_params(sampler_name) if params is None else params
     label = label or sampler_name
     ids = [p.id for p in problems]
@@ -333,8 +255,8 @@ def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, p
             if row.get("task") == task and row.get("sampler") == label:
                 done[str(row["id"])] = row  # the last row for an id wins, as in the report
     todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
-    if sampler is None and todo:
-        sampler = build_sampler(sampler_name, lm, params)
+    if decoder is None and todo:
+        decoder = catalog.build(sampler_name, params, lm)
 
     rows_by_id = {pid: done[pid] for pid in ids if pid in done}
     t_start = time.perf_counter()
@@ -351,9 +273,9 @@ def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, p
     try:
         if todo:
             items = [(i, p, prompt_tokens(lm, p, system)) for i, p in todo]
-            decode = decode_multi if hasattr(sampler, "run_many") else decode_plain
+            decode = decode_plain if decoder.strategy == "single" else decode_multi
             right = sum(bool(r.get("correct")) for r in rows_by_id.values())
-            for oc in decode(lm, sampler, items, max_tokens=max_tokens, seed=seed, batch_size=batch_size):
+            for oc in decode(lm, decoder, items, max_tokens=max_tokens, seed=seed, batch_size=batch_size):
                 extracted, ok = is_correct(oc.problem, oc.output)
                 row = {
                     "id": oc.problem.id, "task": task, "sampler": label, "model": lm.name,
@@ -410,9 +332,7 @@ def _format_summary(s: dict[str, Any]) -> str:
 def cmd_eval(args) -> int:
     from entropix.cli import eprint, load
 
-    if args.sampler not in SAMPLER_SPECS:
-        raise _unknown_sampler(args.sampler)
-    name = "cot-agg" if args.sampler == "cot" and args.aggregate else args.sampler
+    name = catalog.variant(args.sampler, aggregate=args.aggregate)
     params = sampler_params(name, temperature=args.temperature, min_p=args.min_p, samples=args.samples,
                             branches=args.branches, aggregate=None if name == "cot-agg" else args.aggregate,
                             sampler_config=args.sampler_config)
@@ -454,9 +374,9 @@ def register_cli(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a sampler on a task (GSM8K or synthetic), one JSONL row per problem",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Evaluate a sampler on a task.\n\nsamplers:\n" + "\n".join(
-                           f"  {k:<20} {v.help}" for k, v in SAMPLER_SPECS.items()))
+                           f"  {s.name:<20} {s.text}" for s in catalog.SPECS))
     e.add_argument("--task", required=True, help=f"one of: {', '.join(KNOWN_TASKS)}")
-    e.add_argument("--sampler", default="greedy", help=f"one of: {', '.join(SAMPLER_SPECS)} (default greedy)")
+    e.add_argument("--sampler", default="greedy", help=f"one of: {', '.join(catalog.names())} (default greedy)")
     add_model_args(e)
     e.add_argument("--data", default=None, help="gsm8k: JSONL file with question/answer (default: the Hub test split)")
     e.add_argument("--limit", type=int, default=None, help="number of problems (synthetic default 100; gsm8k: all)")
@@ -470,9 +390,11 @@ def register_cli(sub) -> None:
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     g = e.add_argument_group("sampler parameters")
     g.add_argument("--temperature", "-t", type=float, default=None, help="temperature, self-consistency, min-p")
-    g.add_argument("--min-p", type=float, default=None, help="min-p threshold (default 0.1)")
-    g.add_argument("--samples", "-k", type=int, default=None, help="self-consistency samples (default 5)")
-    g.add_argument("--branches", type=int, default=None, help="cot first-token branches (default 10)")
+    g.add_argument("--min-p", type=float, default=None, help=f"min-p threshold (default {catalog.default_of('min_p')})")
+    g.add_argument("--samples", "-k", type=int, default=None,
+                   help=f"self-consistency samples (default {catalog.default_of('samples')})")
+    g.add_argument("--branches", type=int, default=None,
+                   help=f"cot first-token branches (default {catalog.default_of('branches')})")
     g.add_argument("--aggregate", action="store_true", help="cot: aggregated path (same as --sampler cot-agg)")
     g.add_argument("--sampler-config", default=None, help="entropix: JSON profile of sampler settings")
     e.set_defaults(fn=cmd_eval)

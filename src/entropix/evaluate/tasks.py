@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from entropix import EntropixError
+from entropix.evaluate.jsonl import json_objects
 from entropix.answers import (
     answers_equal,
     extract_answer,
@@ -88,20 +88,10 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[Problem]:
     if not path.is_file():
         raise TaskError(f"GSM8K file not found: {path}")
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(problems) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            problems.append(_gsm8k_problem(row, lineno - 1, where))
+    for where, index, row in json_objects(path, TaskError):
+        if limit is not None and len(problems) >= limit:
+            break
+        problems.append(_gsm8k_problem(row, index, where))
     return problems
 
 

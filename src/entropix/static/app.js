@@ -7,22 +7,18 @@ const $ = (id) => document.getElementById(id);
 const STATE_COLOURS = {
   greedy: "#64748b", sample: "#0d9488", flowing: "#2563eb", treading: "#d97706",
   branch: "#7c3aed", resample: "#dc2626", adaptive: "#16a34a", pause: "#ca8a04",
-  cot: "#0891b2", forced: "#db2777",
+  "cot-branch": "#0891b2",
 };
-const SAMPLER_HELP = {
-  greedy: "Always the most likely token.",
-  sample: "Temperature sampling with top-p, top-k and min-p filters.",
-  entropix: "Chooses a strategy per token from the entropy and varentropy of the distribution.",
-  cot: "Branches on the top first tokens, decodes every branch greedily, scores each answer's confidence.",
-  "self-consistency": "Several seeded samples in one batch; the majority answer wins.",
-};
-const MULTI = new Set(["cot", "self-consistency"]);
+// The server's sampler catalogue (/v1/entropix/info): name -> {help, strategy, options, defaults}.
+let SPECS = {};
+const spec = (name) => SPECS[name] || { help: "", strategy: "single", options: [], defaults: {} };
+const isMulti = (name) => ["cot", "self-consistency"].includes(spec(name).strategy);  // scored branches side by side
 
 const ui = {
   mode: "chat",
   messages: [],           // chat history sent with each request
   points: [],             // {h, v, state, el}
-  thresholds: { low_ent: 0.1, med_ent: 3.0, high_ent: 5.0, low_vent: 0.1, high_vent: 5.0 },
+  thresholds: {},          // the model's entropix profile, from /v1/entropix/info
   counts: {},
   controller: null,
   hot: null,              // point highlighted from a hovered token
@@ -69,10 +65,7 @@ async function loadInfo() {
     ui.model = info.model;
     $("model").textContent = info.model;
     if (info.thresholds) ui.thresholds = { ...ui.thresholds, ...info.thresholds };
-    const sel = $("sampler");
-    for (const opt of sel.options) opt.disabled = !info.samplers.includes(opt.value);
-    if (sel.selectedOptions[0] && sel.selectedOptions[0].disabled) sel.value = "greedy";
-    if (info.samplers.includes("entropix") && !localStorage.getItem("entropix.sampler")) sel.value = "entropix";
+    fillSamplers(info.sampler_specs);
     syncFields();
     setStatus("ready");
     drawScatter();
@@ -81,11 +74,26 @@ async function loadInfo() {
   }
 }
 
+function fillSamplers(specs) {
+  SPECS = Object.fromEntries(specs.map((sp) => [sp.name, sp]));
+  const sel = $("sampler");
+  const wanted = localStorage.getItem("entropix.sampler") || (SPECS.entropix ? "entropix" : "greedy");
+  sel.replaceChildren(...specs.map((sp) => new Option(sp.name, sp.name)));
+  sel.value = SPECS[wanted] ? wanted : specs[0].name;
+  for (const k of ["branches", "samples"]) {  // defaults come from the catalogue too
+    const owner = specs.find((sp) => k in sp.defaults);
+    if (owner) $(k).placeholder = `${owner.defaults[k]} (default)`;
+  }
+}
+
 function syncFields() {
-  const s = $("sampler").value;
-  $("sampler-help").textContent = SAMPLER_HELP[s] || "";
-  for (const el of document.querySelectorAll("[data-for]")) {
-    el.classList.toggle("hidden", !el.dataset.for.split(" ").includes(s));
+  const sp = spec($("sampler").value);
+  $("sampler-help").textContent = sp.help ? sp.help[0].toUpperCase() + sp.help.slice(1) + "." : "";
+  for (const el of document.querySelectorAll("[data-option]")) {
+    el.classList.toggle("hidden", !sp.options.includes(el.dataset.option));
+  }
+  for (const el of document.querySelectorAll("[data-strategy]")) {
+    el.classList.toggle("hidden", !el.dataset.strategy.split(" ").includes(sp.strategy));
   }
   for (const el of document.querySelectorAll("[data-mode-only]")) {
     el.classList.toggle("hidden", el.dataset.modeOnly !== ui.mode);
@@ -116,19 +124,17 @@ function num(id, int = false) {
 function buildBody(text) {
   const sampler = $("sampler").value;
   const body = { model: ui.model, stream: true, stream_options: { include_usage: true }, sampler, metrics: true };
+  const sp = spec(sampler);
+  const takes = (k) => sp.options.includes(k);
   const mt = num("max_tokens", true);
   if (mt !== undefined) body.max_tokens = mt;
-  if (sampler !== "greedy" && sampler !== "cot") {
-    for (const k of ["temperature", "top_p", "min_p"]) { const v = num(k); if (v !== undefined) body[k] = v; }
-    for (const k of ["top_k", "seed"]) { const v = num(k, true); if (v !== undefined) body[k] = v; }
-  }
-  if (sampler === "cot") {
-    body.branches = num("branches", true) || 5;
-    if ($("aggregate").checked) body.aggregate = true;
-  }
-  if (sampler === "self-consistency") body.samples = num("samples", true) || 5;
-  if (MULTI.has(sampler)) body.answer_kind = $("answer_kind").value;
-  if (sampler === "entropix" && $("sampler_config").value.trim()) {
+  for (const k of ["temperature", "top_p", "min_p"]) { const v = num(k); if (takes(k) && v !== undefined) body[k] = v; }
+  for (const k of ["top_k", "branches", "samples"]) { const v = num(k, true); if (takes(k) && v !== undefined) body[k] = v; }
+  const seed = num("seed", true);
+  if (takes("temperature") && seed !== undefined) body.seed = seed;  // the seed field shows for sampling samplers
+  if (takes("aggregate") && $("aggregate").checked) body.aggregate = true;
+  if (isMulti(sampler)) body.answer_kind = $("answer_kind").value;
+  if (takes("sampler_config") && $("sampler_config").value.trim()) {
     body.sampler_config = JSON.parse($("sampler_config").value); // a SyntaxError is shown to the user
   }
   if (ui.mode === "chat") {
@@ -297,7 +303,7 @@ async function generate(text) {
     u.append(b);
   }
   const wrap = addMessage("assistant", `${ui.model} · ${body.sampler}`);
-  const out = new Output(wrap, MULTI.has(body.sampler), chat ? null : text);
+  const out = new Output(wrap, isMulti(body.sampler), chat ? null : text);
   const route = chat ? "/v1/chat/completions" : "/v1/completions";
   ui.controller = new AbortController();
   $("send").disabled = true;
@@ -545,8 +551,6 @@ function placeTooltip(ev) {
 function init() {
   const saved = localStorage.getItem("entropix.apikey");
   if (saved) $("apikey").value = saved;
-  const savedSampler = localStorage.getItem("entropix.sampler");
-  if (savedSampler) $("sampler").value = savedSampler;
   const saveKey = () => { localStorage.setItem("entropix.apikey", $("apikey").value.trim()); loadInfo(); };
   $("apikey").addEventListener("change", saveKey);
   $("keyform").addEventListener("submit", (ev) => { ev.preventDefault(); saveKey(); });

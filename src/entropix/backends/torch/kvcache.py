@@ -48,9 +48,24 @@ class KVCache:
         self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
         self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
 
+    def attention_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask [B, 1, T, S] (S = longest row + T) and RoPE positions [B, T] for T new tokens."""
+        starts, lengths = self.device_lengths()
+        S = self.max_length() + T
+        dev = self.k.device
+        # Positions count from each row's first valid slot, so padding never shifts RoPE.
+        pos = (lengths - starts)[:, None] + torch.arange(T, device=dev)  # [B, T]
+        q_slot = lengths[:, None] + torch.arange(T, device=dev)  # [B, T]
+        key = torch.arange(S, device=dev)
+        mask = (key[None, None, :] >= starts[:, None, None]) & (key[None, None, :] <= q_slot[:, :, None])
+        # A padding query has no valid key; letting it see its own slot keeps its
+        # softmax finite (a NaN there would reach real rows through 0 * NaN).
+        mask = mask | (key[None, None, :] == q_slot[:, :, None])
+        return mask[:, None], pos.clamp(min=0)
+
     # -- writes ------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, T, D] at each row's next T slots (lengths advance in advance_())."""
+        """Store k, v [B, Hkv, T, D] at each row's next T slots (lengths move on in advance())."""
         T = k.shape[2]
         L0 = self.lengths[0]
         if all(n == L0 for n in self.lengths):
@@ -78,16 +93,13 @@ class KVCache:
         self.starts = [self.starts[r] for r in rows]
         self._dev = None
 
-    def fork(self, row: int, n: int) -> list[int]:
-        """Append n copies of `row`; returns the new row indices."""
-        first = self.batch
-        self.append_rows_from(self, [row] * n)
-        return list(range(first, first + n))
-
     def append_rows_from(self, other: "KVCache", rows: list[int]) -> None:
         """Append copies of other's rows (another cache, or this one) to this cache."""
-        idx = torch.tensor(rows, device=other.k.device, dtype=torch.long)
-        k_new, v_new = other.k.index_select(1, idx), other.v.index_select(1, idx)
+        if rows == list(range(other.batch)):  # all of them, in order: no gather copy
+            k_new, v_new = other.k, other.v
+        else:
+            idx = torch.tensor(rows, device=other.k.device, dtype=torch.long)
+            k_new, v_new = other.k.index_select(1, idx), other.v.index_select(1, idx)
         S = max(self.capacity, other.capacity)
         self.ensure_capacity(S)
         if k_new.shape[3] < S:

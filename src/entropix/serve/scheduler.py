@@ -1,14 +1,14 @@
-"""Continuous batching for the server: one engine, many requests.
+"""Continuous batching for the server: one host engine, many requests.
 
-A background thread owns one `Engine`. Between decode steps it admits waiting
-requests (their prefill joins the running batch), drops cancelled ones, and hands
-every step's `TokenRecord`s to the asyncio side through each job's queue with
-`loop.call_soon_threadsafe` (asyncio queues are not thread-safe). Requests that do
-not fit under `max_rows` wait in FIFO order, so a large one is never starved.
+A background thread owns one `Engine`. Between decode steps it admits waiting requests
+(their prefill joins the running batch), drops cancelled ones, and hands every step's
+`TokenRecord`s to the asyncio side through each job's queue with
+`loop.call_soon_threadsafe` (asyncio queues are not thread-safe). Requests that do not
+fit under `max_rows` wait in FIFO order, so a large one is never starved.
 
-Items a job's queue receives: ``(job, "records", [TokenRecord, ...])`` once per step
-the job took part in, then exactly one ``(job, "done", None)``,
-``(job, "error", message)`` or ``(job, "cancelled", None)``.
+Items a job's queue receives: ``(job, "records", [TokenRecord, ...])`` once per step the
+job took part in, then exactly one ``(job, "done", None)``, ``(job, "error", message)`` or
+``(job, "cancelled", None)``.
 """
 
 from __future__ import annotations
@@ -22,39 +22,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import EntropixError
-from .generate import Engine, Request, TokenRecord
+from .. import EntropixError
+from ..decode.records import Request, TokenRecord
 
 log = logging.getLogger("entropix.scheduler")
 
 
 class SchedulerBusy(EntropixError):
     """The waiting queue is full or the scheduler is stopping: try again later."""
-
-
-class _Guarded:
-    """A request's sampler, run so that its failure fails only that request.
-
-    The engine calls every request's sampler inside one step; an exception there would
-    abort the step for the whole batch. The guard records it and returns placeholder
-    tokens instead; the scheduler drops the request right after the step.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.failure: BaseException | None = None
-
-    def __call__(self, logits, metrics, rows):
-        if self.failure is None:
-            try:
-                return self._inner(logits, metrics, rows)
-            except Exception as e:
-                self.failure = e
-                log.error("sampler of a request failed:\n%s", traceback.format_exc())
-        return logits.argmax(-1), None
-
-    def __getattr__(self, name: str) -> Any:  # needs_attention, state_of, plan_forks, parents, ...
-        return getattr(self._inner, name)
 
 
 @dataclass(eq=False)
@@ -77,36 +52,34 @@ class Job:
         return self.request.id
 
 
-class Scheduler:
-    """Runs one engine in a thread and multiplexes requests onto its batch."""
+_COUNTER = {"done": "completed", "cancelled": "cancelled", "error": "errors"}
 
-    def __init__(self, lm, max_rows: int = 32, capture_layers: tuple[int, ...] = (-1,),
+
+class Scheduler:
+    """Runs one engine in a thread and multiplexes requests onto its batch.
+
+    `lm` is anything with `engine(capture_layers)` returning a fresh host Engine (a LoadedModel).
+    """
+
+    def __init__(self, lm: Any, max_rows: int = 32, capture_layers: tuple[int, ...] = (-1,),
                  max_pending: int = 256) -> None:
         if max_rows < 1:
             raise EntropixError(f"max_rows must be at least 1, got {max_rows}")
-        self.lm = lm
-        self.max_rows = max_rows
-        self.max_pending = max_pending
-        self.capture_layers = capture_layers
-        self.engine = Engine(lm, capture_layers=capture_layers)
+        self.lm, self.max_rows, self.max_pending = lm, max_rows, max_pending
+        self.capture_layers = tuple(capture_layers)
+        self.engine = lm.engine(self.capture_layers)
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._running: dict[str, Job] = {}
         self._to_cancel: list[Job] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._next_id = 0
         # counters for /health, tests and benchmarks
-        self.steps = 0
-        self.tokens = 0
-        self.completed = 0
-        self.cancelled = 0
-        self.errors = 0
-        self.max_batch_rows = 0
+        self.steps = self.tokens = self.completed = self.cancelled = self.errors = self.max_batch_rows = 0
 
-    # -- lifecycle --------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.alive:
             return
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="entropix-scheduler", daemon=True)
@@ -136,18 +109,12 @@ class Scheduler:
                queue: asyncio.Queue | None = None) -> Job:
         """Queue a request; its records arrive on the returned job's queue (call from the event loop)."""
         self.validate(request)
-        loop = loop or asyncio.get_running_loop()
+        job = Job(request, loop or asyncio.get_running_loop(), queue if queue is not None else asyncio.Queue())
         with self._cond:
             if self._stopping:
                 raise SchedulerBusy("the server is shutting down")
             if len(self._pending) >= self.max_pending:
                 raise SchedulerBusy(f"too many requests are waiting ({len(self._pending)}); try again later")
-            if not request.id:
-                self._next_id += 1
-                request.id = f"job-{self._next_id}-{id(request):x}"
-            if not isinstance(request.sampler, _Guarded):
-                request.sampler = _Guarded(request.sampler)
-            job = Job(request, loop, queue if queue is not None else asyncio.Queue())
             self._pending.append(job)
             self._cond.notify_all()
         return job
@@ -179,16 +146,9 @@ class Scheduler:
             job.cancelled = True
 
     def _finish(self, job: Job, kind: str, payload: Any = None) -> None:
-        job.done = True
-        job.finished = time.perf_counter()
-        job.status = {"done": "done", "error": "error", "cancelled": "cancelled"}[kind]
+        job.done, job.finished, job.status = True, time.perf_counter(), kind
         self._running.pop(job.id, None)
-        if kind == "done":
-            self.completed += 1
-        elif kind == "cancelled":
-            self.cancelled += 1
-        else:
-            self.errors += 1
+        setattr(self, _COUNTER[kind], getattr(self, _COUNTER[kind]) + 1)
         self._deliver(job, kind, payload)
 
     def _take_work(self) -> tuple[list[Job], list[Job]] | None:
@@ -208,17 +168,13 @@ class Scheduler:
                     continue
                 if rows + job.request.n > self.max_rows:
                     break  # FIFO: later requests wait behind this one
-                self._pending.popleft()
-                admitted.append(job)
+                admitted.append(self._pending.popleft())
                 rows += job.request.n
             return cancels, admitted
 
     def _run(self) -> None:
         try:
-            while True:
-                work = self._take_work()
-                if work is None:
-                    break
+            while (work := self._take_work()) is not None:
                 cancels, admitted = work
                 for job in cancels:
                     if job.done:
@@ -251,36 +207,28 @@ class Scheduler:
     def _fail(self, job: Job, e: Exception) -> None:
         if not isinstance(e, EntropixError):
             log.error("request %s failed:\n%s", job.id, traceback.format_exc())
-        msg = str(e) if isinstance(e, EntropixError) else f"{type(e).__name__}: {e}"
-        self._finish(job, "error", msg)
+        self._finish(job, "error", str(e) if isinstance(e, EntropixError) else f"{type(e).__name__}: {e}")
 
     def _step(self) -> None:
         try:
             records = self.engine.step()
         except Exception as e:
-            # The batch is in an unknown state: fail its requests and start from a fresh engine.
-            log.error("decode step failed:\n%s", traceback.format_exc())
+            # The batch is in an unknown state: fail its requests and go on with a fresh engine.
             for job in list(self._running.values()):
                 self._fail(job, e)
-            self.engine = Engine(self.lm, capture_layers=self.capture_layers)
+            self.engine = self.lm.engine(self.capture_layers)
             return
         self.steps += 1
         self.tokens += len(records)
         self.max_batch_rows = max(self.max_batch_rows, len(records))
-        for job in list(self._running.values()):  # a sampler failed: drop only its request
-            failure = getattr(job.request.sampler, "failure", None)
-            if failure is not None:
-                self.engine.cancel(job.id)
-                self._finish(job, "error", f"{type(failure).__name__}: {failure}")
         by_job: dict[str, list[TokenRecord]] = {}
         for rec in records:
             by_job.setdefault(rec.request_id, []).append(rec)
         for rid, recs in by_job.items():
             job = self._running.get(rid)
-            if job is None:
-                continue
-            job.tokens += len(recs)
-            self._deliver(job, "records", recs)
+            if job is not None:
+                job.tokens += len(recs)
+                self._deliver(job, "records", recs)
         # A job is done once none of its rows is left in the batch (rows may fork, so count rows).
         live = {row.request.id for row in self.engine.rows}
         for rid in [rid for rid in self._running if rid not in live]:
@@ -293,4 +241,4 @@ class Scheduler:
         for job in waiting:
             if not job.done:
                 self._finish(job, "cancelled")
-        self.engine = Engine(self.lm, capture_layers=self.capture_layers)
+        self.engine = self.lm.engine(self.capture_layers)

@@ -228,6 +228,104 @@ def _walk(node: Any):
             yield from _walk(v)
 
 
+def _gguf_merges(meta: dict, vocab: dict[str, int], types: list[int]) -> list[tuple[str, str]]:
+    """The merge table of a GGUF vocabulary (from its merges, else from the token order)."""
+    raw_merges = meta.get("tokenizer.ggml.merges")
+    if raw_merges:
+        return _parse_merges(raw_merges, vocab)
+    # Older files may omit merges: treat the token order as ranks.
+    ordinary = {t: i for t, i in vocab.items() if types[i] not in _GGUF_PLAIN_TEXT}
+    return _merges_from_ranks(ordinary)
+
+
+def _gguf_pre_tokenizer(pre: str):
+    """(pre-tokenizer, ignore_merges, normalizer) for a GGUF ``tokenizer.ggml.pre`` name."""
+    if pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, _byte_level_pre_tokenizer(None)]), False, None
+    if pre in _LLAMA3_PRE:
+        # ignore_merges as Llama 3's own tokenizer (and llama.cpp) do
+        return _byte_level_pre_tokenizer(LLAMA3_PATTERN), True, None
+    if pre in _QWEN2_PRE:
+        return _byte_level_pre_tokenizer(QWEN2_PATTERN), False, normalizers.NFC()
+    if pre not in ("gpt2", "default"):
+        warnings.warn(f"GGUF pre-tokenizer {pre!r} not known; using GPT-2's split", stacklevel=3)
+    return _byte_level_pre_tokenizer(None), False, None
+
+
+def _json_decode_mode(spec: dict) -> tuple[str, bool]:
+    """How a tokenizer.json's tokens map to bytes ("byte_level", "sentencepiece" or
+    "engine"), and whether decoding drops the leading space SentencePiece writes."""
+    decoder_parts = list(_walk(spec.get("decoder")))
+    decoder_types = {d.get("type") for d in decoder_parts}
+    model = spec.get("model") or {}
+    if "ByteLevel" in decoder_types:
+        return "byte_level", False
+    if not (decoder_types & {"Metaspace", "ByteFallback"} or model.get("byte_fallback")):
+        return "engine", False
+    strip = False
+    for d in decoder_parts:
+        if d.get("type") == "Strip" and d.get("content") == " " and d.get("start", 0) >= 1:
+            strip = True
+        if d.get("type") == "Metaspace" and (
+            d.get("prepend_scheme") in ("first", "always") or d.get("add_prefix_space")
+        ):
+            strip = True
+    return "sentencepiece", strip
+
+
+def _json_token_bytes(engine: tokenizers.Tokenizer, added: dict[int, dict], mode: str) -> list[bytes]:
+    """The raw bytes behind every id of a tokenizer.json vocabulary."""
+    size = engine.get_vocab_size(with_added_tokens=True)
+    if added:
+        size = max(size, max(added) + 1)
+    token_bytes = []
+    for i in range(size):
+        if i in added:
+            # Added tokens are stored as the text they match.
+            token_bytes.append(added[i]["content"].encode("utf-8"))
+            continue
+        tok = engine.id_to_token(i)
+        if tok is None:
+            token_bytes.append(b"")
+        elif mode == "byte_level":
+            token_bytes.append(_byte_level_to_bytes(tok))
+        elif mode == "sentencepiece":
+            token_bytes.append(_sentencepiece_to_bytes(tok))
+        else:
+            token_bytes.append(engine.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return token_bytes
+
+
+def _json_bos_eos(engine: tokenizers.Tokenizer, spec: dict, cfg: dict) -> tuple[int | None, int | None, Any]:
+    """(bos_id, eos_id, add_bos) from tokenizer_config.json, else from the post-processor."""
+
+    def cfg_id(key):
+        name = _token_content(cfg.get(key))
+        return engine.token_to_id(name) if name is not None else None
+
+    # The post-processor says which token (if any) the model's own tokenizer prepends.
+    template_first = None
+    for node in _walk(spec.get("post_processor")):
+        if node.get("type") == "TemplateProcessing":
+            single = node.get("single") or []
+            if single and "SpecialToken" in single[0]:
+                template_first = engine.token_to_id(single[0]["SpecialToken"]["id"])
+            break
+    bos_id = cfg_id("bos_token")
+    if bos_id is None:
+        bos_id = template_first
+    eos_id = cfg_id("eos_token")
+    if eos_id is None:
+        # No config: fall back on the usual end-of-sequence spellings.
+        found = (engine.token_to_id(n) for n in ("</s>", "<|end_of_text|>", "<|endoftext|>"))
+        eos_id = next((i for i in found if i is not None), None)
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:
+        add_bos = bos_id is not None and template_first == bos_id
+    return bos_id, eos_id, add_bos
+
+
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes HTML characters, which would corrupt prompts.
     return json.dumps(
@@ -450,32 +548,9 @@ class Tokenizer:
         vocab: dict[str, int] = {}
         for i, tok in enumerate(tokens):
             vocab.setdefault(tok, i)  # a duplicate spelling keeps its first id
-        raw_merges = meta.get("tokenizer.ggml.merges")
-        if raw_merges:
-            merges = _parse_merges(raw_merges, vocab)
-        else:
-            # Older files may omit merges: treat the token order as ranks.
-            ordinary = {t: i for t, i in vocab.items() if types[i] not in _GGUF_PLAIN_TEXT}
-            merges = _merges_from_ranks(ordinary)
-
-        normalizer = None
-        ignore_merges = False
-        if pre == "smollm":
-            pre_tok = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), _byte_level_pre_tokenizer(None)]
-            )
-        elif pre in _LLAMA3_PRE:
-            pre_tok = _byte_level_pre_tokenizer(LLAMA3_PATTERN)
-            ignore_merges = True  # as Llama 3's own tokenizer (and llama.cpp) do
-        elif pre in _QWEN2_PRE:
-            pre_tok = _byte_level_pre_tokenizer(QWEN2_PATTERN)
-            normalizer = normalizers.NFC()
-        else:
-            if pre not in ("gpt2", "default"):
-                warnings.warn(f"GGUF pre-tokenizer {pre!r} not known; using GPT-2's split", stacklevel=2)
-            pre_tok = _byte_level_pre_tokenizer(None)
+        pre_tok, ignore_merges, normalizer = _gguf_pre_tokenizer(pre)
         engine = _byte_level_engine(
-            vocab, merges, pre_tok, ignore_merges=ignore_merges, normalizer=normalizer
+            vocab, _gguf_merges(meta, vocab, types), pre_tok, ignore_merges=ignore_merges, normalizer=normalizer
         )
 
         # Control and user-defined tokens are matched whole in the text (as llama.cpp does);
@@ -521,74 +596,13 @@ class Tokenizer:
         spec = json.loads(path.read_text(encoding="utf-8"))
         cfg = tokenizer_config or {}
 
-        decoder_parts = list(_walk(spec.get("decoder")))
-        decoder_types = {d.get("type") for d in decoder_parts}
-        model = spec.get("model") or {}
-        if "ByteLevel" in decoder_types:
-            mode = "byte_level"
-        elif decoder_types & {"Metaspace", "ByteFallback"} or model.get("byte_fallback"):
-            mode = "sentencepiece"
-        else:
-            mode = "engine"
-        strip = False
-        if mode == "sentencepiece":
-            for d in decoder_parts:
-                if d.get("type") == "Strip" and d.get("content") == " " and d.get("start", 0) >= 1:
-                    strip = True
-                if d.get("type") == "Metaspace" and (
-                    d.get("prepend_scheme") in ("first", "always") or d.get("add_prefix_space")
-                ):
-                    strip = True
-
+        mode, strip = _json_decode_mode(spec)
         added = {int(a["id"]): a for a in spec.get("added_tokens") or []}
-        size = engine.get_vocab_size(with_added_tokens=True)
-        if added:
-            size = max(size, max(added) + 1)
-        token_bytes = []
-        for i in range(size):
-            if i in added:
-                # Added tokens are stored as the text they match.
-                token_bytes.append(added[i]["content"].encode("utf-8"))
-                continue
-            tok = engine.id_to_token(i)
-            if tok is None:
-                token_bytes.append(b"")
-            elif mode == "byte_level":
-                token_bytes.append(_byte_level_to_bytes(tok))
-            elif mode == "sentencepiece":
-                token_bytes.append(_sentencepiece_to_bytes(tok))
-            else:
-                token_bytes.append(engine.decode([i], skip_special_tokens=False).encode("utf-8"))
-        special = [i for i, a in added.items() if a.get("special")]
-
-        def cfg_id(key):
-            name = _token_content(cfg.get(key))
-            return engine.token_to_id(name) if name is not None else None
-
-        # The post-processor says which token (if any) the model's own tokenizer prepends.
-        template_first = None
-        for node in _walk(spec.get("post_processor")):
-            if node.get("type") == "TemplateProcessing":
-                single = node.get("single") or []
-                if single and "SpecialToken" in single[0]:
-                    template_first = engine.token_to_id(single[0]["SpecialToken"]["id"])
-                break
-        bos_id = cfg_id("bos_token")
-        if bos_id is None:
-            bos_id = template_first
-        eos_id = cfg_id("eos_token")
-        if eos_id is None:
-            # No config: fall back on the usual end-of-sequence spellings.
-            found = (engine.token_to_id(n) for n in ("</s>", "<|end_of_text|>", "<|endoftext|>"))
-            eos_id = next((i for i in found if i is not None), None)
-        add_bos = cfg.get("add_bos_token")
-        if add_bos is None:
-            add_bos = bos_id is not None and template_first == bos_id
-
+        bos_id, eos_id, add_bos = _json_bos_eos(engine, spec, cfg)
         return cls(
             engine,
-            token_bytes,
-            special_ids=special,
+            _json_token_bytes(engine, added, mode),
+            special_ids=[i for i, a in added.items() if a.get("special")],
             added_ids=added,
             bos_id=bos_id,
             eos_id=eos_id,

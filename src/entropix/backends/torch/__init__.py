@@ -1,0 +1,1 @@
+"""The PyTorch backend: model, KV cache, sampler ops, loader."""

@@ -1,0 +1,288 @@
+"""The Llama transformer in PyTorch: RMSNorm, RoPE (plain or Llama-3 scaled), GQA, SwiGLU.
+
+Module and parameter names are Hugging Face's (without the "model." prefix), so a
+checkpoint maps onto the model name for name and a tensor-parallel plan can address
+`self_attn.q_proj` or `mlp.down_proj` from outside. The model knows no ranks.
+
+Shapes: B batch rows, T new tokens, S cache slots, H query heads, Hkv key/value heads,
+D head dim, C model dim, F feed-forward dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import ModelConfig
+from .kvcache import KVCache
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies [D/2] in float32, with Llama-3 scaling when the config asks for it."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if freq_factors is not None:  # GGUF stores Llama-3 scaling as per-frequency divisors
+        return (inv / freq_factors.to(torch.float64)).float()
+    if cfg.rope_type == "llama3":
+        old = cfg.rope_original_max_position_embeddings
+        lo_wavelen = old / cfg.rope_low_freq_factor
+        hi_wavelen = old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+        inv = torch.where(wavelen > lo_wavelen, inv / cfg.rope_factor, torch.where(wavelen < hi_wavelen, inv, mid))
+    return inv.float()
+
+
+_MKL = torch.backends.mkl.is_available()
+_COLUMNS = 512  # output columns per product in the chunked path
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster CPU path for wide layers at decode batch sizes.
+
+    For a product of 4 to 12 rows MKL's fp32 GEMM packs the whole weight first, which
+    makes a 10-row decode step through the gate/up and vocabulary projections about twice
+    as slow as reading the weights needs. Products over 512 output columns at a time keep
+    each packed panel in cache and give the same numbers bit for bit (each output is the
+    same dot product). Measured in benchmarks/bench_linear.py.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (_MKL and 4 <= rows <= 12 and self.bias is None and self.out_features >= 4 * self.in_features
+                and x.is_cpu and x.dtype == torch.float32 and type(self.weight.data) is torch.Tensor  # not a DTensor
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):  # out= has no autograd
+            x2 = x.reshape(rows, self.in_features)
+            out = torch.empty(rows, self.out_features, dtype=x.dtype)
+            for i in range(0, self.out_features, _COLUMNS):
+                torch.mm(x2, self.weight[i:i + _COLUMNS].t(), out=out[:, i:i + _COLUMNS])
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+_PACKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """A bias-free CPU fp32 projection whose weight is held in oneDNN's packed layout.
+
+    For the vocabulary projection this costs nothing at one row and saves about a
+    third at 4 to 16 rows (no per-call re-packing of a V x C matrix); a load-time
+    choice for a single CPU, like fusing.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # opaque: not a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; the same maths
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@dataclass
+class HeadStats:
+    """Attention of each row's newest query over its valid keys, reduced per head (one layer)."""
+
+    entropy: torch.Tensor  # [B, H] bits
+    deviation: torch.Tensor  # [B, H] sum over keys of |head's attention - mean head's attention|
+    interaction: torch.Tensor  # [B, H] mean |pre-softmax score| over valid keys
+
+
+def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
+    """Statistics of q [B, H, D] (the newest query) against keys [B, Hkv, S, D], valid [B, S].
+
+    Only this query's scores are formed ([B, H, S] in fp32), never the prompt x cache matrix.
+    """
+    B, H, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    qg = q.view(B, Hkv, H // Hkv, D)  # query head h reads key head h // (H / Hkv)
+    scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * (1.0 / math.sqrt(D))  # [B, H, S]
+    scores = scores.masked_fill(~valid[:, None, :], 0.0)
+    probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
+    entropy = torch.special.entr(probs).sum(-1) * (1.0 / math.log(2))  # entr is 0 where p is 0
+    deviation = (probs - probs.mean(1, keepdim=True)).abs().sum(-1)
+    n_valid = valid.sum(-1, keepdim=True).clamp_min(1).float()  # [B, 1]
+    return HeadStats(entropy, deviation, scores.abs().sum(-1) / n_valid)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, H, Hkv, D = cfg.hidden_size, self.n_heads, self.n_kv, self.head_dim
+        self.q_proj = Linear(C, H * D, bias=False)
+        self.k_proj = Linear(C, Hkv * D, bias=False)
+        self.v_proj = Linear(C, Hkv * D, bias=False)
+        self.o_proj = Linear(H * D, C, bias=False)
+        self.qkv_proj: Linear | None = None  # set by fuse(): one matmul on a single device
+
+    def fuse(self) -> None:
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_proj = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask, capture: bool):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, H + 2Hkv, T, D]
+            qk = qkv[:, :H + Hkv]
+            qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k in one pass
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cache.write(layer, k, v)
+        S = mask.shape[-1]
+        keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, D]
+        # SDPA whether or not statistics are captured: a row's output never depends on its neighbours' needs
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
+        stats = newest_query_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D)), stats
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C, Fd = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(C, Fd, bias=False)
+        self.up_proj = Linear(C, Fd, bias=False)
+        self.down_proj = Linear(Fd, C, bias=False)
+        self.gate_up_proj: Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, mask, capture):
+        h, stats = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, capture)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # an explicit weight skips the random init (on the meta device it would import torch._dynamo)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # RoPE frequencies stay fp32 whatever .to() does to the weights: a plain attribute, not a buffer
+        self.inv_freq = torch.empty(cfg.head_dim // 2)
+
+    def finish_setup(self, rope_freq_factors: torch.Tensor | None = None) -> None:
+        """Tie the output to the embedding if the config says so and compute RoPE's
+        frequencies (in fp32 whatever the weights' dtype): the one place both are set."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(self.config, rope_freq_factors).to(self.embed_tokens.weight.device)
+
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up into one matmul each (single device; tensor parallelism
+        wants them apart)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def pack_output(self) -> bool:
+        """On a CPU in fp32, keep the output projection packed for oneDNN. Tied to the embedding
+        (which lookups still read) that is a copy: vocab x hidden x 4 more bytes (113 MB for
+        the embedded model). The packed weight is in no state_dict and stays on the CPU.
+        False when it does not apply."""
+        w = self.lm_head.weight
+        if not (_PACKED and w.is_cpu and w.dtype == torch.float32):
+            return False
+        self.lm_head = PackedLinear(w)
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.config
+        capacity = (capacity + 255) // 256 * 256
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity, self.device, self.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, capture_layers: tuple[int, ...] = (),
+                last_only: bool = True) -> tuple[torch.Tensor, dict[int, HeadStats]]:
+        """Run T new tokens per row [B, T] after what the cache holds.
+
+        Returns fp32 logits ([B, V] for the last position, or [B, T, V]) and the newest
+        query's attention statistics of `capture_layers` (negative indices count from the end).
+        """
+        B, T = tokens.shape
+        n_layers = len(self.layers)
+        capture = {i % n_layers for i in capture_layers}
+        cache.ensure_capacity(cache.max_length() + T)
+        mask, pos = cache.attention_mask(T)  # [B, 1, T, S], [B, T]
+        if self.inv_freq.device != pos.device:  # the model moved
+            self.inv_freq = self.inv_freq.to(pos.device)
+        ang = pos[..., None].float() * self.inv_freq  # [B, T, D/2]
+        ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B, 1, T, D]
+        cos, sin = ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+
+        x = self.embed_tokens(tokens)  # [B, T, C]
+        stats: dict[int, HeadStats] = {}
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, cos, sin, cache, i, mask, i in capture)
+            if s is not None:
+                stats[i] = s
+        cache.advance(T)
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.norm(x)).float(), stats

@@ -1,0 +1,163 @@
+"""The sampler's device maths in PyTorch: metrics, filters, draws and the policies.
+
+Every function works on a whole group of rows at once with per-row parameters; the
+random draws come from the host (uniforms [B, N]), so a draw is one inverse-CDF search
+per row and candidate, with no generator state on the device. The twins in the other
+backends implement the same functions against the same tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...sampler.policy import ADAPTIVE, BRANCH, FLOWING, PAUSE, TREADING, Entropix, EntropixTable, Sample
+from .model import HeadStats
+
+LN2 = math.log(2.0)
+_U_MAX = 1.0 - 2.0 ** -24  # a float32 uniform that rounds to 1 would pick past the last kept token
+
+
+def logit_metrics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probabilities [B, V], entropy [B], varentropy [B]) in bits, from one log_softmax.
+
+    entropy H = -sum p log2 p; varentropy V = sum p (log2 p + H)^2, the variance of the surprisal,
+    computed as E[(log p)^2] - H^2 in nats and converted per row: every pass over a [B, V]
+    tensor costs (at 10 rows it no longer fits a core's cache), and the cancellation error
+    (about 1e-7 of E[(log p)^2]) is far below any threshold.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    # Any p > 0 in fp32 has log p >= -104: the clamp only makes p = 0 terms exactly 0 (never 0 * inf).
+    lc = logp.clamp_min(-1e4)
+    plogp = p * lc
+    ent = -plogp.sum(-1)  # nats
+    vent = ((plogp * lc).sum(-1) - ent * ent).clamp_min(0.0)
+    return logp, ent / LN2, vent / (LN2 * LN2)
+
+
+def attention_metrics(stats: list[HeadStats], batch: int, device) -> torch.Tensor:
+    """[B, 4] (attn_entropy, attn_entropy_var, agreement, interaction) averaged over layers."""
+    if not stats:
+        return torch.zeros(batch, 4, device=device)
+    per_layer = [torch.stack([s.entropy.mean(-1), s.entropy.var(-1, unbiased=False),
+                              s.deviation.mean(-1), s.interaction.mean(-1)], -1) for s in stats]
+    return torch.stack(per_layer).mean(0)
+
+
+def filter_sorted(vals: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """Log-probabilities [B, K] over candidates sorted most likely first, after temperature,
+    top-k, top-p and min-p (-inf where removed). Parameters are [B] tensors or numbers;
+    top_k <= 0, top_p 1 and min_p 0 switch a filter off."""
+    B, K = vals.shape
+    dev = vals.device
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=dev).clamp_min(1e-6)
+    x = vals.float() / (t[:, None] if t.dim() else t)
+    rank = torch.arange(K, device=dev)[None, :]
+    k = torch.as_tensor(top_k, device=dev)
+    k = k[:, None] if k.dim() else k
+    keep = (k <= 0) | (rank < k)
+    x = x.masked_fill(~keep, float("-inf"))
+    probs = x.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above this candidate: top-p keeps the head
+    p = torch.as_tensor(top_p, dtype=torch.float32, device=dev)
+    m = torch.as_tensor(min_p, dtype=torch.float32, device=dev)
+    keep = keep & ((before < (p[:, None] if p.dim() else p)) | (rank == 0))
+    keep = keep & (probs >= (m[:, None] if m.dim() else m) * probs[:, :1])
+    return x.masked_fill(~keep, float("-inf")).log_softmax(-1)
+
+
+def draw_sorted(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Positions [B, N] drawn from exp(logq) [B, K] with the uniforms u [B, N] (inverse CDF).
+
+    Removed candidates have probability 0, so the cumulative sum is flat over them and no
+    uniform lands there.
+    """
+    cdf = logq.exp().cumsum(-1)  # [B, K]
+    x = u.float().clamp(max=_U_MAX) * cdf[:, -1:]  # [B, N]
+    return (cdf[:, None, :] <= x[:, :, None]).sum(-1).clamp(max=logq.shape[-1] - 1)
+
+
+def sample_tokens(policy: Sample, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Plain sampling: the group shares one SamplingParams."""
+    p = policy.params
+    if p.top_k > 0:  # the k most likely are all the filters can keep: no full sort
+        vals, idx = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1)
+    else:
+        vals, idx = logits.sort(dim=-1, descending=True)
+    logq = filter_sorted(vals, p.temperature, 0, p.top_p, p.min_p)
+    return idx.gather(1, draw_sorted(logq, u[:, :1]))[:, 0]
+
+
+def ranked_tokens(logits: torch.Tensor, ranks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoT: rank r >= 0 takes the r-th most likely token (state 0), rank -1 the argmax
+    (state 1); k > every rank (known on the host, so no device read)."""
+    top = logits.topk(max(k, 1), dim=-1).indices  # [B, k]
+    pick = top.gather(1, ranks.clamp_min(0)[:, None])[:, 0]
+    return pick, (ranks < 0).long()
+
+
+def entropix_plan(table: tuple[torch.Tensor, ...], policy: Entropix, H, V, attn, pause_ok=None):
+    """Per-row state codes and (temperature, top_k, top_p, min_p) from the strategy table.
+
+    Flowing rows get top_k 1, so sampling them is the argmax.
+    """
+    c = policy.config
+    W, lo, hi, is_int, off, code_to_col = table
+    feats = torch.cat([torch.ones_like(H)[:, None], H[:, None], V[:, None], attn.float()], 1)  # [B, 7]
+    flowing = (H < c.low_ent) & (V < c.low_vent)
+    treading = (H >= c.high_ent) & (V < c.med_vent)
+    fork = V >= c.high_vent
+    # priority: flowing, treading (pause when allowed), branch / resample, adaptive
+    code = torch.where(fork, BRANCH + (H >= c.med_ent).long(), torch.full_like(H, ADAPTIVE, dtype=torch.long))
+    tread = TREADING if pause_ok is None else TREADING + pause_ok.long()  # TREADING + 1 == PAUSE
+    code = torch.where(treading, tread, code).masked_fill(flowing, FLOWING)
+    raw = feats @ W  # [B, 20]
+    raw = torch.clamp(torch.where(is_int, (raw + off).floor(), raw), lo, hi)
+    cols = len(EntropixTable.COLUMNS)
+    params = raw.view(-1, 4, cols).gather(2, code_to_col[code].view(-1, 1, 1).expand(-1, 4, 1))[..., 0]
+    return code, params[:, 0], params[:, 1].long(), params[:, 2], params[:, 3]
+
+
+def entropix_score(logq, model_logp, entropy, weight: float) -> torch.Tensor:
+    """Best-of-N score of candidates [B, N]: log-probability under the adapted distribution
+    minus a typicality penalty |surprisal in bits - entropy|, which differs per candidate
+    (the original added one constant to all)."""
+    return logq - weight * (-model_logp / LN2 - entropy[:, None]).abs()
+
+
+def entropix_tokens(table, policy: Entropix, vals, idx, H, V, attn, u, prev=None, ok=None):
+    """The entropix sampler for a group: (tokens [B], codes [B]).
+
+    vals, idx [B, K]: the max_top_k most likely tokens' log-probabilities (most likely
+    first) and ids: every strategy keeps at most that many, so they are all it looks at.
+    prev [B] bool: the previous token is the pause token; ok [B] bool: a pause may be
+    inserted now. None when no row of the group has one (known on the host, so the
+    pause ops are skipped).
+    """
+    c, pid = policy.config, policy.pause_id
+    code, temp, top_k, top_p, min_p = entropix_plan(table, policy, H, V, attn, ok)
+    logp = vals
+    if prev is not None:  # never the pause token twice in a row, whichever strategy
+        vals = vals.masked_fill(prev[:, None] & (idx == pid), float("-inf"))
+        vals, order = vals.sort(dim=-1, descending=True)  # keep "most likely first": top-1 must not be the pause
+        idx, logp = idx.gather(1, order), logp.gather(1, order)
+    logq = filter_sorted(vals, temp, top_k, top_p, min_p)  # [B, K]; flowing rows keep only their argmax
+    cand = draw_sorted(logq, u)  # [B, N] positions in [0, K)
+    pick = cand[:, 0]
+    if cand.shape[1] > 1:
+        score = entropix_score(logq.gather(1, cand), logp.gather(1, cand), H, c.typicality_weight)
+        pick = torch.where(code == ADAPTIVE, cand.gather(1, score.argmax(-1, keepdim=True))[:, 0], pick)
+    tokens = idx.gather(1, pick[:, None])[:, 0]
+    if ok is not None:
+        tokens = tokens.masked_fill(code == PAUSE, pid)
+    return tokens, code
+
+
+def entropix_table_tensors(policy: Entropix, device) -> tuple[torch.Tensor, ...]:
+    t = policy.table()
+    return (torch.tensor(t.weights, dtype=torch.float32, device=device),
+            torch.tensor(t.lower, device=device), torch.tensor(t.upper, device=device),
+            torch.tensor(t.is_int, device=device), torch.tensor(t.offset, device=device),
+            torch.tensor(t.code_to_column, device=device))

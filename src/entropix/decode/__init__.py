@@ -1,0 +1,1 @@
+"""The host side of decoding: engine, records, stops, strategies."""

@@ -1,0 +1,63 @@
+"""What goes into the host engine (Request) and what comes out of it (TokenRecord)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampler.config import BranchingConfig
+from ..sampler.policy import TokenPolicy
+
+_ids = itertools.count()
+
+
+@dataclass
+class TokenRecord:
+    """One generated token of one row, with everything the consumers show or score."""
+
+    request_id: str
+    choice: int  # row number within its request (n > 1, CoT branches, forks)
+    index: int  # position in the generated text
+    token: int
+    text: str  # text released with this token (may be "" mid-character or near a stop string)
+    logprob: float  # under the model's own distribution (temperature 1, unfiltered)
+    top: list[tuple[int, str, float]]  # most likely alternatives: (id, text, logprob)
+    entropy: float
+    varentropy: float
+    margin: float
+    attn: dict[str, float] | None
+    state: str  # the strategy that chose this token
+    finish_reason: str | None = None  # "stop" or "length" on the row's last token
+    parent: tuple[int, int] | None = None  # first record of a fork: (parent choice, index it forked at)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "token": self.token, "text": self.text, "logprob": self.logprob,
+            "top": [{"token": t, "text": s, "logprob": lp} for t, s, lp in self.top],
+            "entropy": self.entropy, "varentropy": self.varentropy, "margin": self.margin,
+            "state": self.state,
+        }
+        if self.attn is not None:
+            d.update(self.attn)
+        if self.finish_reason:
+            d["finish_reason"] = self.finish_reason
+        if self.parent is not None:
+            d["parent"] = list(self.parent)
+        return d
+
+
+@dataclass
+class Request:
+    """One prompt decoded by one policy into n rows (more when branching forks them)."""
+
+    prompt: list[int]
+    policy: TokenPolicy
+    max_tokens: int = 256
+    n: int = 1
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    top_logprobs: int = 5
+    branching: BranchingConfig | None = None  # fork rows where the policy's state is "branch"
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")

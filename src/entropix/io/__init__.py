@@ -1,0 +1,1 @@
+"""Reading model files without an array framework: GGUF, safetensors folders, tokenizers."""

@@ -1,0 +1,55 @@
+"""Loading a model for a backend: `load_model(spec, backend=...)` -> LoadedModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import EntropixError
+from .config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for one backend, with its tokenizer and where it came from."""
+
+    name: str  # what profiles and the server call it
+    config: ModelConfig
+    tokenizer: Any  # entropix.io.tokenizer.Tokenizer
+    source: str  # the file or folder the weights came from
+    backend: str  # "torch", later "jax", "mlx"
+    model: Any  # the backend's model object (torch: backends.torch.model.Transformer)
+    device: str  # e.g. "cpu", "cuda:0"
+    dtype: str  # e.g. "float32", "bfloat16"
+
+    def engine(self, capture_layers: tuple[int, ...] = (-1,)):
+        """A host engine over a fresh backend for this model."""
+        from .backends import create_backend
+        from .decode.engine import Engine
+
+        return Engine(create_backend(self, capture_layers), self.tokenizer, self.config.max_position_embeddings)
+
+
+def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
+               dtype: str | None = "auto", progress: bool = True) -> LoadedModel:
+    """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend."""
+    if backend not in _LOADERS:
+        raise EntropixError(f"unknown backend {backend!r} (known: {', '.join(_LOADERS)})")
+    from .io.source import open_checkpoint
+
+    ckpt = open_checkpoint(spec)
+    model, config, dev, dt = _LOADERS[backend](ckpt, device, dtype, progress)
+    return LoadedModel(name=ckpt.name, config=config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+                       backend=backend, model=model, device=dev, dtype=dt)
+
+
+def _load_torch(ckpt, device, dtype, progress):
+    from .backends.torch.loader import load
+
+    model = load(ckpt, device=device, dtype=dtype, progress=progress)
+    # the model's config: a .bin folder without lm_head is found to be tied only while loading
+    return model, model.config, str(model.device), str(model.dtype).removeprefix("torch.")
+
+
+# backend name -> (checkpoint, device, dtype, progress) -> (model, config, device, dtype names)
+_LOADERS = {"torch": _load_torch}

@@ -1,0 +1,1 @@
+"""Samplers: settings, policies and the catalogue every front end resolves names in."""

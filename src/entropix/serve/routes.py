@@ -1,0 +1,162 @@
+"""The app: OpenAI's routes, the playground and its info route, over one shared scheduler.
+
+`create_app(lm)` builds a FastAPI app whose /v1/chat/completions and /v1/completions
+routes feed one `Scheduler` (continuous batching: concurrent requests decode in the same
+engine steps). Every catalogue sampler is reachable through the extra `sampler` field.
+The routes read everything from `request.app.state.entropix` (an `AppState`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from ..sampler import catalog
+from . import protocol, streaming
+from .errors import install_handlers
+from .run import open_run
+from .scheduler import Scheduler
+from .state import AppState
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+DEFAULT_MAX_BODY = 2 * 1024 * 1024
+
+router = APIRouter()
+
+
+def _state(request: HTTPRequest) -> AppState:
+    return request.app.state.entropix
+
+
+def _authorised(request: HTTPRequest) -> AppState:
+    state = _state(request)
+    state.check_key(request)
+    return state
+
+
+# -- meta routes ----------------------------------------------------------------------------
+
+@router.get("/health")
+async def health(request: HTTPRequest):
+    state = _state(request)  # probes need no key
+    sched = state.scheduler
+    return {"status": "ok" if sched.alive else "stopped", "model": state.lm.name, "scheduler": sched.stats()}
+
+
+def _model_card(state: AppState) -> dict[str, Any]:
+    return {"id": state.lm.name, "object": "model", "created": state.created, "owned_by": "entropix",
+            "context_length": state.max_context}
+
+
+@router.get("/v1/models")
+async def models(request: HTTPRequest):
+    return {"object": "list", "data": [_model_card(_authorised(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: HTTPRequest):
+    state = _authorised(request)
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+@router.get("/v1/entropix/info")
+async def info(request: HTTPRequest):
+    """What the playground needs: samplers, thresholds, limits."""
+    state = _authorised(request)
+    thresholds = await asyncio.to_thread(state.thresholds)  # the first call reads the profile
+    return {"model": state.lm.name, "samplers": catalog.names(listed_only=True),
+            "sampler_specs": catalog.describe(listed_only=True), "thresholds": thresholds,
+            "context_length": state.max_context, "max_n": state.max_n, "version": __version__,
+            "scheduler": state.scheduler.stats()}
+
+
+# -- completions ------------------------------------------------------------------------------
+
+async def _parse(request: HTTPRequest, model_cls):
+    """Key, body, schema, model name and the checks both routes share: (state, params, stop strings)."""
+    state = _authorised(request)
+    p = protocol.parse_body(await protocol.read_json(request, state.max_body), model_cls)
+    state.check_model(p.model)
+    return state, p, protocol.check_common(p)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: HTTPRequest):
+    state, p, stop = await _parse(request, protocol.ChatRequest)
+    protocol.check_chat(p)
+    ids = protocol.chat_prompt(p, state.lm.tokenizer)
+    mt = protocol.chat_budget(p, state.max_context, len(ids), state.default_max_tokens)
+    run = open_run(state, p, [ids], [mt], stop, (p.top_logprobs or 0) if p.logprobs else None)
+    if p.stream:
+        return streaming.sse_response(run, streaming.chat_stream(run, p.include_usage))
+    return await streaming.collect(request, run, lambda: streaming.chat_response(run))
+
+
+@router.post("/v1/completions")
+async def completions(request: HTTPRequest):
+    state, p, stop = await _parse(request, protocol.CompletionRequest)
+    protocol.check_completion(p)
+    prompts, ids = protocol.completion_prompts(p, state.lm.tokenizer)
+    mts = [protocol.budget(state.max_context, len(x), p.max_tokens, protocol.COMPLETION_DEFAULT_TOKENS,
+                           "max_tokens", "prompt") for x in ids]
+    run = open_run(state, p, ids, mts, stop, p.logprobs)
+    echo = [pr if isinstance(pr, str) else state.lm.tokenizer.decode(pr) for pr in prompts] if p.echo else None
+    if p.stream:
+        return streaming.sse_response(run, streaming.completion_stream(run, p.include_usage, echo))
+    return await streaming.collect(request, run, lambda: streaming.completion_response(run, echo))
+
+
+# -- playground ---------------------------------------------------------------------------------
+
+@router.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon():
+    return Response(status_code=204)
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    sched = app.state.scheduler
+    sched.start()
+    try:
+        yield
+    finally:
+        sched.stop()
+
+
+def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int = 16,
+               max_body_bytes: int = DEFAULT_MAX_BODY, default_max_tokens: int = 512,
+               max_context: int | None = None, cors_origins: list[str] | tuple[str, ...] = (),
+               max_pending: int = 256) -> FastAPI:
+    """The FastAPI app serving `lm` (its scheduler thread runs while the app is up)."""
+    sched = Scheduler(lm, max_rows=max_rows, max_pending=max_pending, capture_layers=catalog.default_capture_layers(lm))
+    ctx = min(max_context or sched.engine.max_context, sched.engine.max_context)
+    app = FastAPI(title="entropix", version=__version__, lifespan=_lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages load from a CDN
+    app.state.entropix = AppState(lm, sched, api_key or None, min(max_n, max_rows), max_body_bytes,
+                                  default_max_tokens, ctx)
+    app.state.scheduler = sched
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    install_handlers(app)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
