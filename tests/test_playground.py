@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from browser import close_chromium, launch_chromium
 from entropix.serve import ServerThread, create_app
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 NOTES_SHOT = Path("/work/notes/playground.png")
 
 
@@ -23,13 +21,9 @@ def server(lm):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "install Debian's chromium (make browser) for the playground test"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    p, b = launch_chromium()
+    yield b
+    close_chromium(p, b)
 
 
 def _open(browser, server):

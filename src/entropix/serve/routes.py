@@ -122,6 +122,16 @@ async def index():
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
+# The chat page loads nothing but its own scripts and styles, and talks to this origin only.
+CHAT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@router.get("/chat", include_in_schema=False)
+async def chat_page():
+    return FileResponse(STATIC_DIR / "chat.html", media_type="text/html", headers={"Content-Security-Policy": CHAT_CSP})
+
+
 @router.get("/favicon.ico", include_in_schema=False)
 async def favicon():
     return Response(status_code=204)

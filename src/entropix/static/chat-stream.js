@@ -1,0 +1,89 @@
+// One streamed chat completion read into its choices: text, per-token records, forks, and the
+// strategy's scores (CoT / self-consistency / branching confidences and the chosen choice).
+"use strict";
+
+(function (global) {
+  async function* sseEvents(res) {
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+        if (!data) continue;
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+
+  // A record as the page keeps it: [text, state, entropy, varentropy, p(token)].
+  const compact = (e) => [e.text, e.state, e.entropy, e.varentropy, typeof e.logprob === "number" ? Math.exp(e.logprob) : null];
+
+  class Run {
+    constructor() {
+      this.choices = new Map();  // index -> {index, text, tokens, n, forkedAt, answer, confidence, finish}
+      this.chosen = 0;
+      this.usage = null;
+      this.thresholds = null;
+      this.sampler = null;
+    }
+
+    choice(index) {
+      if (!this.choices.has(index)) {
+        this.choices.set(index, { index, text: "", tokens: [], n: 0, forkedAt: null, answer: undefined,
+          confidence: undefined, finish: null, seen: false });
+      }
+      return this.choices.get(index);
+    }
+
+    add(c) {
+      const ch = this.choice(c.index);
+      const entries = c.entropix || [];
+      // A forked row arrives with its parent's records first: its own first token is the last one.
+      if (!ch.seen && entries.length > 1) ch.forkedAt = entries[entries.length - 1].index;
+      if (entries.length) ch.seen = true;
+      ch.text += (c.delta && c.delta.content) || "";
+      for (const e of entries) ch.tokens.push(compact(e));
+      ch.n += entries.length;
+      if (c.finish_reason) ch.finish = c.finish_reason;
+      if (c.answer !== undefined) ch.answer = c.answer;
+      if (typeof c.confidence === "number") ch.confidence = c.confidence;
+    }
+
+    feed(ev) {
+      if (ev.error) throw new Error(ev.error.message || "the server reported an error");
+      if (ev.entropix_thresholds) this.thresholds = ev.entropix_thresholds;
+      if (ev.entropix_sampler) this.sampler = ev.entropix_sampler;
+      if (ev.usage) this.usage = ev.usage;
+      for (const c of ev.choices || []) this.add(c);
+      if (typeof ev.cot_choice === "number") this.chosen = ev.cot_choice;
+    }
+
+    shown() { return this.choices.get(this.chosen) || this.choice(0); }
+
+    tokenCount() {
+      let n = 0;
+      for (const c of this.choices.values()) n += c.n;
+      return n;
+    }
+  }
+
+  /** Feed every event of a response to `run`, calling onEvent(run) after each one (an abort
+   * throws, and `run` keeps what arrived before it). */
+  async function stream(res, run, onEvent) {
+    for await (const ev of sseEvents(res)) {
+      run.feed(ev);
+      onEvent(run);
+    }
+    return run;
+  }
+
+  global.ChatStream = { stream, Run };
+})(window);
