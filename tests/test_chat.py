@@ -60,7 +60,7 @@ def _send(page, text: str) -> None:
 
 def _shot(page, name: str) -> None:
     path = DOCS / name
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), animations="disabled")
     assert path.stat().st_size > 10_000
 
 
@@ -122,7 +122,7 @@ def _completions(urls) -> int:
 def test_chat_app(browser, server):
     # Playwright's waits evaluate strings, which the page's CSP forbids: bypass it, so that the
     # checks below show the renderer itself safe, without the CSP's second line of defence.
-    page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
     urls, errors, dialogs = [], [], []
     page.on("request", lambda r: urls.append(r.url))
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -209,14 +209,25 @@ def test_chat_app(browser, server):
     assert "".join(toks.all_text_contents()) == XSS
     page.uncheck("#colour")
 
-    # rename conversation 2, add a third and delete it
+    # rename conversation 2; a third one with a system prompt (Shift+Enter is a new line), then deleted
     page.locator(".conv.active .rename").click()
     page.fill(".rename-input", "Stopped story")
     page.press(".rename-input", "Enter")
     page.click("#new-chat")
-    page.fill("#prompt", "md")
-    page.press("#prompt", "Enter")
+    page.fill("#system", "Answer in French.")
+    page.press("#system", "Tab")
+    page.fill("#max-tokens", "4")
+    page.press("#max-tokens", "Tab")
+    page.fill("#prompt", "Bonjour")
+    page.press("#prompt", "Shift+Enter")
+    page.keyboard.type("?")
+    assert page.input_value("#prompt") == "Bonjour\n?"
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.press("#prompt", "Enter")
     _wait(page, "done", 30_000)
+    body = sent.value.post_data_json
+    assert body["messages"] == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour\n?"}]
+    assert body["max_tokens"] == 4 and body["sampler"] == "entropix" and body["stream"] is True
     assert page.locator("#conversations .conv").count() == 3
     page.locator(".conv.active .delete").click()
     page.locator(".conv.active .delete").click()  # "Delete?" confirms

@@ -276,7 +276,10 @@ function startEdit(conv, msg, wrap) {
 
 function stats(meta) {
   const parts = [];
-  if (meta.completion !== undefined) parts.push(`${meta.completion} tokens`);
+  const rows = meta.choices ? meta.choices.length : 1;
+  if (rows > 1 && meta.tokens) {  // the shown branch's tokens, then every branch's
+    parts.push(`${meta.tokens.length} tokens`, `${meta.completion} generated over ${rows} branches`);
+  } else if (meta.completion !== undefined) parts.push(`${meta.completion} tokens`);
   if (meta.seconds) parts.push(`${(meta.completion / Math.max(meta.seconds, 1e-3)).toFixed(1)} tok/s`, `${meta.seconds.toFixed(1)} s`);
   if (meta.prompt !== undefined && meta.prompt !== null) parts.push(`prompt ${meta.prompt}`);
   if (meta.sampler) parts.push(meta.sampler);
