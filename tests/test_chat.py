@@ -118,8 +118,8 @@ def _completions(urls) -> int:
     return sum(u.endswith("/v1/chat/completions") for u in urls)
 
 
-@pytest.mark.slow
-def test_chat_app(browser, server):
+def _open(browser, server) -> tuple:
+    """The page, its key asked once; the requests, page errors and dialogs it records."""
     # Playwright's waits evaluate strings, which the page's CSP forbids: bypass it, so that the
     # checks below show the renderer itself safe, without the CSP's second line of defence.
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
@@ -135,8 +135,11 @@ def test_chat_app(browser, server):
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=10_000)
     assert page.locator("#model").input_value() == "parrot"
     assert "cot" in page.locator("#sampler option").all_inner_texts()  # samplers from the catalogue
+    return page, urls, errors, dialogs
 
-    # conversation 1: a streamed answer rendered as markdown
+
+def _markdown_answer(page) -> None:
+    """Conversation 1: a streamed answer rendered as markdown."""
     page.select_option("#sampler", "greedy")
     _send(page, "md")
     ans = _answers(page).last
@@ -153,14 +156,16 @@ def test_chat_app(browser, server):
     _renderer_checks(page)
     _thinking_checks(page)
 
-    # regenerate with CoT decoding: the thinking block lists its branches and confidences
+
+def _regenerate_with_cot(page, urls) -> None:
+    """Regenerate with CoT decoding: the thinking block lists its branches and confidences."""
     page.select_option("#sampler", "cot")
     page.click("#settings-toggle")
     page.fill("#rows", "4")
     page.press("#rows", "Tab")
     page.click("#settings-toggle")
     before = _completions(urls)
-    ans.locator(".regenerate").click()
+    _answers(page).last.locator(".regenerate").click()
     _wait(page, "done", 30_000)
     assert _completions(urls) == before + 1 and _answers(page).count() == 1
     ans = _answers(page).last
@@ -174,7 +179,9 @@ def test_chat_app(browser, server):
     _shot(page, "chat-dark.png")
     page.emulate_media(color_scheme="light")
 
-    # conversation 2: a long answer, stopped with Esc; then the last message edited and resent
+
+def _stop_then_edit(page) -> None:
+    """Conversation 2: a long answer stopped with Esc, then the last message edited and resent."""
     page.click("#new-chat")
     assert page.locator("#conversations .conv").count() == 2
     page.select_option("#sampler", "greedy")
@@ -209,7 +216,9 @@ def test_chat_app(browser, server):
     assert "".join(toks.all_text_contents()) == XSS
     page.uncheck("#colour")
 
-    # rename conversation 2; a third one with a system prompt (Shift+Enter is a new line), then deleted
+
+def _third_then_delete(page) -> None:
+    """Rename conversation 2; a third one with a system prompt (Shift+Enter is a new line), deleted."""
     page.locator(".conv.active .rename").click()
     page.fill(".rename-input", "Stopped story")
     page.press(".rename-input", "Enter")
@@ -233,7 +242,9 @@ def test_chat_app(browser, server):
     page.locator(".conv.active .delete").click()  # "Delete?" confirms
     assert page.locator("#conversations .conv").count() == 2
 
-    # reload: both conversations are back, with their samplers, and the key is not asked again
+
+def _reload_and_phone(page) -> None:
+    """Reload: both conversations are back, with their samplers; then a phone-sized window."""
     page.reload()
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=10_000)
     assert not page.locator("#keydialog").is_visible()
@@ -248,6 +259,15 @@ def test_chat_app(browser, server):
     page.emulate_media(color_scheme="dark")
     _shot(page, "chat-phone-dark.png")
 
+
+@pytest.mark.slow
+def test_chat_app(browser, server):
+    page, urls, errors, dialogs = _open(browser, server)
+    _markdown_answer(page)
+    _regenerate_with_cot(page, urls)
+    _stop_then_edit(page)
+    _third_then_delete(page)
+    _reload_and_phone(page)
     assert not dialogs and not errors, (dialogs, errors)
     assert urls and all(u.startswith(server.url + "/") for u in urls), [u for u in urls if not u.startswith(server.url)]
     assert not any(u.endswith("/x") for u in urls)  # the <img src=x> of the answer was never loaded

@@ -47,8 +47,9 @@ function askKey(message) {
   return new Promise((resolve) => {
     $("keyform").onsubmit = () => {
       sessionStorage.setItem(KEY_STORE, $("apikey").value.trim());
-      resolve();
+      resolve(true);
     };
+    dlg.oncancel = () => resolve(false);  // Esc: give up on this request
     dlg.showModal();
   });
 }
@@ -59,7 +60,7 @@ async function api(path, opts = {}) {
     const res = await fetch(path, { ...opts, headers: headers() });
     if (res.status !== 401) return res;
     const had = sessionStorage.getItem(KEY_STORE);
-    await askKey(had ? "That key was refused; try again." : "");
+    if (!(await askKey(had ? "That key was refused; try again." : ""))) throw new Error("this server needs an API key");
   }
 }
 
@@ -374,6 +375,7 @@ async function generate(conv) {
 function liveUpdate(run, t0) {
   const live = app.live;
   if (!live) return;
+  if (!live.el.isConnected && current() === live.conv) live.el = $("transcript").lastElementChild;  // re-rendered
   live.msg.content = run.shown().text;
   const n = run.usage ? run.usage.completion_tokens : run.tokenCount();
   setStatus(`streaming… ${n} tokens · ${((n * 1000) / Math.max(performance.now() - t0, 1)).toFixed(1)} tok/s`, "busy");
