@@ -8,15 +8,19 @@ server's OpenAI route; nothing is canned on the way. The server wants an API key
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from browser import close_chromium, launch_chromium
 from entropix.serve import ServerThread, create_app
 from parrot import parrot_lm
+from tinymodel import tiny_lm
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+STATIC = Path(__file__).resolve().parents[1] / "src" / "entropix" / "static"
 KEY = "sesame-test-key"
 MD = ("## Summing a list\n\nUse the built-in **`sum`**:\n\n```python\nprint(sum([1, 2, 3]))\n```\n\n"
       "| input | output |\n| --- | ---: |\n| [1, 2, 3] | 6 |\n\n- it takes any iterable\n- `start` sets the first value\n")
@@ -43,6 +47,24 @@ def browser():
     p, b = launch_chromium()
     yield b
     close_chromium(p, b)
+
+
+def test_chat_page_is_served_with_its_policy():
+    """/chat and its files come from this server; the page names nothing on another origin."""
+    with ServerThread(create_app(tiny_lm(), api_key=KEY)) as srv, httpx.Client(base_url=srv.url) as c:
+        r = c.get("/chat")  # the page itself needs no key: the API routes it calls do
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        refs = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+        assert refs and all(u.startswith("/") and not u.startswith("//") for u in refs), refs
+        for u in refs:
+            if u.startswith("/static/"):
+                assert c.get(u).status_code == 200, u
+        assert c.get("/v1/models").status_code == 401
+    for f in STATIC.glob("chat*"):  # no fetch or import from a full URL in the app's own files
+        assert not re.search(r"""(fetch|import|src|href)\W+["'`]?(https?:)?//""", f.read_text()), f
+    for f in [*STATIC.glob("chat*.js"), STATIC / "markdown.js"]:  # text reaches the page as nodes only
+        assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", f.read_text()), f
 
 
 def _wait(page, status: str, timeout: float = 30_000) -> None:
