@@ -27,7 +27,7 @@
   // Earliest match wins; each rule's content is rendered recursively except code.
   const INLINE = [
     { re: /(`+)([\s\S]*?[^`])\1(?!`)/, make: (m) => node("code", null, m[2].trim() ? m[2].replace(/^ (.*) $/, "$1") : m[2]) },
-    { re: /\*\*(?=\S)([\s\S]*?\S)\*\*/, make: (m) => wrap("strong", m[1]) },
+    { re: /\*\*(?=\S)([\s\S]*?\S)\*\*(?!\*)/, make: (m) => wrap("strong", m[1]) },
     { re: /__(?=\S)([\s\S]*?\S)__(?!\w)/, make: (m) => wrap("strong", m[1]) },
     { re: /\*(?=[^\s*])([^*]*?[^\s*])\*/, make: (m) => wrap("em", m[1]) },
     { re: /(?<!\w)_(?=[^\s_])([^_]*?[^\s_])_(?!\w)/, make: (m) => wrap("em", m[1]) },
@@ -158,7 +158,7 @@
     const el = node(ordered ? "ol" : "ul");
     if (ordered && parseInt(first[2], 10) !== 1) el.start = parseInt(first[2], 10);
     const items = [];
-    let item = null;
+    let item = null, loose = false;
     while (i < ls.length) {
       const m = ls[i].match(ITEM);
       if (m && sameList(ls[i], base, ordered)) {
@@ -171,6 +171,7 @@
       } else if (blank(ls[i]) && i + 1 < ls.length && !blank(ls[i + 1])
                  && (indentOf(ls[i + 1]) > base || sameList(ls[i + 1], base, ordered))) {
         item.push("");
+        loose = true;
         i++;
       } else {
         break;
@@ -179,8 +180,10 @@
     for (const itemLines of items) {
       const li = node("li");
       const inner = blocks(itemLines);
-      const only = inner.childNodes.length === 1 && inner.firstChild.tagName === "P";
-      li.append(...(only ? inner.firstChild.childNodes : inner.childNodes));  // a tight item: no <p>
+      for (const child of [...inner.childNodes]) {  // a tight list's items hold no <p>
+        if (!loose && child.tagName === "P") child.replaceWith(...child.childNodes);
+      }
+      li.append(inner);
       el.append(li);
     }
     return [el, i];
@@ -195,8 +198,10 @@
       if (blank(l)) { i++; continue; }
       if ((m = l.match(FENCE))) {
         const close = new RegExp(`^ {0,3}${m[1][0]}{${m[1].length},}\\s*$`);
+        const indent = new RegExp(`^ {0,${indentOf(l)}}`);  // the fence's own indentation
         const code = [];
-        for (i++; i < ls.length && !close.test(ls[i]); i++) code.push(ls[i]);
+        for (i++; i < ls.length && !close.test(ls[i]); i++) code.push(ls[i].replace(indent, ""));
+        if (i >= ls.length && code.length && !code[code.length - 1]) code.pop();  // still streaming
         i++;  // past the closing fence (or the end, while it streams)
         out.append(codeBlock(m[2], code.join("\n")));
       } else if ((m = l.match(HEADING))) {
