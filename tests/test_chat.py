@@ -220,6 +220,15 @@ def _stop_then_edit(page) -> None:
     assert ans.locator(".body").inner_text().startswith("la la la,")
     assert "stopped" in ans.locator(".stats").inner_text()
     assert int(ans.locator(".stats").inner_text().split(" tokens")[0]) < 1500
+    health = page.evaluate("""async () => {  // the server stopped decoding too: the client went away
+      for (let k = 0; k < 50; k++) {
+        const h = await (await fetch('/health')).json();
+        if (!h.scheduler.running_requests) return h.scheduler;
+        await new Promise(r => setTimeout(r, 100));
+      }
+      return null;
+    }""")
+    assert health and health["cancelled"] >= 1 and health["rows"] == 0, health
 
     page.select_option("#sampler", "entropix")
     page.locator(".msg.user .edit").click()
@@ -277,6 +286,14 @@ def _reload_and_phone(page) -> None:
 
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # readable, no sideways scroll
+    off = "document.getElementById('sidebar').getBoundingClientRect().right <= 0"
+    page.wait_for_function(off, timeout=5_000)  # the sidebar is a drawer, off screen until opened
+    page.click("#menu")
+    page.locator(".conv-title", has_text="Stopped story").click()
+    assert page.locator("#title").inner_text() == "Stopped story"
+    page.wait_for_function(off, timeout=5_000)  # picking a conversation closes it
+    page.click("#menu")
+    page.locator(".conv-title", has_text="md").click()
     _shot(page, "chat-phone-light.png")
     page.emulate_media(color_scheme="dark")
     _shot(page, "chat-phone-dark.png")
