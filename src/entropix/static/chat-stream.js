@@ -38,17 +38,19 @@
     choice(index) {
       if (!this.choices.has(index)) {
         this.choices.set(index, { index, text: "", tokens: [], n: 0, forkedAt: null, answer: undefined,
-          confidence: undefined, finish: null, seen: false });
+          confidence: undefined, finish: null });
       }
       return this.choices.get(index);
     }
 
     add(c) {
+      const announced = this.choices.has(c.index);
       const ch = this.choice(c.index);
       const entries = c.entropix || [];
-      // A forked row arrives with its parent's records first: its own first token is the last one.
-      if (!ch.seen && entries.length > 1) ch.forkedAt = entries[entries.length - 1].index;
-      if (entries.length) ch.seen = true;
+      if (c.delta && c.delta.role) return;  // the opening chunk announces the rows that start together
+      // A row the engine forked was never announced; it arrives with its parent's records first,
+      // so its own first token is the last one.
+      if (!announced && entries.length) ch.forkedAt = entries[entries.length - 1].index;
       ch.text += (c.delta && c.delta.content) || "";
       for (const e of entries) ch.tokens.push(compact(e));
       ch.n += entries.length;
@@ -67,6 +69,18 @@
     }
 
     shown() { return this.choices.get(this.chosen) || this.choice(0); }
+
+    /** What an answer keeps (chat-store.js): the shown choice's records, counts, speed, scores. */
+    meta(seconds, sampler) {
+      const m = { sampler: this.sampler || sampler, tokens: this.shown().tokens, seconds,
+        completion: this.usage ? this.usage.completion_tokens : this.tokenCount(),
+        prompt: this.usage ? this.usage.prompt_tokens : null, thresholds: this.thresholds, chosen: this.chosen };
+      if (this.choices.size > 1) {
+        m.choices = [...this.choices.values()].sort((a, b) => a.index - b.index).map((c) => ({ index: c.index,
+          text: c.text.slice(0, 200), answer: c.answer, confidence: c.confidence, forkedAt: c.forkedAt, n: c.n }));
+      }
+      return m;
+    }
 
     tokenCount() {
       let n = 0;

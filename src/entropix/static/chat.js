@@ -393,17 +393,9 @@ function liveUpdate(run, t0) {
 }
 
 function finishAnswer(conv, msg, run, seconds) {
-  const shown = run.shown();
-  msg.content = shown.text;
-  const meta = msg.meta;
-  delete meta.streaming;
-  Object.assign(meta, { sampler: run.sampler || meta.sampler, tokens: shown.tokens, seconds,
-    completion: run.usage ? run.usage.completion_tokens : run.tokenCount(),
-    prompt: run.usage ? run.usage.prompt_tokens : null, thresholds: run.thresholds, chosen: run.chosen });
-  if (run.choices.size > 1) {
-    meta.choices = [...run.choices.values()].sort((a, b) => a.index - b.index).map((c) => ({
-      index: c.index, text: c.text.slice(0, 200), answer: c.answer, confidence: c.confidence, forkedAt: c.forkedAt, n: c.n }));
-  }
+  msg.content = run.shown().text;
+  delete msg.meta.streaming;
+  Object.assign(msg.meta, run.meta(seconds, msg.meta.sampler));
   conv.updated = Date.now();
   app.live = null;
   app.controller = null;
