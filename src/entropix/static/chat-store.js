@@ -16,22 +16,22 @@
     return { conversations: [], current: null };
   }
 
-  function slim(data) {  // when storage is full: drop the per-token records, oldest conversations first
-    const copy = JSON.parse(JSON.stringify(data));
-    for (const c of copy.conversations.slice().sort((a, b) => a.updated - b.updated)) {
-      for (const m of c.messages) if (m.meta) { delete m.meta.tokens; delete m.meta.choices; }
-    }
-    return copy;
-  }
-
-  /** Save everything; returns false when even the slimmed data does not fit. */
+  /** Save everything; when storage is full, drop the per-token records of the oldest
+   * conversations first (the texts stay). False when even the texts do not fit. */
   function save(data) {
     try {
       localStorage.setItem(KEY, JSON.stringify(data));
       return true;
-    } catch (_) {
-      try { localStorage.setItem(KEY, JSON.stringify(slim(data))); return true; } catch (__) { return false; }
+    } catch (_) { /* full: slim a copy below */ }
+    const copy = JSON.parse(JSON.stringify(data));
+    for (const c of copy.conversations.slice().sort((a, b) => a.updated - b.updated)) {
+      for (const m of c.messages) if (m.meta) { delete m.meta.tokens; delete m.meta.choices; }
+      try {
+        localStorage.setItem(KEY, JSON.stringify(copy));
+        return true;
+      } catch (_) { /* still full */ }
     }
+    return false;
   }
 
   function create(data, defaults) {
