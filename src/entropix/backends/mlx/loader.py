@@ -119,9 +119,21 @@ def _config_from(raw: dict, model) -> ModelConfig:
         intermediate_size=int(text.get("intermediate_size", 0)), num_hidden_layers=len(model.model.layers),
         num_attention_heads=heads, num_key_value_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(getattr(attn, "head_dim", 0) or text.get("head_dim") or int(text["hidden_size"]) // heads),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)), rope_theta=float(text.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)), rope_theta=float(text.get("rope_theta") or _rope_fields(raw).get("rope_theta", 10000.0)),
         max_position_embeddings=int(text.get("max_position_embeddings") or 4096),
         tie_word_embeddings=not hasattr(model, "lm_head"), arch=str(raw.get("model_type", "llama")))
+
+
+def _rope_fields(raw: dict) -> dict:
+    """transformers 5 writes RoPE settings under `rope_parameters`; mlx-lm reads the older
+    top-level `rope_theta` / `rope_scaling` and would fall back to its own default theta."""
+    rope = raw.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    out = {} if "rope_theta" in raw or "rope_theta" not in rope else {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
 
 
 def load_folder(folder: Path, dtype_name: str | None, device):
@@ -140,7 +152,7 @@ def load_folder(folder: Path, dtype_name: str | None, device):
     if arch not in ARCHITECTURES:
         raise EntropixError(f"unsupported architecture {arch!r}: the mlx backend runs {', '.join(ARCHITECTURES)} models")
     try:
-        model, _ = load_model(folder)
+        model, _ = load_model(folder, model_config=_rope_fields(raw))
     except (FileNotFoundError, ValueError) as e:
         raise EntropixError(f"{folder}: mlx-lm cannot load it ({str(e).splitlines()[0]})") from None
     check_structure(model, arch)
