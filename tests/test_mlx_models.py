@@ -96,3 +96,31 @@ def test_unknown_architecture_is_one_clear_error(tmp_path, capsys):
     rc = main(["generate", "hi", "--model", str(tmp_path), "--backend", "mlx"])
     err = capsys.readouterr().err
     assert rc == 2 and "entropix: error:" in err and "gpt2" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, gguf_path):
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("llama") / "tiny-llama", gguf_path)  # Llama-3 RoPE scaling
+
+
+def test_llama3_folder_through_mlx_lm_matches_the_torch_backend(llama_dir):
+    t = load_model(str(llama_dir), backend="torch", device="cpu", dtype="float32", progress=False)
+    m = load_model(str(llama_dir), backend="mlx", device="cpu", dtype="float32", progress=False)
+    prompts = [[1, 5, 9, 200, 3000], [1, 7], [1] + list(range(100, 160))]  # past the 64-position original context
+    bt, bm = create_backend(t), create_backend(m)
+    for b in (bt, bm):
+        b.prefill(prompts, [1, 1, 1], capture=True)
+    np.testing.assert_allclose(np.array(bm.logits), bt.logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(bm.attn), bt.attn.numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_bench_reports_mlx_and_torch_side_by_side(llama_dir, capsys):
+    rc = main(["bench", "--model", str(llama_dir), "--backend", "mlx", "--device", "cpu", "--dtype", "float32",
+               "--json", "--tokens", "4", "--repeats", "1", "--sampler", "entropix"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["backend"] == "mlx"
+    for k in ("mlx_tps", "torch_tps", "mlx_entropix_tps", "torch_entropix_tps"):
+        assert out[k] > 0
+    assert out["mlx_vs_torch"] == pytest.approx(out["mlx_tps"] / out["torch_tps"], rel=0.01)
