@@ -124,3 +124,24 @@ def test_bench_reports_mlx_and_torch_side_by_side(llama_dir, capsys):
     for k in ("mlx_tps", "torch_tps", "mlx_entropix_tps", "torch_entropix_tps"):
         assert out[k] > 0
     assert out["mlx_vs_torch"] == pytest.approx(out["mlx_tps"] / out["torch_tps"], rel=0.01)
+
+
+def test_quantized_mlx_folder_runs(qwen_dir, qwen, tmp_path, capsys):
+    """A 4-bit MLX folder as the mlx-community organisation publishes them (mlx_lm.convert, offline)."""
+    from mlx_lm import convert
+
+    out_dir = tmp_path / "tiny-qwen2-4bit"
+    convert(str(qwen_dir[0]), mlx_path=str(out_dir), quantize=True, q_group_size=32, q_bits=4)
+    capsys.readouterr()
+    q4 = load_model(str(out_dir), backend="mlx", device="cpu", progress=False)
+    assert "QuantizedLinear" in type(q4.model.model.layers[0].self_attn.q_proj).__name__
+    prompts = [[5, 6, 7, 8], [9]]
+    logits = []
+    for m in (qwen, q4):
+        b = create_backend(m)
+        b.prefill(prompts, [1, 1], capture=True)
+        logits.append(np.array(b.logits))
+    for full, quant in zip(*logits):  # 4-bit weights: close to the fp32 model, not equal
+        assert np.corrcoef(full, quant)[0, 1] > 0.9
+    rc = main(["generate", "Hi", "--model", str(out_dir), "--backend", "mlx", "--raw", "--max-tokens", "4", "--json"])
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["tokens"]) == 4

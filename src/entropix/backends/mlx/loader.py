@@ -17,7 +17,7 @@ import numpy as np
 from ... import EntropixError
 from ...config import ModelConfig
 from ...io.checkpoint import Checkpoint, HostTensor
-from .model import check_structure
+from .model import ARCHITECTURES, check_structure
 
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}
@@ -147,8 +147,6 @@ def load_folder(folder: Path, dtype_name: str | None, device):
     except (OSError, ValueError) as e:
         raise EntropixError(f"{folder}: cannot read config.json ({e})") from None
     arch = str(raw.get("model_type", ""))
-    from .model import ARCHITECTURES
-
     if arch not in ARCHITECTURES:
         raise EntropixError(f"unsupported architecture {arch!r}: the mlx backend runs {', '.join(ARCHITECTURES)} models")
     try:
