@@ -50,6 +50,12 @@ def newest_query_stats(q: mx.array, keys: mx.array, valid: mx.array, scale: floa
     return HeadStats(entropy, deviation, mx.abs(scores).sum(-1) / n_valid)
 
 
+def heads(attn) -> tuple[int, int]:
+    """(query heads, key/value heads) under the names the zoo's attention modules use."""
+    H = getattr(attn, "n_heads", None) or attn.num_attention_heads
+    return H, getattr(attn, "n_kv_heads", None) or getattr(attn, "num_kv_heads", None) or H
+
+
 def check_structure(model, arch: str) -> None:
     """A clear error for an mlx-lm model whose blocks this forward cannot run."""
     if arch not in ARCHITECTURES:
@@ -64,7 +70,7 @@ def check_structure(model, arch: str) -> None:
 
 def _attention(attn, x: mx.array, cache: RowCache, layer: int, mask, capture: bool):
     B, T, _ = x.shape
-    H, Hkv = attn.n_heads, attn.n_kv_heads
+    H, Hkv = heads(attn)
     q = attn.q_proj(x).reshape(B, T, H, -1)
     k = attn.k_proj(x).reshape(B, T, Hkv, -1)
     v = attn.v_proj(x).reshape(B, T, Hkv, -1).transpose(0, 2, 1, 3)
