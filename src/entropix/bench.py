@@ -147,8 +147,14 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
     greedy decode and prefill tokens/s of each, alternating, and each sampler on both."""
     from .loading import load_model
 
-    twin = load_model(lm.source, backend="torch", device="cpu" if lm.device == "cpu" else "auto", dtype=lm.dtype,
-                      progress=False)
+    from . import EntropixError
+
+    try:
+        twin = load_model(lm.source, backend="torch", device="cpu" if lm.device == "cpu" else "auto", dtype=lm.dtype,
+                          progress=False)
+    except EntropixError as e:  # e.g. a quantized MLX folder: nothing to compare with
+        raise EntropixError(f"bench --backend {lm.backend} compares with the torch backend, which cannot load "
+                            f"this model ({e})") from None
     twin.name = lm.name  # the same profiles
     prompt = _prompt(lm, prompt_tokens)
     names = ["greedy", *samplers]

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from ... import EntropixError
 from .cache import RowCache
+from .sums import rowsum
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek")
 _LOG2E = 1.0 / math.log(2.0)
@@ -44,10 +45,10 @@ def newest_query_stats(q: mx.array, keys: mx.array, valid: mx.array, scale: floa
     scores = mx.where(ok, scores, 0.0)
     probs = mx.softmax(mx.where(ok, scores, -mx.inf), axis=-1)
     plogp = mx.where(probs > 0, probs * mx.log(mx.maximum(probs, 1e-38)), 0.0)
-    entropy = -plogp.sum(-1) * _LOG2E
-    deviation = mx.abs(probs - probs.mean(1, keepdims=True)).sum(-1)
+    entropy = -rowsum(plogp) * _LOG2E
+    deviation = rowsum(mx.abs(probs - probs.mean(1, keepdims=True)))
     n_valid = mx.maximum(valid.sum(-1, keepdims=True), 1).astype(mx.float32)  # [B, 1]
-    return HeadStats(entropy, deviation, mx.abs(scores).sum(-1) / n_valid)
+    return HeadStats(entropy, deviation, rowsum(mx.abs(scores)) / n_valid)
 
 
 def heads(attn) -> tuple[int, int]:
