@@ -106,3 +106,22 @@ def test_cot_decoding_same_branches_as_torch(pair):
     task = Task(prompts=[list(b"Q: 2+3? A:")], max_tokens=[8], seeds=[0], follow_up=False)
     res = [run(lm.engine(), decode(catalog.resolve("cot", lm, branches=4), task, lm.tokenizer, 512))[0] for lm in (t, m)]
     assert [b["text"] for b in res[0]["branches"]] == [b["text"] for b in res[1]["branches"]]
+
+
+def test_mixed_policies_in_one_batch_same_as_torch(pair):
+    """Rows of different policies share a step: each group's tokens land in its own rows."""
+    t, m = pair
+    cfg = SamplerConfig(model="tiny", low_ent=6.97, low_vent=2.6, med_ent=7.0, high_ent=7.09, med_vent=2.6,
+                        high_vent=2.85)
+    policies = [catalog.resolve("greedy", t).policy, Entropix(cfg, pause_id=-1),
+                catalog.resolve("sample", t, temperature=0.9, top_k=20).policy]
+    got = []
+    for lm in (t, m):
+        eng = lm.engine()
+        eng.add([Request(prompt=list(b"abc" * (i + 1)), policy=p, max_tokens=10, seed=i, n=2 if i == 1 else 1,
+                         stop_ids=frozenset()) for i, p in enumerate(policies)])
+        out = []
+        while eng.active:
+            out.extend(eng.step())
+        got.append([(r.choice, r.index, r.token, r.state) for r in out])
+    assert got[0] == got[1] and len(got[0]) == 40
