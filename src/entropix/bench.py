@@ -145,9 +145,8 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
                       samplers: list[str] = (), branches: int | None = None) -> dict[str, Any]:
     """Another backend (mlx) beside the PyTorch backend on the same weights and dtype, in one run:
     greedy decode and prefill tokens/s of each, alternating, and each sampler on both."""
-    from .loading import load_model
-
     from . import EntropixError
+    from .loading import load_model
 
     try:
         twin = load_model(lm.source, backend="torch", device="cpu" if lm.device == "cpu" else "auto", dtype=lm.dtype,
