@@ -93,6 +93,8 @@ def load_transformers(lm: LoadedModel):
 
 def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3,
               samplers: list[str] = (), branches: int | None = None, baseline: bool = True) -> dict[str, Any]:
+    if lm.backend != "torch":
+        return run_backend_bench(lm, tokens, prompt_tokens, repeats, samplers, branches)
     prompt = _prompt(lm, prompt_tokens)
     greedy = catalog.resolve("greedy", lm)
     extra = {name: catalog.resolve(name, lm, branches=branches) for name in samplers}
@@ -139,8 +141,54 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
     return out
 
 
+def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3,
+                      samplers: list[str] = (), branches: int | None = None) -> dict[str, Any]:
+    """Another backend (mlx) beside the PyTorch backend on the same weights and dtype, in one run:
+    greedy decode and prefill tokens/s of each, alternating, and each sampler on both."""
+    from . import EntropixError
+    from .loading import load_model
+
+    try:
+        twin = load_model(lm.source, backend="torch", device="cpu" if lm.device == "cpu" else "auto", dtype=lm.dtype,
+                          progress=False)
+    except EntropixError as e:  # e.g. a quantized MLX folder: nothing to compare with
+        raise EntropixError(f"bench --backend {lm.backend} compares with the torch backend, which cannot load "
+                            f"this model ({e})") from None
+    twin.name = lm.name  # the same profiles
+    prompt = _prompt(lm, prompt_tokens)
+    names = ["greedy", *samplers]
+    decs = {(m.backend, n): catalog.resolve(n, m, branches=branches) for m in (lm, twin) for n in names}
+    for m in (lm, twin):  # warm-up: first calls allocate, trace and pick kernels
+        time_ours(m, prompt, 8, decs[(m.backend, "greedy")])
+    runs: dict[tuple[str, str], list[Any]] = {k: [] for k in decs}
+    for _ in range(repeats):
+        for (backend, name), dec in decs.items():
+            m = lm if backend == lm.backend else twin
+            runs[(backend, name)].append(time_runner(m, prompt, tokens, dec) if dec.strategy != "single"
+                                         else time_ours(m, prompt, tokens, dec, seed=1))
+    out: dict[str, Any] = {"model": lm.name, "backend": lm.backend, "device": lm.device, "dtype": lm.dtype,
+                           "torch_device": twin.device, "threads": torch.get_num_threads(),
+                           "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats}
+    for (backend, name), rs in runs.items():
+        key = backend if name == "greedy" else f"{backend}_{name}"
+        if isinstance(rs[0], dict):
+            out[f"{key}_tps"] = round(statistics.median((r["tokens"] - 1) / r["decode_s"] for r in rs), 2)
+            if name == "greedy":
+                out[f"{key}_prefill_tps"] = round(statistics.median(len(prompt) / r["prefill_s"] for r in rs), 1)
+        else:
+            out[f"{key}_seconds"] = round(statistics.median(rs), 3)
+    for name in names:
+        key = "" if name == "greedy" else f"_{name}"
+        a, b = (f"{lm.backend}{key}_tps", f"torch{key}_tps") if f"torch{key}_tps" in out else \
+            (f"{lm.backend}{key}_seconds", f"torch{key}_seconds")
+        ratio = out[a] / out[b] if a.endswith("_tps") else out[b] / out[a]
+        out[f"{lm.backend}_vs_torch{key}"] = round(ratio, 3)  # > 1: the other backend is faster
+    return out
+
+
 def _sync(lm: LoadedModel) -> None:
-    _sync_dev(lm.model.device)
+    if lm.backend == "torch":  # the other backends' steps end in a host transfer already
+        _sync_dev(lm.model.device)
 
 
 def _sync_dev(device) -> None:

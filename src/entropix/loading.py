@@ -33,8 +33,12 @@ class LoadedModel:
 def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
                dtype: str | None = "auto", progress: bool = True) -> LoadedModel:
     """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend."""
+    if backend == "mlx":  # reads folders through mlx-lm (more architectures, MLX quantized folders)
+        from .backends.mlx.loader import load as load_mlx
+
+        return load_mlx(spec, device=device, dtype=dtype, progress=progress)
     if backend not in _LOADERS:
-        raise EntropixError(f"unknown backend {backend!r} (known: {', '.join(_LOADERS)})")
+        raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
     from .io.source import open_checkpoint
 
     ckpt = open_checkpoint(spec)
