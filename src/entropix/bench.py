@@ -29,15 +29,15 @@ def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, dec: Decoder, see
     """Prefill and decode times of one request in our engine (stop tokens ignored)."""
     eng = lm.engine(dec.capture_layers)
     req = Request(prompt=prompt, policy=dec.policy, max_tokens=tokens, seed=seed, stop_ids=frozenset(), top_logprobs=1)
-    _sync(lm)
+    _sync(lm, eng)
     t0 = time.perf_counter()
     eng.add([req])
-    _sync(lm)
+    _sync(lm, eng)
     t1 = time.perf_counter()
     n = 0
     while eng.active:
         n += len(eng.step())
-    _sync(lm)
+    _sync(lm, eng)
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n}
 
@@ -139,7 +139,34 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
     return out
 
 
-def _sync(lm: LoadedModel) -> None:
+def run_backend_bench(lm: LoadedModel, reference: LoadedModel, tokens: int = 128, prompt_tokens: int = 64,
+                      repeats: int = 3) -> dict[str, Any]:
+    """Greedy decode tokens/s of a backend (lm) and of the PyTorch backend (reference) on the
+    same model, alternating runs, and their ratio."""
+    prompt = _prompt(lm, prompt_tokens)
+    greedy = catalog.resolve("greedy", lm)
+    for m in (lm, reference):  # warm-up: compilations (jax), kernel choices (torch)
+        time_ours(m, prompt, tokens, greedy)
+    runs: dict[str, list[dict[str, float]]] = {lm.backend: [], "torch": []}
+    for _ in range(repeats):
+        runs[lm.backend].append(time_ours(lm, prompt, tokens, greedy))
+        runs["torch"].append(time_ours(reference, prompt, tokens, greedy))
+    tps = {k: statistics.median((r["tokens"] - 1) / r["decode_s"] for r in rs) for k, rs in runs.items()}
+    pre = {k: statistics.median(len(prompt) / r["prefill_s"] for r in rs) for k, rs in runs.items()}
+    b = lm.backend
+    return {"model": lm.name, "backend": b, "device": lm.device, "dtype": lm.dtype, "threads": torch.get_num_threads(),
+            "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats,
+            f"{b}_tps": round(tps[b], 2), "torch_tps": round(tps["torch"], 2),
+            f"{b}_vs_torch": round(tps[b] / tps["torch"], 3),
+            f"{b}_prefill_tps": round(pre[b], 1), "torch_prefill_tps": round(pre["torch"], 1)}
+
+
+def _sync(lm: LoadedModel, eng=None) -> None:
+    if lm.backend != "torch":  # the backend waits for its own queued work
+        sync = getattr(eng.backend, "synchronize", None) if eng is not None else None
+        if sync is not None:
+            sync()
+        return
     _sync_dev(lm.model.device)
 
 

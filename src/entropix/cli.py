@@ -31,6 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--tp", type=int, default=1, help="--backend jax: tensor-parallel devices (the mesh's tp axis)")
+    p.add_argument("--dp", type=int, default=1, help="--backend jax: data-parallel devices (batch rows)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def load(args, quiet: bool = False):
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
     lm = load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device, dtype=args.dtype,
-                    progress=not quiet)
+                    progress=not quiet, tp=getattr(args, "tp", 1), dp=getattr(args, "dp", 1))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
@@ -226,6 +228,15 @@ def cmd_bench(args) -> int:
     for name in args.sampler or []:
         catalog.spec(name)
     lm = load(args, quiet=True)
+    if lm.backend != "torch":  # this backend against the PyTorch one, on the same model, in one run
+        from .bench import run_backend_bench
+        from .loading import load_model
+
+        ref = load_model(args.model, backend="torch", device="cpu" if lm.device.startswith("cpu") else "auto",
+                         dtype=lm.dtype, progress=False)
+        result = run_backend_bench(lm, ref, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>24}: {v}" for k, v in result.items()))
+        return 0
     result = run_bench(lm, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        samplers=args.sampler or [], branches=args.branches, baseline=not args.no_transformers)
     if args.json:

@@ -124,6 +124,11 @@ class JaxBackend:
     def _capacity(self) -> int:
         return 0 if self.state is None else self.state[0][0][0].shape[1]
 
+    def synchronize(self) -> None:
+        """Wait for the queued device work (benchmarks time it)."""
+        if self.state is not None:
+            jax.block_until_ready(self.state)
+
     # -- sampling -----------------------------------------------------------------------
     def sample(self, groups: Sequence[SampleGroup], top_k: int) -> StepHost:
         _, logits, attn = self.state
@@ -168,10 +173,4 @@ class JaxBackend:
         out = np.zeros((self.padded, n), np.float32)
         out[rows] = u.astype(np.float32)
         return out
-
-
-def synchronize(backend: JaxBackend) -> None:
-    """Wait for the queued device work (for timing)."""
-    if backend.state is not None:
-        jax.block_until_ready(backend.state)
 
