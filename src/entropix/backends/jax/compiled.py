@@ -22,7 +22,7 @@ from jax import monitoring
 
 from . import model as M
 from . import ops
-from .loader import JaxModel
+from .loader import JaxModel  # noqa: F401 (the type functions() takes)
 from .sharding import cache_sharding, replicated, row_bucket, rows_sharding
 
 __all__ = ["functions", "compilations", "row_bucket", "ops"]
@@ -56,17 +56,19 @@ class Functions:
     replicated: Any
 
 
+_FUNCTIONS: dict[tuple, Functions] = {}
+
+
 def functions(model: JaxModel) -> Functions:
-    """The model's jitted functions (cached on the model)."""
-    fns = getattr(model, "_functions", None)
-    if fns is None:
-        fns = _build(model)
-        model._functions = fns
-    return fns
+    """The jitted functions for a model's config and mesh: models that share both (a
+    reload, the same weights in another file) share the compilations too."""
+    key = (model.config, model.mesh)
+    if key not in _FUNCTIONS:
+        _FUNCTIONS[key] = _build(model.config, model.mesh)
+    return _FUNCTIONS[key]
 
 
-def _build(model: JaxModel) -> Functions:
-    cfg, mesh = model.config, model.mesh
+def _build(cfg, mesh) -> Functions:
     rows, rep = rows_sharding(mesh), replicated(mesh)
     cache_sh = cache_sharding(mesh, cfg.num_key_value_heads)
     state_sh = (cache_sh, rows, rows)  # (cache, logits, attn): a pytree prefix
