@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean browser
+.PHONY: install demo test test-fast bench bench-jax clean browser
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/entropix bench --json
+
+# the JAX backend against the PyTorch one (jax[cpu] comes with the dev extra)
+bench-jax: install
+	$(BIN)/entropix bench --backend jax --json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

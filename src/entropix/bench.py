@@ -145,8 +145,12 @@ def run_backend_bench(lm: LoadedModel, reference: LoadedModel, tokens: int = 128
     same model, alternating runs, and their ratio."""
     prompt = _prompt(lm, prompt_tokens)
     greedy = catalog.resolve("greedy", lm)
-    for m in (lm, reference):  # warm-up: compilations (jax), kernel choices (torch)
-        time_ours(m, prompt, tokens, greedy)
+    counter = _compile_counter(lm)
+    c0 = counter()
+    time_ours(lm, prompt, tokens, greedy)  # warm-up: compilations (jax), kernel choices (torch)
+    first_run = counter() - c0
+    time_ours(reference, prompt, tokens, greedy)
+    c1 = counter()
     runs: dict[str, list[dict[str, float]]] = {lm.backend: [], "torch": []}
     for _ in range(repeats):
         runs[lm.backend].append(time_ours(lm, prompt, tokens, greedy))
@@ -158,7 +162,17 @@ def run_backend_bench(lm: LoadedModel, reference: LoadedModel, tokens: int = 128
             "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats,
             f"{b}_tps": round(tps[b], 2), "torch_tps": round(tps["torch"], 2),
             f"{b}_vs_torch": round(tps[b] / tps["torch"], 3),
-            f"{b}_prefill_tps": round(pre[b], 1), "torch_prefill_tps": round(pre["torch"], 1)}
+            f"{b}_prefill_tps": round(pre[b], 1), "torch_prefill_tps": round(pre["torch"], 1),
+            "compilations_first_run": first_run, "compilations_timed_runs": counter() - c1}
+
+
+def _compile_counter(lm: LoadedModel):
+    """A function returning the backend's compilations so far (0 for eager backends)."""
+    if lm.backend == "jax":
+        from .backends.jax.compiled import compilations
+
+        return compilations
+    return lambda: 0
 
 
 def _sync(lm: LoadedModel, eng=None) -> None:

@@ -13,7 +13,6 @@ JAX's monitoring events.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -98,7 +97,7 @@ def _build(cfg, mesh) -> Functions:
         take=jax.jit(take, out_shardings=state_sh),
         merge=jax.jit(merge, out_shardings=state_sh),
         grow=jax.jit(grow, static_argnames=("capacity",), out_shardings=state_sh),
-        sample=jax.jit(partial(sample_step), static_argnames=("kinds", "top_k"), out_shardings=rep),
+        sample=jax.jit(sample_step, static_argnames=("kinds", "top_k"), out_shardings=rep),
         rows=rows, replicated=rep)
 
 
