@@ -3,24 +3,23 @@ tokens and sampler decisions with injected draws; checkpoints; compilations; err
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+from entropix import EntropixError
+from entropix.backends.base import SampleGroup
+from entropix.backends.jax import compiled
+from entropix.backends.jax.backend import JaxBackend
+from entropix.backends.torch.backend import TorchBackend
+from entropix.decode.engine import generate
+from entropix.decode.records import Request
+from entropix.loading import load_model
+from entropix.sampler.config import SamplerConfig, SamplingParams
+from entropix.sampler.policy import Entropix, Greedy, Ranked, Sample
 
-from entropix import EntropixError  # noqa: E402
-from entropix.backends.base import SampleGroup  # noqa: E402
-from entropix.backends.jax import compiled  # noqa: E402
-from entropix.backends.jax.backend import JaxBackend  # noqa: E402
-from entropix.backends.torch.backend import TorchBackend  # noqa: E402
-from entropix.decode.engine import generate  # noqa: E402
-from entropix.decode.records import Request  # noqa: E402
-from entropix.loading import load_model  # noqa: E402
-from entropix.sampler.config import SamplerConfig, SamplingParams  # noqa: E402
-from entropix.sampler.policy import Entropix, Greedy, Ranked, Sample  # noqa: E402
-
-from jax_helpers import jax_twin  # noqa: E402
-from tinymodel import tiny_lm  # noqa: E402
+from jax_helpers import jax_twin
+from tinymodel import tiny_lm
 
 CFG = SamplerConfig(model="test", low_ent=5.0, low_vent=1.0, med_ent=6.0, high_ent=6.5, med_vent=2.0, high_vent=3.0)
 
@@ -179,3 +178,17 @@ def test_draws_from_per_row_jax_random_keys_follow_the_distribution():
     for row in pos:
         counts = np.bincount(row, minlength=4)
         assert chisquare(counts, p * len(row)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backend", "jax", "--tp", "3"], "needs 3 devices"),
+    (["--backend", "torch", "--tp", "2"], "--backend jax"),
+    (["--backend", "jax", "--dp", "0"], "at least 1"),
+    (["--backend", "jax", "--dtype", "int3"], "dtype"),
+])
+def test_cli_mesh_errors_are_one_line(argv, needle, capsys):
+    from entropix.cli import main
+
+    assert main(["generate", "hi", "-n", "2", *argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("entropix: error:")]
+    assert len(errors) == 1 and needle in errors[0], errors

@@ -9,18 +9,17 @@ import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("jax")
 
-from entropix.backends.jax.backend import JaxBackend  # noqa: E402
-from entropix.backends.torch.backend import TorchBackend  # noqa: E402
-from entropix.cli import main  # noqa: E402
-from entropix.decode.engine import generate  # noqa: E402
-from entropix.decode.records import Request  # noqa: E402
-from entropix.loading import load_model  # noqa: E402
-from entropix.sampler import catalog  # noqa: E402
-from entropix.serve import ServerThread, create_app  # noqa: E402
+from entropix.backends.jax.backend import JaxBackend
+from entropix.backends.torch.backend import TorchBackend
+from entropix.cli import main
+from entropix.decode.engine import generate
+from entropix.decode.records import Request
+from entropix.loading import load_model
+from entropix.sampler import catalog
+from entropix.serve import ServerThread, create_app
 
-from tiny import write_hf_model  # noqa: E402
+from tiny import write_hf_model
 
 
 @pytest.fixture(scope="module")
