@@ -69,6 +69,14 @@ def test_server_on_jax(folder):
         assert h["status"] == "ok"
 
 
+def test_bench_reports_both_backends_and_their_ratio(folder, capsys):
+    out = json.loads(run_cli(capsys, "bench", "--backend", "jax", "--model", str(folder), "--tokens", "6",
+                             "--prompt-tokens", "8", "--repeats", "1", "--json"))
+    assert out["backend"] == "jax" and out["jax_tps"] > 0 and out["torch_tps"] > 0
+    assert out["jax_vs_torch"] == pytest.approx(out["jax_tps"] / out["torch_tps"], rel=0.02)
+    assert isinstance(out["compilations_first_run"], int) and out["compilations_timed_runs"] == 0  # warm: no compiles
+
+
 # -- the embedded model ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
