@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-mlx clean browser
+.PHONY: install demo test test-fast bench bench-mlx bench-jax clean browser
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: install
 # The MLX backend beside the PyTorch one (mlx comes with the dev extra: mlx[cpu] on Linux).
 bench-mlx: install
 	$(BIN)/entropix bench --backend mlx --json
+
+# the JAX backend against the PyTorch one (jax[cpu] comes with the dev extra)
+bench-jax: install
+	$(BIN)/entropix bench --backend jax --json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

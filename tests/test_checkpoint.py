@@ -302,7 +302,7 @@ def test_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
         load_model("HuggingFaceTB/SmolLM2-360M-Instruct", progress=False)
 
 
-@pytest.mark.parametrize("kw, message", [({"backend": "jax"}, "unknown backend 'jax' \\(known: torch"),
+@pytest.mark.parametrize("kw, message", [({"backend": "tpu-magic"}, "unknown backend 'tpu-magic' \\(known: torch"),
                                          ({"dtype": "int8"}, "unknown dtype"),
                                          ({"device": "tpu9"}, "unknown device")])
 def test_bad_load_options(tiny_hf, kw, message):

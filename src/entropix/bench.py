@@ -29,15 +29,15 @@ def time_ours(lm: LoadedModel, prompt: list[int], tokens: int, dec: Decoder, see
     """Prefill and decode times of one request in our engine (stop tokens ignored)."""
     eng = lm.engine(dec.capture_layers)
     req = Request(prompt=prompt, policy=dec.policy, max_tokens=tokens, seed=seed, stop_ids=frozenset(), top_logprobs=1)
-    _sync(lm)
+    _sync(lm, eng)
     t0 = time.perf_counter()
     eng.add([req])
-    _sync(lm)
+    _sync(lm, eng)
     t1 = time.perf_counter()
     n = 0
     while eng.active:
         n += len(eng.step())
-    _sync(lm)
+    _sync(lm, eng)
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n}
 
@@ -143,13 +143,13 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
 
 def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3,
                       samplers: list[str] = (), branches: int | None = None) -> dict[str, Any]:
-    """Another backend (mlx) beside the PyTorch backend on the same weights and dtype, in one run:
+    """Another backend (jax, mlx) beside the PyTorch backend on the same weights and dtype, in one run:
     greedy decode and prefill tokens/s of each, alternating, and each sampler on both."""
     from . import EntropixError
     from .loading import load_model
 
     try:
-        twin = load_model(lm.source, backend="torch", device="cpu" if lm.device == "cpu" else "auto", dtype=lm.dtype,
+        twin = load_model(lm.source, backend="torch", device="cpu" if lm.device.startswith("cpu") else "auto", dtype=lm.dtype,
                           progress=False)
     except EntropixError as e:  # e.g. a quantized MLX folder: nothing to compare with
         raise EntropixError(f"bench --backend {lm.backend} compares with the torch backend, which cannot load "
@@ -158,8 +158,11 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
     prompt = _prompt(lm, prompt_tokens)
     names = ["greedy", *samplers]
     decs = {(m.backend, n): catalog.resolve(n, m, branches=branches) for m in (lm, twin) for n in names}
-    for m in (lm, twin):  # warm-up: first calls allocate, trace and pick kernels
-        time_ours(m, prompt, 8, decs[(m.backend, "greedy")])
+    counter = _compile_counter(lm)
+    c0 = counter()
+    for m in (lm, twin):  # warm-up: first calls allocate, trace (jax compiles) and pick kernels
+        time_ours(m, prompt, tokens if m is lm else 8, decs[(m.backend, "greedy")])
+    first_run = counter() - c0
     runs: dict[tuple[str, str], list[Any]] = {k: [] for k in decs}
     for _ in range(repeats):
         for (backend, name), dec in decs.items():
@@ -168,7 +171,8 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
                                          else time_ours(m, prompt, tokens, dec, seed=1))
     out: dict[str, Any] = {"model": lm.name, "backend": lm.backend, "device": lm.device, "dtype": lm.dtype,
                            "torch_device": twin.device, "threads": torch.get_num_threads(),
-                           "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats}
+                           "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats,
+                           "compilations_first_run": first_run}
     for (backend, name), rs in runs.items():
         key = backend if name == "greedy" else f"{backend}_{name}"
         if isinstance(rs[0], dict):
@@ -183,12 +187,26 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
             (f"{lm.backend}{key}_seconds", f"torch{key}_seconds")
         ratio = out[a] / out[b] if a.endswith("_tps") else out[b] / out[a]
         out[f"{lm.backend}_vs_torch{key}"] = round(ratio, 3)  # > 1: the other backend is faster
+    out["compilations_timed_runs"] = counter() - c0 - first_run
     return out
 
 
-def _sync(lm: LoadedModel) -> None:
-    if lm.backend == "torch":  # the other backends' steps end in a host transfer already
-        _sync_dev(lm.model.device)
+def _compile_counter(lm: LoadedModel):
+    """A function returning the backend's compilations so far (0 for eager backends)."""
+    if lm.backend == "jax":
+        from .backends.jax.compiled import compilations
+
+        return compilations
+    return lambda: 0
+
+
+def _sync(lm: LoadedModel, eng=None) -> None:
+    if lm.backend != "torch":  # the backend waits for its own queued work
+        sync = getattr(eng.backend, "synchronize", None) if eng is not None else None
+        if sync is not None:
+            sync()
+        return
+    _sync_dev(lm.model.device)
 
 
 def _sync_dev(device) -> None:

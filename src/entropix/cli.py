@@ -31,6 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--tp", type=int, default=1, help="--backend jax: tensor-parallel devices (the mesh's tp axis)")
+    p.add_argument("--dp", type=int, default=1, help="--backend jax: data-parallel devices (batch rows)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def load(args, quiet: bool = False):
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
     lm = load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device, dtype=args.dtype,
-                    progress=not quiet)
+                    progress=not quiet, tp=getattr(args, "tp", 1), dp=getattr(args, "dp", 1))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")

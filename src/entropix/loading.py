@@ -31,18 +31,23 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
-               dtype: str | None = "auto", progress: bool = True) -> LoadedModel:
-    """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend."""
+               dtype: str | None = "auto", progress: bool = True, tp: int = 1, dp: int = 1) -> LoadedModel:
+    """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend.
+
+    tp, dp: the jax backend's device mesh (tensor-parallel and data-parallel devices)."""
+    if backend not in (*_LOADERS, "mlx"):
+        raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
+    if backend != "jax" and (tp, dp) != (1, 1):
+        raise EntropixError(f"--tp and --dp take --backend jax (the {backend} backend runs on one device)")
     if backend == "mlx":  # reads folders through mlx-lm (more architectures, MLX quantized folders)
         from .backends.mlx.loader import load as load_mlx
 
         return load_mlx(spec, device=device, dtype=dtype, progress=progress)
-    if backend not in _LOADERS:
-        raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
+    mesh = {"tp": tp, "dp": dp} if backend == "jax" else {}
     from .io.source import open_checkpoint
 
     ckpt = open_checkpoint(spec)
-    model, config, dev, dt = _LOADERS[backend](ckpt, device, dtype, progress)
+    model, config, dev, dt = _LOADERS[backend](ckpt, device, dtype, progress, **mesh)
     return LoadedModel(name=ckpt.name, config=config, tokenizer=ckpt.tokenizer, source=ckpt.source,
                        backend=backend, model=model, device=dev, dtype=dt)
 
@@ -55,5 +60,15 @@ def _load_torch(ckpt, device, dtype, progress):
     return model, model.config, str(model.device), str(model.dtype).removeprefix("torch.")
 
 
+def _load_jax(ckpt, device, dtype, progress, tp=1, dp=1):
+    try:
+        from .backends.jax.loader import load
+    except ImportError as e:
+        raise EntropixError(f"the jax backend needs jax ({e}): pip install 'entropix[jax]'") from None
+
+    model = load(ckpt, device=device, dtype=dtype, tp=tp, dp=dp, progress=progress)
+    return model, model.config, model.device, model.dtype_name
+
+
 # backend name -> (checkpoint, device, dtype, progress) -> (model, config, device, dtype names)
-_LOADERS = {"torch": _load_torch}
+_LOADERS = {"torch": _load_torch, "jax": _load_jax}

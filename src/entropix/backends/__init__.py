@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import EntropixError
 
-BACKENDS = ("torch", "mlx")
+BACKENDS = ("torch", "jax", "mlx")
 
 
 def create_backend(lm: Any, capture_layers: tuple[int, ...] = (-1,)):
@@ -15,6 +15,10 @@ def create_backend(lm: Any, capture_layers: tuple[int, ...] = (-1,)):
         from .torch.backend import TorchBackend
 
         return TorchBackend(lm.model, capture_layers)
+    if lm.backend == "jax":
+        from .jax.backend import JaxBackend
+
+        return JaxBackend(lm.model, capture_layers)
     if lm.backend == "mlx":
         from .mlx.backend import MLXBackend
 

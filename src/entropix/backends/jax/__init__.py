@@ -1,0 +1,1 @@
+"""The JAX backend: the same model and sampler in JAX, sharded over a device mesh."""
