@@ -132,6 +132,9 @@ def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor)
 
 
 class Attention(nn.Module):
+    # what capture computes; tensor parallelism (tp.py) swaps in a version that gathers over ranks
+    head_stats = staticmethod(newest_query_stats)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -166,7 +169,7 @@ class Attention(nn.Module):
         keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, D]
         # SDPA whether or not statistics are captured: a row's output never depends on its neighbours' needs
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
-        stats = newest_query_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
+        stats = self.head_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D)), stats
 
 
