@@ -33,16 +33,10 @@ from torch import nn
 from ... import EntropixError
 from ...config import ModelConfig
 from ...io.checkpoint import Checkpoint
+from ...plan import balanced, split_heads
 from .kvcache import KVCache
 from .loader import _place, resolve_device, resolve_dtype, tensor_source
 from .model import HeadStats, Linear, Transformer
-
-
-def balanced(n: int, parts: int, i: int) -> tuple[int, int]:
-    """Part i of range(n) cut into `parts` contiguous runs whose sizes differ by one at most."""
-    q, r = divmod(n, parts)
-    lo = i * q + min(i, r)
-    return lo, lo + q + (1 if i < r else 0)
 
 
 @dataclass(frozen=True)
@@ -61,20 +55,6 @@ class RankSlices:
     @property
     def n_heads(self) -> int:
         return self.heads[1] - self.heads[0]
-
-
-def split_heads(H: int, Hkv: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, ...]]:
-    """(query heads [lo, hi), the KV heads they read) of a rank."""
-    group = H // Hkv
-    if Hkv >= world:  # whole KV groups per rank: nothing is held twice
-        lo, hi = balanced(Hkv, world, rank)
-        return (lo * group, hi * group), tuple(range(lo, hi))
-    lo, hi = balanced(H, world, rank)
-    reads = [h // group for h in range(lo, hi)]
-    distinct = sorted(set(reads))
-    if all(reads.count(k) == len(reads) // len(distinct) for k in distinct) and len(reads) % len(distinct) == 0:
-        return (lo, hi), tuple(distinct)  # local query heads still map onto local KV heads in even groups
-    return (lo, hi), tuple(reads)  # uneven: one copy of a KV head per local query head
 
 
 def rank_slices(cfg: ModelConfig, rank: int, world: int) -> RankSlices:
