@@ -180,24 +180,24 @@ def test_cli_generate_same_tokens_embedded():
 # -- memory per rank ---------------------------------------------------------------------------
 
 PEAK = """
-import resource, sys
+import sys
 from entropix.io.checkpoint import open_path
 from entropix.backends.torch import loader, tp
-def rss():
+def status(key):  # VmHWM: this process's peak RSS (getrusage's maxrss would include the parent's, from before exec)
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
 ckpt = open_path(sys.argv[1]); rank, world = int(sys.argv[2]), int(sys.argv[3])
-before = rss()
+before = status("VmRSS")
 m = loader.load(ckpt, device="cpu") if world == 1 else tp.load_shard(ckpt, rank, world, "cpu")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, sum(p.numel() * p.element_size() for p in m.parameters()))
+print(status("VmHWM") - before, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
 
 
 def _write_big(folder: Path, src: Path) -> Path:
     """A bf16 Llama of about 300 MB (6 layers, hidden 1024, ffn 4096, vocab 49152); constant weights
     (only memory is measured), with the tiny model's tokenizer."""
-    from safetensors.numpy import save_file
+    from safetensors.torch import save_file
 
     folder.mkdir()
     cfg = json.loads((src / "config.json").read_text())
@@ -208,21 +208,17 @@ def _write_big(folder: Path, src: Path) -> Path:
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             (folder / f.name).write_bytes(f.read_bytes())
-    one = np.uint16(0x3C00)  # 2^-7 in bf16
-    w = {"model.embed_tokens.weight": np.full((V, C), one), "lm_head.weight": np.full((V, C), one),
-         "model.norm.weight": np.full(C, one)}
+    def full(*shape):
+        return torch.full(shape, 2.0 ** -7, dtype=torch.bfloat16)
+
+    w = {"model.embed_tokens.weight": full(V, C), "lm_head.weight": full(V, C), "model.norm.weight": full(C)}
     for i in range(L):
         p = f"model.layers.{i}."
         for n, shape in [("self_attn.q_proj", (C, C)), ("self_attn.k_proj", (256, C)), ("self_attn.v_proj", (256, C)),
                          ("self_attn.o_proj", (C, C)), ("mlp.gate_proj", (Fd, C)), ("mlp.up_proj", (Fd, C)),
                          ("mlp.down_proj", (C, Fd)), ("input_layernorm", (C,)), ("post_attention_layernorm", (C,))]:
-            w[p + n + ".weight"] = np.full(shape, one)
-    # safetensors.numpy has no bf16: write the bits as F16, then relabel the header
+            w[p + n + ".weight"] = full(*shape)
     save_file(w, str(folder / "model.safetensors"))
-    raw = bytearray((folder / "model.safetensors").read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    head = raw[8:8 + n].decode().replace('"F16"', '"BF16"')
-    (folder / "model.safetensors").write_bytes(bytes(raw[:8]) + head.encode() + bytes(raw[8 + n:]))
     return folder
 
 
@@ -236,7 +232,7 @@ def test_peak_memory_per_rank_is_its_share(gqa_folder, tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         kib, held = r.stdout.split()
-        return int(kib) * 1024, int(held)
+        return int(kib) * 1024, int(held)  # peak RSS over the RSS before loading, bytes held
 
     single, whole = peak(0, 1)
     assert single >= whole * 0.95  # the reference peak holds the model
