@@ -315,3 +315,13 @@ def test_serve_tp2_answers_and_stops_with_503_when_a_rank_dies(gqa_folder):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_follow_rank_0(gqa_folder):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "entropix.cli", "generate", "What is 7 times 6?", "--model", str(gqa_folder), "--json",
+           "--device", "cpu", "--dtype", "float32", "--max-tokens", "16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == _generate(str(gqa_folder), 1, ["--max-tokens", "16"])

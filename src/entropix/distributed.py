@@ -61,8 +61,11 @@ class Session:
     def new_id(self, backend: Any) -> int:
         with self._lock:
             self._next_id += 1
-            weakref.finalize(backend, self._freed.append, self._next_id)  # sent with the next step
+            weakref.finalize(backend, self._free, self._next_id)
             return self._next_id
+
+    def _free(self, bid: int) -> None:
+        self._freed.append(bid)  # the other ranks drop their twin with the next step
 
     def run(self, bid: int, capture_layers: tuple[int, ...], op: str, args: tuple, local) -> Any:
         """Broadcast one backend call, then make it here; WorkerLost if a rank is gone."""
