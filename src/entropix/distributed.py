@@ -54,6 +54,7 @@ class Session:
         self.dead: str | None = None  # why the group can compute no more
         self.model = None  # this rank's part (backends.torch.tp)
         self.ctrl = None  # the gloo group rank 0 broadcasts its steps over
+        self.threads = 0  # this process's CPU threads before the ranks shared the cores
         self._lock = threading.RLock()
         self._next_id, self._freed, self._closed = 0, [], False
 
@@ -139,6 +140,10 @@ class Session:
             self._kill_children()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
 
     def _kill_children(self) -> None:
         for p in self.children:
@@ -251,6 +256,7 @@ def _init_group(session: Session, store=None) -> None:
         torch.cuda.set_device(session.device)
     else:  # the ranks on one machine share its cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", session.world))
+        session.threads = torch.get_num_threads()  # given back by close()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     kw = dict(store=store) if store is not None else {}
     dist.init_process_group("nccl" if cuda else "gloo", rank=session.rank, world_size=session.world,
