@@ -149,6 +149,25 @@ def test_tp_matches_one_device(gqa_folder, world):
     assert len(states) >= 3, states  # the entropix rows went through several states
 
 
+def test_dropped_backends_are_dropped_on_every_rank(gqa_folder):
+    import gc
+
+    from entropix.distributed import start
+
+    lm = start(str(gqa_folder), 2, device="cpu", dtype="float32", exit_on_lost=False)
+    try:
+        a, b = lm.engine().backend, lm.engine().backend
+        a.prefill(PROMPTS, [1, 1], capture=False)
+        gone = a.id
+        del a
+        gc.collect()
+        assert lm.session._freed == [gone]
+        b.prefill(PROMPTS[:1], [1], capture=False)  # the step that tells the other ranks
+        assert lm.session._freed == [] and b.rows == 1
+    finally:
+        lm.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_matches_one_device_embedded(lm, world):
