@@ -132,9 +132,6 @@ def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor)
 
 
 class Attention(nn.Module):
-    # what capture computes; tensor parallelism (tp.py) swaps in a version that gathers over ranks
-    head_stats = staticmethod(newest_query_stats)
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -150,6 +147,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
         del self.q_proj, self.k_proj, self.v_proj
+
+    def head_stats(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
+        """What capture computes; tensor parallelism (tp.py) sets a version per module that gathers over ranks."""
+        return newest_query_stats(q, keys, valid)
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask, capture: bool):
         B, T, _ = x.shape
