@@ -31,8 +31,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
-    p.add_argument("--tp", type=int, default=1, help="--backend jax: tensor-parallel devices (the mesh's tp axis)")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tp N (torch: N ranks here or torchrun's, see entropix.distributed; jax: the mesh) and --dp N (jax)."""
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: torch starts N processes here (gloo on CPU, NCCL on CUDA), or "
+                        "uses torchrun's; jax: the mesh's tp axis")
     p.add_argument("--dp", type=int, default=1, help="--backend jax: data-parallel devices (batch rows)")
+
+
+def load_torch_tp(args):
+    """The model over tensor-parallel ranks when --tp > 1 (or under torchrun), else None."""
+    from .distributed import start, under_torchrun
+
+    tp = getattr(args, "tp", 1)
+    if tp < 1:
+        raise EntropixError(f"--tp must be at least 1, got {tp}")
+    if getattr(args, "backend", "torch") != "torch" or not (tp > 1 or under_torchrun()):
+        return None
+    return start(args.model, tp, device=args.device, dtype=args.dtype)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,8 +74,10 @@ def load(args, quiet: bool = False):
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
-    lm = load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device, dtype=args.dtype,
-                    progress=not quiet, tp=getattr(args, "tp", 1), dp=getattr(args, "dp", 1))
+    jax = getattr(args, "backend", "torch") == "jax"
+    lm = load_torch_tp(args) or load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device,
+                                           dtype=args.dtype, progress=not quiet, tp=getattr(args, "tp", 1) if jax else 1,
+                                           dp=getattr(args, "dp", 1))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
@@ -296,11 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_download)
 
     from .evaluate.runner import register_cli as register_eval
+    from .plan import register_cli as register_plan
     from .plot import register_cli as register_plot
     from .sampler.calibrate import register_cli as register_calibrate
     from .serve.cli import register_cli as register_serve
 
-    for register in (register_calibrate, register_plot, register_serve, register_eval):
+    for register in (register_calibrate, register_plot, register_serve, register_eval, register_plan):
         register(sub)
     return ap
 

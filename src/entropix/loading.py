@@ -37,8 +37,11 @@ def load_model(spec: str | None = None, *, backend: str = "torch", device: str |
     tp, dp: the jax backend's device mesh (tensor-parallel and data-parallel devices)."""
     if backend not in (*_LOADERS, "mlx"):
         raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
-    if backend != "jax" and (tp, dp) != (1, 1):
-        raise EntropixError(f"--tp and --dp take --backend jax (the {backend} backend runs on one device)")
+    if backend != "jax" and (tp, dp) != (1, 1):  # torch's --tp goes through entropix.distributed
+        raise EntropixError(f"--dp takes --backend jax, and --tp jax or torch (the {backend} backend runs on "
+                            "one device)" if backend == "mlx" or dp != 1 else
+                            "load_model runs the torch backend on one device: tensor parallelism goes through "
+                            "entropix.distributed (entropix ... --tp N)")
     if backend == "mlx":  # reads folders through mlx-lm (more architectures, MLX quantized folders)
         from .backends.mlx.loader import load as load_mlx
 

@@ -200,6 +200,23 @@ class GGUFCheckpoint(Checkpoint):
             arr = gguf.unpermute(arr, n_heads)
         return HostTensor(arr, dtype)
 
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> HostTensor:
+        """Rows of a matrix are contiguous (whole quantization blocks): only their bytes are read.
+        Q/K rows are un-permuted per head, so their slices must hold whole heads to be read alone."""
+        dim = self._check_slice(name, dim, start, stop)
+        theirs, n_heads = self._lookup(name)
+        t = self._tensors[theirs]
+        rows = t.array_shape[0]
+        per_head = rows // n_heads if n_heads else 1
+        if dim != 0 or len(t.shape) != 2 or start % per_head or stop % per_head:
+            return super().read_slice(name, dim, start, stop)
+        row = t.nbytes // rows
+        part = gguf.GGUFTensor(t.name, (t.shape[0], stop - start), t.qtype, t.offset + start * row, (stop - start) * row)
+        arr, dtype = gguf.decode_tensor(self._path, part, _read_bytes(self._path, part.offset, part.nbytes))
+        if n_heads:
+            arr = gguf.unpermute(arr, (stop - start) // per_head)
+        return HostTensor(arr, dtype)
+
 
 # -- Hugging Face folders -----------------------------------------------------------------
 
@@ -341,10 +358,25 @@ class HFCheckpoint(Checkpoint):
         """Rows of dimension 0 are contiguous: only their bytes are read. Other dimensions
         are read whole, then sliced."""
         dim = self._check_slice(name, dim, start, stop)
+        e = self._entry(name)
+        if dim == 1 and len(e.shape) == 2:
+            return self._columns(e, start, stop)
         if dim != 0:
             return _slice(self.read(name), dim, start, stop)
-        e = self._entry(name)
         np_dtype, dtype = _ST_READ[e.dtype]
         row = e.nbytes // e.shape[0] if e.shape[0] else 0
         raw = _read_bytes(e.file, e.offset + start * row, (stop - start) * row)
         return HostTensor(raw.view(np_dtype).reshape((stop - start, *e.shape[1:])), dtype)
+
+    def _columns(self, e: _Stored, start: int, stop: int) -> HostTensor:
+        """Columns [start, stop) of a matrix, read in blocks of rows: never the whole tensor at once."""
+        np_dtype, dtype = _ST_READ[e.dtype]
+        rows, cols = e.shape
+        row = e.nbytes // rows if rows else 0
+        item = np.dtype(np_dtype).itemsize
+        out = _fresh_buffer(rows * (stop - start) * item).view(np_dtype).reshape(rows, stop - start)
+        step = max(1, (16 << 20) // max(row, 1))  # 16 MB of rows per read
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            out[r0:r0 + n] = _read_bytes(e.file, e.offset + r0 * row, n * row).view(np_dtype).reshape(n, cols)[:, start:stop]
+        return HostTensor(out, dtype)

@@ -268,6 +268,10 @@ class Run:
             left -= 1
             if kind == "error":
                 self.cancel()
+                gone = getattr(self.state.lm, "unavailable", None)  # a tensor-parallel rank died (distributed.py)
+                if gone:
+                    raise APIError(503, f"the model is unavailable: {gone}; the server is stopping", "server_error",
+                                   None, "backend_unavailable")
                 raise APIError(500, f"generation failed: {payload}", "server_error", None, "generation_failed")
             if kind == "cancelled":
                 self.cancel()

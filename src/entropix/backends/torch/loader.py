@@ -73,6 +73,10 @@ class _FromCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return host_to_torch(self.ckpt.read(name))
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Only [start, stop) of dimension `dim` (a tensor-parallel rank's part)."""
+        return host_to_torch(self.ckpt.read_slice(name, dim, start, stop))
+
 
 class _FromTorchFiles:
     """pytorch_model*.bin folders: pickles only torch can read, memory-mapped and not executed."""
@@ -99,6 +103,14 @@ class _FromTorchFiles:
             raise EntropixError(f"{self.source}: weights lack {name}")
         return self.tensors[name]
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.get(name).narrow(dim, start, stop - start)  # memory-mapped: only these pages are read
+
+
+def tensor_source(ckpt: Checkpoint) -> _FromCheckpoint | _FromTorchFiles:
+    """Where a loader reads tensors (get / get_slice), its config and native dtype."""
+    return _FromTorchFiles(ckpt) if ckpt.torch_files else _FromCheckpoint(ckpt)
+
 
 def _parameter_names(model: Transformer, cfg: ModelConfig) -> list[str]:
     # a tied lm_head is the embedding: finish_setup() points it there
@@ -123,7 +135,7 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
     is what this loads onto (a tensor-parallel load passes False: it slices them apart).
     """
     dev = resolve_device(device)
-    src = _FromTorchFiles(ckpt) if ckpt.torch_files else _FromCheckpoint(ckpt)
+    src = tensor_source(ckpt)
     dt = resolve_dtype(dtype, dev, src.native_dtype)
     fuse = True if fuse is None else fuse
     with torch.device("meta"):

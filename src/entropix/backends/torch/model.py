@@ -148,6 +148,10 @@ class Attention(nn.Module):
         self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
         del self.q_proj, self.k_proj, self.v_proj
 
+    def head_stats(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
+        """What capture computes; tensor parallelism (tp.py) sets a version per module that gathers over ranks."""
+        return newest_query_stats(q, keys, valid)
+
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask, capture: bool):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
@@ -166,7 +170,7 @@ class Attention(nn.Module):
         keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, D]
         # SDPA whether or not statistics are captured: a row's output never depends on its neighbours' needs
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
-        stats = newest_query_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
+        stats = self.head_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D)), stats
 
 

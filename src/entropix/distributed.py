@@ -1,0 +1,402 @@
+"""Tensor-parallel ranks: starting them, and rank 0 leading the others step by step.
+
+`start(spec, tp)` gives rank 0 a LoadedModel whose engines drive a `ShardedBackend`: each
+backend call that runs the model (prefill, select, advance) is broadcast to every rank over a
+gloo group of torch.distributed, then run on this rank's part; the model's own collectives
+(all-reduce, all-gather; NCCL on CUDA, gloo on the CPU) keep the ranks in step. `sample` runs on
+rank 0 alone: the gathered logits and attention statistics are whole there.
+
+Two ways to get ranks:
+- on one machine, `start` spawns ranks 1..N-1 itself (`python -m entropix.distributed`);
+- under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) every process runs the same command:
+  rank 0 goes on with it, the others call `follow` inside `start` and exit when rank 0 is done.
+
+A rank that dies makes every later call raise `WorkerLost` (its message says which rank),
+and, with `exit_on_lost`, rank 0 exits a moment later (the server first answers 503).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from datetime import timedelta
+from typing import Any, Sequence
+
+from . import EntropixError
+from .loading import LoadedModel
+
+CONTROL_TIMEOUT = timedelta(days=30)  # a follower waits for rank 0's next step for as long as a server idles
+START_TIMEOUT = timedelta(seconds=300)  # the compute group's collectives and the rendezvous
+EXIT_GRACE_S = 2.0  # how long rank 0 keeps answering (503) after a rank died, before it exits
+EXIT_STATUS = 3
+
+
+class WorkerLost(EntropixError):
+    """A tensor-parallel rank is gone: nothing can be computed any more."""
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+class Session:
+    """This process's place in the tensor-parallel group, and rank 0's link to the others."""
+
+    def __init__(self, rank: int, world: int, local_rank: int, device: str, children=(), exit_on_lost=True) -> None:
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.children: list[subprocess.Popen] = list(children)
+        self.exit_on_lost = exit_on_lost
+        self.dead: str | None = None  # why the group can compute no more
+        self.model = None  # this rank's part (backends.torch.tp)
+        self.ctrl = None  # the gloo group rank 0 broadcasts its steps over
+        self.threads = 0  # this process's CPU threads before the ranks shared the cores
+        self._lock = threading.RLock()
+        self._next_id, self._freed, self._closed = 0, [], False
+
+    # -- rank 0 -------------------------------------------------------------------------
+    def new_id(self, backend: Any) -> int:
+        with self._lock:
+            self._next_id += 1
+            weakref.finalize(backend, self._free, self._next_id)
+            return self._next_id
+
+    def _free(self, bid: int) -> None:
+        self._freed.append(bid)  # the other ranks drop their twin with the next step
+
+    def run(self, bid: int, capture_layers: tuple[int, ...], op: str, args: tuple, local) -> Any:
+        """Broadcast one backend call, then make it here; WorkerLost if a rank is gone."""
+        import torch.distributed as dist
+
+        with self._lock:
+            if self.dead:
+                raise WorkerLost(self.dead)
+            freed, self._freed = self._freed, []
+            try:
+                dist.broadcast_object_list([("call", freed, bid, capture_layers, op, args)], src=0, group=self.ctrl)
+                return local()
+            except Exception as e:
+                if not self._check_children() and not isinstance(e, dist.DistError):
+                    raise
+                self.lost(self.dead or f"a tensor-parallel rank stopped answering ({type(e).__name__}: {e})")
+                raise WorkerLost(self.dead) from None
+
+    def _check_children(self) -> bool:
+        for r, p in enumerate(self.children, start=1):
+            if p.poll() is not None:
+                self.dead = self.dead or f"tensor-parallel rank {r} (pid {p.pid}) exited with status {p.returncode}"
+                return True
+        return False
+
+    def lost(self, why: str) -> None:
+        """Mark the group dead; with exit_on_lost, end this process after a short grace."""
+        if self.dead and self._closed:
+            return
+        self.dead = self.dead or why
+        self._closed = True
+        if self.exit_on_lost:
+            threading.Thread(target=self._exit_soon, daemon=True).start()
+
+    def _exit_soon(self) -> None:
+        time.sleep(EXIT_GRACE_S)
+        print(f"entropix: error: {self.dead}; stopping", file=sys.stderr, flush=True)
+        self._kill_children()
+        os._exit(EXIT_STATUS)
+
+    def watch(self) -> None:
+        """Rank 0 with spawned ranks: notice a rank's death even while idle."""
+        def loop() -> None:
+            while not self._closed:
+                if self._check_children():
+                    self.lost(self.dead)
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, name="entropix-tp-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Tell the other ranks to stop, and wait for the ones this process started."""
+        import torch.distributed as dist
+
+        with self._lock:
+            if self._closed:
+                self._kill_children()
+                return
+            self._closed = True
+            try:
+                if self.rank == 0 and self.ctrl is not None and not self.dead:
+                    dist.broadcast_object_list([("stop",)], src=0, group=self.ctrl)
+            except Exception:
+                pass
+            for p in self.children:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill_children()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+
+    def _kill_children(self) -> None:
+        for p in self.children:
+            if p.poll() is None:
+                p.kill()
+
+
+class ShardedBackend:
+    """The Backend protocol on rank 0: every call that runs the model is made on all ranks."""
+
+    name = "torch"
+
+    def __init__(self, session: Session, capture_layers: tuple[int, ...] = (-1,)) -> None:
+        from .backends.torch.backend import TorchBackend
+
+        self.session, self.capture_layers = session, tuple(capture_layers)
+        self.local = TorchBackend(session.model, self.capture_layers)
+        self.vocab_size = self.local.vocab_size
+        self.id = session.new_id(self)
+
+    @property
+    def rows(self) -> int:
+        return self.local.rows
+
+    def _all(self, op: str, *args) -> None:
+        self.session.run(self.id, self.capture_layers, op, args, lambda: getattr(self.local, op)(*args))
+
+    def prefill(self, prompts: Sequence[Sequence[int]], copies: Sequence[int], capture: bool) -> None:
+        self._all("prefill", [list(p) for p in prompts], list(copies), bool(capture))
+
+    def select(self, rows: Sequence[int]) -> None:
+        self._all("select", list(rows))
+
+    def advance(self, tokens: Sequence[int], capture: bool) -> None:
+        self._all("advance", [int(t) for t in tokens], bool(capture))
+
+    def sample(self, groups, top_k: int):
+        if self.session.dead:
+            raise WorkerLost(self.session.dead)
+        return self.local.sample(groups, top_k)  # no collectives: rank 0 holds the whole logits
+
+
+class ShardedModel(LoadedModel):
+    """A LoadedModel (on rank 0) whose engines run on every rank of a Session."""
+
+    session: Session | None = None
+
+    def engine(self, capture_layers: tuple[int, ...] = (-1,)):
+        from .decode.engine import Engine
+
+        return Engine(ShardedBackend(self.session, capture_layers), self.tokenizer,
+                      self.config.max_position_embeddings)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why this model can no longer compute (a rank died), or None."""
+        return self.session.dead
+
+    def close(self) -> None:
+        self.session.close()
+
+
+# -- followers -------------------------------------------------------------------------
+
+def follow(session: Session) -> None:
+    """Ranks 1..N-1: make rank 0's backend calls on this rank's part until it says stop."""
+    import torch.distributed as dist
+
+    from .backends.torch.backend import TorchBackend
+
+    backends: dict[int, TorchBackend] = {}
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=session.ctrl)
+        msg = box[0]
+        if msg[0] == "stop":
+            return
+        _, freed, bid, layers, op, args = msg
+        for f in freed:
+            backends.pop(f, None)
+        if bid not in backends:
+            backends[bid] = TorchBackend(session.model, layers)
+        getattr(backends[bid], op)(*args)
+
+
+# -- starting ----------------------------------------------------------------------------
+
+def _rank_device(device: str | None, local_rank: int) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EntropixError(f"device {device!r} asked for, but CUDA is not available")
+        if torch.cuda.device_count() <= local_rank:
+            raise EntropixError(f"rank {local_rank} needs cuda:{local_rank}, but {torch.cuda.device_count()} GPUs are visible")
+        return f"cuda:{local_rank}"
+    if device != "cpu":
+        raise EntropixError(f"tensor parallelism runs on cpu or cuda, not {device!r}")
+    return "cpu"
+
+
+def _init_group(session: Session, store=None) -> None:
+    import torch
+    import torch.distributed as dist
+
+    cuda = session.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(session.device)
+    else:  # the ranks on one machine share its cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", session.world))
+        session.threads = torch.get_num_threads()  # given back by close()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    kw = dict(store=store) if store is not None else {}
+    dist.init_process_group("nccl" if cuda else "gloo", rank=session.rank, world_size=session.world,
+                            timeout=START_TIMEOUT, **kw)
+    session.ctrl = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def _load_part(session: Session, spec: str | None, dtype: str | None, ckpt=None):
+    from .backends.torch.tp import load_shard
+    from .io.source import open_checkpoint
+
+    ckpt = ckpt or open_checkpoint(spec)
+    session.model = load_shard(ckpt, session.rank, session.world, session.device, dtype, group=_compute_group())
+    return ckpt
+
+
+def _compute_group():
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+def _spawn(spec: str | None, world: int, device: str | None, dtype: str | None, port: int) -> list[subprocess.Popen]:
+    children = []
+    for r in range(1, world):
+        env = dict(os.environ, ENTROPIX_TP_RANK=str(r), ENTROPIX_TP_WORLD=str(world), ENTROPIX_TP_PORT=str(port),
+                   ENTROPIX_TP_PARENT=str(os.getpid()))
+        cmd = [sys.executable, "-m", "entropix.distributed", "--model", spec or "", "--device", device or "auto",
+               "--dtype", dtype or "auto"]
+        children.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    return children
+
+
+def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
+          exit_on_lost: bool = True) -> ShardedModel:
+    """Rank 0's model over `tp` ranks (spawned here, or torchrun's). On torchrun's other ranks
+    this follows rank 0 and exits the process when it is done: it never returns there."""
+    import torch.distributed as dist
+
+    from .backends.torch.tp import rank_slices
+    from .io.source import open_checkpoint
+
+    ckpt = None
+    if under_torchrun():
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        if tp not in (None, world):
+            raise EntropixError(f"--tp {tp} under torchrun with {world} processes: they must agree")
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        session = Session(rank, world, local, _rank_device(device, local), exit_on_lost=exit_on_lost)
+        _init_group(session)
+        if rank != 0:
+            _follower_main(session, spec, dtype)
+    else:
+        world = int(tp or 1)
+        if world < 1:
+            raise EntropixError(f"--tp must be at least 1, got {world}")
+        ckpt = open_checkpoint(spec)  # bad paths and impossible splits fail before any rank starts
+        rank_slices(ckpt.config, 0, world)
+        dev = _rank_device(device, 0)
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
+        session = Session(0, world, 0, dev, _spawn(spec, world, device, dtype, store.port), exit_on_lost)
+        session.watch()
+        _init_group(session, store)
+    atexit.register(session.close)
+    try:
+        ckpt = _load_part(session, spec, dtype, ckpt)
+        dist.barrier(group=session.ctrl)  # every rank has its part
+    except WorkerLost:
+        raise
+    except Exception as e:
+        session._check_children()
+        session.close()
+        if session.dead or isinstance(e, dist.DistError):
+            raise WorkerLost(f"{session.dead or e} while loading (see its error above)") from None
+        raise
+    m = session.model
+    lm = ShardedModel(name=ckpt.name, config=ckpt.config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+                      backend="torch", model=m, device=str(m.device), dtype=str(m.dtype).removeprefix("torch."))
+    lm.session = session
+    return lm
+
+
+def _follower_main(session: Session, spec: str | None, dtype: str | None) -> None:
+    """A follower's whole life: load its part, follow rank 0, exit the process."""
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        _load_part(session, spec, dtype)
+        dist.barrier(group=session.ctrl)
+        follow(session)
+    except Exception as e:  # rank 0 went away, or this rank failed: say so, once
+        print(f"entropix: tensor-parallel rank {session.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+        os._exit(code)
+
+
+def _watch_parent(parent: int) -> None:
+    """A spawned rank ends with the process that started it (however that one ended)."""
+    def loop() -> None:
+        while True:
+            try:
+                os.kill(parent, 0)
+            except OSError:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _spawned_main(argv: list[str] | None = None) -> None:
+    """Entry of a rank that `start` spawned: its rank, group size and rendezvous in the environment."""
+    import argparse
+
+    import torch.distributed as dist
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    a = ap.parse_args(argv)
+    rank, world = int(os.environ["ENTROPIX_TP_RANK"]), int(os.environ["ENTROPIX_TP_WORLD"])
+    _watch_parent(int(os.environ["ENTROPIX_TP_PARENT"]))
+    try:
+        session = Session(rank, world, rank, _rank_device(a.device, rank))
+        store = dist.TCPStore("127.0.0.1", int(os.environ["ENTROPIX_TP_PORT"]), world, is_master=False,
+                              timeout=START_TIMEOUT)
+        _init_group(session, store)
+    except Exception as e:
+        print(f"entropix: tensor-parallel rank {rank}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    _follower_main(session, a.model or None, a.dtype)
+
+
+if __name__ == "__main__":
+    _spawned_main()
