@@ -28,6 +28,7 @@ from tinymodel import ByteTokenizer, tiny_lm
 
 KEY = "sekrit-test-key"
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def ascii_lm(**over):
@@ -355,9 +356,9 @@ def test_cot_follow_up_has_no_bos_inside(monkeypatch):
 def test_bad_requests_get_openai_errors(http, client, model):
     url = "/v1/chat/completions"
     ok = {"model": model, "messages": CHAT, "max_tokens": 1}
-    _error(http.post(url, content=b"{not json"), 400, None, "invalid_json")
-    _error(http.post(url, content=b"[1, 2]"), 400, None, "invalid_json")
-    _error(http.post(url, content=b'{"model": "x", "temperature": NaN}'), 400, None, "invalid_json")
+    _error(http.post(url, content=b"{not json", headers=JSON_TYPE), 400, None, "invalid_json")
+    _error(http.post(url, content=b"[1, 2]", headers=JSON_TYPE), 400, None, "invalid_json")
+    _error(http.post(url, content=b'{"model": "x", "temperature": NaN}', headers=JSON_TYPE), 400, None, "invalid_json")
     _error(http.post(url, json={**ok, "temperature": "hot"}), 400, "temperature", "invalid_type")
     _error(http.post(url, json={**ok, "messages": "hello"}), 400, "messages", "invalid_type")
     _error(http.post(url, json={**ok, "n": 1.5}), 400, "n", "invalid_type")
@@ -374,7 +375,7 @@ def test_bad_requests_get_openai_errors(http, client, model):
     _error(http.post("/v1/completions", json={"model": model, "prompt": [1] * 9000, "max_tokens": 1}),
            400, "prompt", "context_length_exceeded")
     _error(http.post(url, json={**ok, "model": "gpt-9"}), 404, "model", "model_not_found")
-    _error(http.post(url, content=b"x" * (3 * 1024 * 1024)), 413, None, "request_too_large")
+    _error(http.post(url, content=b"x" * (3 * 1024 * 1024), headers=JSON_TYPE), 413, None, "request_too_large")
     _error(http.get("/v1/nothing-here"), 404)
     _error(http.get("/v1/chat/completions"), 405)
 

@@ -221,7 +221,10 @@ class Run:
                     self._show(req, j)
         except SchedulerBusy as e:
             self.cancel()
-            raise APIError(429, str(e), "rate_limit_error", None, "server_busy") from None
+            wait = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+            if e.stopping:
+                raise APIError(503, str(e), "server_error", None, "shutting_down", wait) from None
+            raise APIError(429, str(e), "rate_limit_error", None, "server_busy", wait) from None
         except EntropixError as e:
             self.cancel()
             raise bad_request(str(e), None, "context_length_exceeded" if "context" in str(e) else None) from None
