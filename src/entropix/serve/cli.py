@@ -79,6 +79,9 @@ def _graceful_server():
         def handle_exit(self, sig, frame) -> None:
             self.scheduler.drain(self.timeout)
             super().handle_exit(sig, frame)
+            # uvicorn would raise the signal again once shut down (exit status -15); a graceful
+            # shutdown of the command is a normal exit
+            getattr(self, "_captured_signals", []).clear()
 
     return Graceful
 
