@@ -93,6 +93,7 @@ class Scheduler:
         # counters for /health, tests and benchmarks
         self.steps = self.tokens = self.completed = self.cancelled = self.errors = self.max_batch_rows = 0
         self._mean_job_s = 1.0  # running mean of finished jobs' wall time (Retry-After)
+        self.cancel_seconds = 0.0  # engine time spent removing cancelled requests (benchmarks)
 
     def _new_engine(self):
         """An engine that reads long prompts in chunks between decode steps (the backend's chunk size
@@ -188,6 +189,7 @@ class Scheduler:
                 "pending_requests": len(self._pending), "max_rows": self.max_rows,
                 "steps": self.steps, "tokens": self.tokens, "completed": self.completed,
                 "cancelled": self.cancelled, "errors": self.errors, "max_batch_rows": self.max_batch_rows,
+                "cancel_seconds": round(self.cancel_seconds, 4),
                 "alive": self.alive,
             }
 
@@ -235,7 +237,9 @@ class Scheduler:
                     if job.done:
                         continue
                     if job.id in self._running:
+                        t0 = time.perf_counter()
                         self.engine.cancel(job.id)
+                        self.cancel_seconds += time.perf_counter() - t0
                     self._finish(job, "cancelled")
                 if admitted:
                     self._admit(admitted)
