@@ -12,15 +12,6 @@ class StopText:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""  # released text never includes these characters yet
-        # For a last character c: the prefix lengths k (longest first) of each stop whose prefix
-        # ends in c. Only those can be a held tail, so a token costs a few comparisons, not
-        # one per prefix length (16 stop strings of 256 characters would be ~4,000).
-        self._ends: dict[str, list[tuple[str, int]]] = {}
-        for st in self.stops:
-            for k in range(len(st) - 1, 0, -1):
-                self._ends.setdefault(st[k - 1], []).append((st, k))
-        for v in self._ends.values():
-            v.sort(key=lambda e: -e[1])
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """(text to release now, whether a stop string was found). After a stop the
@@ -36,10 +27,11 @@ class StopText:
         # Hold back the longest tail that is the start of some stop string: any stop that
         # completes later must begin inside it.
         hold = 0
-        for s, k in self._ends.get(buf[-1:], ()):
-            if k <= len(buf) and buf.endswith(s[:k]):
-                hold = k  # longest first: the first match is the tail to hold
-                break
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
         self.held = buf[len(buf) - hold:] if hold else ""
         return buf[:len(buf) - hold], False
 

@@ -74,7 +74,7 @@ class TorchBackend:
     def _join(self, cache: KVCache, picks: list[int], logits, attn, captured: bool) -> None:
         """New rows at the end of the batch: row picks[j] of `cache` becomes one row (rows share a prefill)."""
         if self.cache is None:
-            self.cache = SlotCache(self.model.new_cache, max(8, len(picks)), cache.capacity)
+            self.cache = SlotCache(self.model.new_cache, max(4, len(picks)), cache.capacity)
         for b in picks:
             slot = self.cache.alloc()
             self.cache.put(slot, cache, b)
