@@ -147,3 +147,30 @@ def test_stop_strings_spanning_tokens_match_a_character_by_character_reference()
         if not hit:
             out += st.flush()
         assert (out, hit) == reference(text, stops), (stops, text)
+
+
+def test_drain_refuses_new_requests_and_ends_running_ones_at_the_deadline(lm):
+    from entropix.serve.scheduler import SchedulerBusy
+
+    sched = Scheduler(lm, max_rows=4)
+    sched.start()
+
+    async def main():
+        job = sched.submit(Request(prompt=[1, 2, 3], policy=Greedy(), max_tokens=3000))
+        while job.tokens < 2:
+            await asyncio.sleep(0.01)
+        t0 = asyncio.get_running_loop().time()
+        sched.drain(0.3)
+        with pytest.raises(SchedulerBusy) as e:
+            sched.submit(Request(prompt=[1, 2], policy=Greedy(), max_tokens=2))
+        assert e.value.stopping
+        while True:
+            _, kind, _ = await asyncio.wait_for(job.queue.get(), 60)
+            if kind != "records":
+                return kind, asyncio.get_running_loop().time() - t0, job.tokens
+
+    try:
+        kind, took, tokens = asyncio.run(main())
+    finally:
+        sched.stop()
+    assert kind == "cancelled" and took >= 0.3 and tokens < 3000

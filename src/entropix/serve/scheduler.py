@@ -129,15 +129,14 @@ class Scheduler:
                 return
             self.draining = True
             self._cond.notify_all()
-        self._deadline = threading.Timer(max(0.0, timeout), self.stop, kwargs={"timeout": 0})
+        self._deadline = threading.Timer(max(0.0, timeout), self._expire)
         self._deadline.daemon = True
         self._deadline.start()
 
-    @property
-    def busy(self) -> bool:
-        """Whether any request is running or waiting."""
-        with self._cond:
-            return bool(self._running or self._pending)
+    def _expire(self) -> None:
+        with self._cond:  # the engine thread ends the unfinished jobs and exits; stop() joins it
+            self._stopping = True
+            self._cond.notify_all()
 
     @property
     def alive(self) -> bool:
