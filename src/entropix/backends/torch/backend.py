@@ -18,7 +18,7 @@ class TorchBackend:
     name = "torch"
     # Prompt tokens per prefill chunk when the engine interleaves long prompts with decode steps:
     # past it a chunk's throughput barely improves while the running streams wait longer
-    # (benchmarks/bench_server.py --chunks measures it).
+    # (`benchmarks/bench_server.py --scenario chunks` measures it).
     max_chunk = 128
 
     def __init__(self, model: Transformer, capture_layers: tuple[int, ...] = (-1,)) -> None:
