@@ -28,6 +28,7 @@ from tinymodel import ByteTokenizer, tiny_lm
 
 KEY = "sekrit-test-key"
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def ascii_lm(**over):
@@ -271,8 +272,10 @@ def test_self_consistency_votes(http, model):
     _check_self_consistency(r.json())
 
 
-def test_forked_rows_become_choices_with_their_parents_prefix(http, model):
-    """Entropy-triggered branching: thresholds that call every token a fork make rows fork at once."""
+def test_branching_returns_n_choices_with_the_tree_in_an_extra_field(http, model):
+    """Entropy-triggered branching: thresholds that call every token a fork make rows fork at once;
+    the answer still has exactly one choice per prompt (n), the root path, and the tree's paths
+    (each a whole text from the start) are in `entropix_branches`."""
     always_branch = {"low_ent": 0, "med_ent": 50, "high_ent": 50, "low_vent": 0, "med_vent": 0, "high_vent": 0}
     body = {"model": model, "prompt": "Once", "max_tokens": 6, "seed": 3, "sampler": "entropix-branching",
             "sampler_config": always_branch}
@@ -280,31 +283,26 @@ def test_forked_rows_become_choices_with_their_parents_prefix(http, model):
     assert r.status_code == 200, r.text
     full = r.json()
     choices = full["choices"]
-    assert len(choices) > 1
-    for c in choices:
-        entries = c["entropix"]
-        # a fork's choice holds its parent's tokens before the fork, so every choice is a whole path
-        assert [e["index"] for e in entries] == list(range(len(entries)))
-        assert "".join(e["text"] for e in entries) == c["text"]
-        assert "confidence" in c and "answer" in c
-    assert any(len(c["entropix"]) > 1 and c["entropix"][0]["token"] == choices[0]["entropix"][0]["token"]
-               for c in choices[1:])  # some fork shares its parent's first token(s)
-    assert full["usage"]["completion_tokens"] < sum(len(c["entropix"]) for c in choices)  # shared tokens count once
-    texts: dict[int, str] = {}
-    for e in _sse_events(http.post("/v1/completions", json={**body, "stream": True}).text):
-        for c in e["choices"]:
-            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
-    assert texts == {c["index"]: c["text"] for c in choices}  # seeded: the stream builds the same tree
-    # a fork's first chunk carries its parent's prefix: its metrics and logprobs cover that text too
-    entries: dict[int, list] = {}
-    lps: dict[int, list] = {}
-    for e in _sse_events(http.post("/v1/completions", json={**body, "stream": True, "logprobs": 1}).text):
-        for c in e["choices"]:
-            entries.setdefault(c["index"], []).extend(c.get("entropix") or [])
-            lps.setdefault(c["index"], []).extend((c.get("logprobs") or {}).get("tokens") or [])
-    for c in choices:
-        assert [x["token"] for x in entries[c["index"]]] == [x["token"] for x in c["entropix"]]
-        assert len(lps[c["index"]]) == len(c["entropix"])
+    assert len(choices) == 1  # n, though the rows forked
+    root = choices[0]
+    entries = root["entropix"]
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert "".join(e["text"] for e in entries) == root["text"]
+    paths = root["entropix_branches"]
+    assert len(paths) > 1 and full["forks"] >= 1
+    assert paths[0]["choice"] == 0 and paths[0]["text"] == root["text"]
+    forks = paths[1:]
+    assert all("parent" in p for p in forks)
+    # a fork's text starts with its parent's text before the fork
+    assert any(p["text"][:1] == root["text"][:1] for p in forks if p["parent"][0] == 0 and p["parent"][1] > 0)
+    assert 0 <= full["branch_choice"] < len(paths) and full["answer"] == paths[full["branch_choice"]]["answer"]
+    assert full["usage"]["completion_tokens"] > len(entries)  # forks' tokens count in usage
+    events = _sse_events(http.post("/v1/completions", json={**body, "stream": True}).text)
+    text = "".join(c["text"] for e in events for c in e.get("choices", []) if "text" in c)
+    assert {c["index"] for e in events for c in e.get("choices", [])} == {0}
+    assert text == root["text"]  # seeded: the stream decodes the same tree
+    last = [e for e in events if e.get("choices") and "entropix_branches" in e["choices"][0]]
+    assert last and [p["text"] for p in last[-1]["choices"][0]["entropix_branches"]] == [p["text"] for p in paths]
 
 
 def test_attention_layers_must_be_the_servers(http, model):
@@ -355,9 +353,9 @@ def test_cot_follow_up_has_no_bos_inside(monkeypatch):
 def test_bad_requests_get_openai_errors(http, client, model):
     url = "/v1/chat/completions"
     ok = {"model": model, "messages": CHAT, "max_tokens": 1}
-    _error(http.post(url, content=b"{not json"), 400, None, "invalid_json")
-    _error(http.post(url, content=b"[1, 2]"), 400, None, "invalid_json")
-    _error(http.post(url, content=b'{"model": "x", "temperature": NaN}'), 400, None, "invalid_json")
+    _error(http.post(url, content=b"{not json", headers=JSON_TYPE), 400, None, "invalid_json")
+    _error(http.post(url, content=b"[1, 2]", headers=JSON_TYPE), 400, None, "invalid_json")
+    _error(http.post(url, content=b'{"model": "x", "temperature": NaN}', headers=JSON_TYPE), 400, None, "invalid_json")
     _error(http.post(url, json={**ok, "temperature": "hot"}), 400, "temperature", "invalid_type")
     _error(http.post(url, json={**ok, "messages": "hello"}), 400, "messages", "invalid_type")
     _error(http.post(url, json={**ok, "n": 1.5}), 400, "n", "invalid_type")
@@ -374,7 +372,7 @@ def test_bad_requests_get_openai_errors(http, client, model):
     _error(http.post("/v1/completions", json={"model": model, "prompt": [1] * 9000, "max_tokens": 1}),
            400, "prompt", "context_length_exceeded")
     _error(http.post(url, json={**ok, "model": "gpt-9"}), 404, "model", "model_not_found")
-    _error(http.post(url, content=b"x" * (3 * 1024 * 1024)), 413, None, "request_too_large")
+    _error(http.post(url, content=b"x" * (3 * 1024 * 1024), headers=JSON_TYPE), 413, None, "request_too_large")
     _error(http.get("/v1/nothing-here"), 404)
     _error(http.get("/v1/chat/completions"), 405)
 

@@ -12,6 +12,14 @@ the host makes four calls at most:
 
 Rows are numbered 0..rows-1 in the order the host knows them; every call keeps the
 host's order.
+
+Optional (the engine uses them when a backend has them, else whole prefills):
+
+    max_chunk: int                                         preferred prompt tokens per chunk
+    prefill_chunk(key, prompt, start, stop, copies, capture)  feed prompt[start:stop] of a prefill
+                                        in progress (start 0 begins it); the last chunk adds the
+                                        rows at the end, as prefill() does
+    drop_prefill(key)                   forget an unfinished chunked prefill
 """
 
 from __future__ import annotations

@@ -48,20 +48,43 @@ class Row:
 
 
 @dataclass
+class _Prefill:
+    """A long prompt read chunk by chunk between decode steps."""
+
+    request: Request
+    done: int = 0  # prompt tokens fed so far
+
+
+@dataclass
 class _RequestState:
     next_choice: int  # choices only ever grow: a fork never reuses a finished row's number (or seed)
     forks: int = 0
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Any, max_context: int) -> None:
+    """`prefill_chunk`: prompts longer than this many tokens are read in chunks of it, one per
+    step, so that running rows keep decoding meanwhile (needs a backend with `prefill_chunk`;
+    None reads every prompt whole)."""
+
+    def __init__(self, backend: Backend, tokenizer: Any, max_context: int, prefill_chunk: int | None = None) -> None:
         self.backend, self.tok, self.max_context = backend, tokenizer, int(max_context)
         self.rows: list[Row] = []
         self._requests: dict[str, _RequestState] = {}
+        self.prefills: list[_Prefill] = []  # oldest first
+        self.prefill_chunk = prefill_chunk
 
     @property
     def active(self) -> bool:
-        return bool(self.rows)
+        return bool(self.rows or self.prefills)
+
+    def live_ids(self) -> set[str]:
+        """Requests with rows in the batch or a prefill in progress."""
+        return {r.request.id for r in self.rows} | {p.request.id for p in self.prefills}
+
+    @property
+    def chunking(self) -> int | None:
+        chunk = self.prefill_chunk
+        return chunk if chunk and hasattr(self.backend, "prefill_chunk") else None
 
     # -- admission ----------------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -84,13 +107,30 @@ class Engine:
         """Prefill new requests together and put their rows at the end of the batch."""
         for r in requests:
             self.validate(r)
+        chunk = self.chunking
+        if chunk:  # long prompts wait their turn in chunks; the short ones join at once
+            self.prefills += [_Prefill(r) for r in requests if len(r.prompt) > chunk]
+            requests = [r for r in requests if len(r.prompt) <= chunk]
         if not requests:
             return
         capture = any(r.policy.needs_attention for r in requests)
         self.backend.prefill([r.prompt for r in requests], [r.n for r in requests], capture)
         for r in requests:
-            self._requests[r.id] = _RequestState(next_choice=r.n)
-            self.rows.extend(self._new_row(r, c) for c in range(r.n))
+            self._join(r)
+
+    def _join(self, r: Request) -> None:
+        self._requests[r.id] = _RequestState(next_choice=r.n)
+        self.rows.extend(self._new_row(r, c) for c in range(r.n))
+
+    def _prefill_step(self) -> None:
+        """One chunk of the oldest prompt in progress; its rows join once it is read."""
+        p = self.prefills[0]
+        r, stop = p.request, min(p.done + self.chunking, len(p.request.prompt))
+        self.backend.prefill_chunk(r.id, r.prompt, p.done, stop, r.n, r.policy.needs_attention)
+        p.done = stop
+        if stop >= len(r.prompt):
+            self.prefills.pop(0)
+            self._join(r)
 
     def _new_row(self, req: Request, choice: int) -> Row:
         stops = StopText(req.stop_strings) if req.stop_strings else None
@@ -98,6 +138,9 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        if any(p.request.id == request_id for p in self.prefills):
+            self.prefills = [p for p in self.prefills if p.request.id != request_id]
+            self.backend.drop_prefill(request_id)
         keep = [i for i, r in enumerate(self.rows) if r.request.id != request_id]
         if len(keep) != len(self.rows):
             self.rows = [self.rows[i] for i in keep]
@@ -105,9 +148,14 @@ class Engine:
 
     # -- one decode step ----------------------------------------------------------------
     def step(self) -> list[TokenRecord]:
-        """Choose one token for every active row, then run the model on them."""
-        if not self.rows:
-            return []
+        """Choose one token for every active row and run the model on them; then read one chunk
+        of a long prompt, if one is waiting."""
+        records = self._decode() if self.rows else []
+        if self.prefills:
+            self._prefill_step()
+        return records
+
+    def _decode(self) -> list[TokenRecord]:
         B = len(self.rows)
         host = self.backend.sample(self._groups(), self._top_k())
         sources, tokens = list(range(B)), host.token.tolist()
@@ -243,5 +291,5 @@ def generate(engine: Engine, requests: Sequence[Request]) -> Iterator[TokenRecor
     """Add the requests and yield records until all of them finish."""
     engine.add(requests)
     ids = {r.id for r in requests}
-    while any(r.request.id in ids for r in engine.rows):
+    while ids & engine.live_ids():
         yield from engine.step()

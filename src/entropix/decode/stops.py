@@ -17,10 +17,13 @@ class StopText:
         """(text to release now, whether a stop string was found). After a stop the
         released text ends just before it and the rest is dropped."""
         buf = self.held + delta
-        hits = [p for p in (buf.find(s) for s in self.stops) if p >= 0]
+        # The stop that completes first wins, as if the text came one character at a time
+        # (a tie: the longer one, which starts earlier): what is released never depends on
+        # how the text was split into tokens.
+        hits = [(p + len(s), p) for s, p in ((s, buf.find(s)) for s in self.stops) if p >= 0]
         if hits:
             self.held = ""
-            return buf[:min(hits)], True
+            return buf[:min(hits)[1]], True
         # Hold back the longest tail that is the start of some stop string: any stop that
         # completes later must begin inside it.
         hold = 0

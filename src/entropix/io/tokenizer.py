@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import re
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -433,6 +434,26 @@ class Tokenizer:
         ids = self._engine.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
+        return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as plain text: special-token text in it ("<|im_end|>")
+        becomes ordinary tokens, never the special token (user content cannot forge turns)."""
+        if getattr(self, "_special_re", None) is None:
+            names = sorted({self._token_bytes[i].decode("utf-8", "replace") for i in self._added_ids}, key=len,
+                           reverse=True)
+            self._special_re = re.compile("|".join(re.escape(n) for n in names if n)) if any(names) else False
+        if not self._special_re:
+            return self.encode(text, add_bos=False) if text else []
+        ids, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                ids += self.encode(text[pos:m.start()], add_bos=False)
+            s = m.group()  # split so that no piece is the special text any more (a one-character one cannot be)
+            ids += self.encode_plain(s[:1]) + self.encode_plain(s[1:]) if len(s) > 1 else self.encode(s, add_bos=False)
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode(text[pos:], add_bos=False)
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -7,6 +7,8 @@ are strict and forbid unknown fields, so a typo is an error rather than silently
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +17,7 @@ from .errors import APIError, bad_request, validation_error
 
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 32
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a body; json.loads would recurse past Python's limit
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -91,6 +94,26 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a JSON string (skipped whole), or a bracket
+
+
+def json_depth(body: bytes, limit: int) -> bool:
+    """Whether the arrays and objects in `body` nest deeper than `limit` (brackets inside strings
+    do not count), found before any recursive parsing."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for m in _TOKENS.finditer(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
 async def read_json(request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object (413 past `limit` bytes, 400 for anything else)."""
     too_big = APIError(413, f"The request body is larger than {limit} bytes.", "invalid_request_error",
@@ -105,9 +128,12 @@ async def read_json(request, limit: int) -> dict[str, Any]:
             raise too_big
     if not body.strip():
         raise bad_request("The request body is empty; expected a JSON object.", None, "invalid_json")
+    if json_depth(body, MAX_JSON_DEPTH):
+        raise bad_request(f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+                          None, "invalid_json")
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)  # NaN is not JSON
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise bad_request(f"We could not parse the JSON body of your request ({e}). "
                           "The body must be valid JSON.", None, "invalid_json") from None
     if not isinstance(data, dict):
@@ -189,13 +215,40 @@ def message_text(m: ChatMessage, i: int) -> str:
 
 
 def chat_prompt(p: ChatRequest, tokenizer: Any) -> list[int]:
-    """The messages rendered with the model's chat template (developer counts as system)."""
+    """The messages rendered with the model's chat template (developer counts as system).
+
+    Only the template writes special tokens: message contents are tokenized as plain text, so
+    "<|im_end|>" typed by a user stays text and cannot open a system or assistant turn.
+    """
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
             for i, m in enumerate(p.messages)]
     try:
+        if hasattr(tokenizer, "encode_plain") and hasattr(tokenizer, "render_chat"):
+            return plain_content_chat(tokenizer, msgs)
         return tokenizer.encode_chat(msgs)
+    except APIError:
+        raise
     except Exception as e:
         raise bad_request(f"could not render the messages with the model's chat template: {e}", "messages") from None
+
+
+def plain_content_chat(tokenizer: Any, msgs: list[dict[str, str]]) -> list[int]:
+    """Render with a marker in place of each content, then tokenize the template's text with its special
+    tokens and each content as plain text."""
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(msgs))]
+    text = tokenizer.render_chat([{**m, "content": mk} for m, mk in zip(msgs, marks)])
+    ids: list[int] = []
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+    for j, piece in enumerate(pieces):
+        if j % 2:  # a marker: the content it stands for
+            ids += tokenizer.encode_plain(msgs[int(piece)]["content"])
+        elif piece:
+            ids += tokenizer.encode(piece, add_bos=False)
+    bos = getattr(tokenizer, "bos_id", None)
+    if getattr(tokenizer, "add_bos", False) and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
 
 
 def chat_budget(p: ChatRequest, max_context: int, prompt_len: int, default: int) -> int:

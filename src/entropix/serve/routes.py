@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from ..sampler import catalog
-from . import protocol, streaming
+from . import protocol, security, streaming
 from .errors import install_handlers
 from .run import open_run
 from .scheduler import Scheduler
@@ -46,9 +46,12 @@ def _authorised(request: HTTPRequest) -> AppState:
 
 @router.get("/health")
 async def health(request: HTTPRequest):
-    state = _state(request)  # probes need no key
+    state = _state(request)  # probes need no key, but only a key holder learns more than the status
     sched = state.scheduler
-    return {"status": "ok" if sched.alive else "stopped", "model": state.lm.name, "scheduler": sched.stats()}
+    status = "ok" if sched.alive and not sched.draining else ("stopping" if sched.alive else "stopped")
+    if not state.key_given(request):
+        return {"status": status}
+    return {"status": status, "model": state.lm.name, "scheduler": sched.stats()}
 
 
 def _model_card(state: AppState) -> dict[str, Any]:
@@ -152,9 +155,13 @@ async def _lifespan(app: FastAPI):
 def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int = 16,
                max_body_bytes: int = DEFAULT_MAX_BODY, default_max_tokens: int = 512,
                max_context: int | None = None, cors_origins: list[str] | tuple[str, ...] = (),
-               max_pending: int = 256) -> FastAPI:
-    """The FastAPI app serving `lm` (its scheduler thread runs while the app is up)."""
-    sched = Scheduler(lm, max_rows=max_rows, max_pending=max_pending, capture_layers=catalog.default_capture_layers(lm))
+               max_pending: int = 256, allowed_hosts: frozenset[str] | None = security.LOOPBACK,
+               prefill_chunk: int | None = None) -> FastAPI:
+    """The FastAPI app serving `lm` (its scheduler thread runs while the app is up).
+
+    `allowed_hosts`: Host header names to accept (loopback names by default; None: any)."""
+    sched = Scheduler(lm, max_rows=max_rows, max_pending=max_pending, capture_layers=catalog.default_capture_layers(lm),
+                      prefill_chunk=prefill_chunk)
     ctx = min(max_context or sched.engine.max_context, sched.engine.max_context)
     app = FastAPI(title="entropix", version=__version__, lifespan=_lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages load from a CDN
@@ -166,6 +173,7 @@ def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(security.Guard, hosts=allowed_hosts)  # outermost: refusals carry no CORS headers
     install_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -221,7 +221,10 @@ class Run:
                     self._show(req, j)
         except SchedulerBusy as e:
             self.cancel()
-            raise APIError(429, str(e), "rate_limit_error", None, "server_busy") from None
+            wait = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+            if e.stopping:
+                raise APIError(503, str(e), "server_error", None, "shutting_down", wait) from None
+            raise APIError(429, str(e), "rate_limit_error", None, "server_busy", wait) from None
         except EntropixError as e:
             self.cancel()
             raise bad_request(str(e), None, "context_length_exceeded" if "context" in str(e) else None) from None
@@ -252,8 +255,8 @@ class Run:
             async for recs in self._records(len(phase.requests)):
                 for rec in recs:
                     got[rec.request_id][rec.choice].append(rec)
-                    if phase.shown:
-                        yield self._feed(rec)
+                    if phase.shown and (ev := self._feed(rec)) is not None:
+                        yield ev
             self._phase = self._advance(got)
 
     async def _records(self, jobs: int) -> AsyncIterator[list[TokenRecord]]:
@@ -278,11 +281,13 @@ class Run:
                 raise APIError(503, "the request was cancelled (server shutting down)", "server_error", None,
                                "cancelled")
 
-    def _feed(self, rec: TokenRecord) -> tuple[Choice, list[TokenRecord], str]:
+    def _feed(self, rec: TokenRecord) -> tuple[Choice, list[TokenRecord], str] | None:
         idx = self._choice_of.get((rec.request_id, rec.choice))
         if idx is not None:
             ch = self.choices[idx]
             return ch, [rec], ch.add(rec)
+        if self.decoder.strategy == "branching":  # forks are paths of the tree, not choices: n stays n
+            return None
         ch = self._fork(rec)
         return ch, list(ch.records), ch.text
 
@@ -299,11 +304,25 @@ class Run:
         return ch
 
     # -- scores ----------------------------------------------------------------------------
+    def _tree(self, rid: str, res: dict[str, Any]) -> dict[str, Any]:
+        """Entropy-triggered branching: the prompt's one choice is its root row; every path of the
+        tree (the root and its forks, each with its full text, answer and confidence) goes in the
+        choice's `entropix_branches`; `branch_choice` is the index of the best path there."""
+        ch = self.choices[self._choice_of[(rid, 0)]]
+        paths = [{k: v for k, v in b.items() if k != "tokens"} for b in res["branches"]]
+        root = next((b for b in paths if b["choice"] == 0), None)
+        ch.extra = {"confidence": rounded(root["confidence"]) if root else None,
+                    "answer": root["answer"] if root else None, "entropix_branches": paths}
+        return {"branch_choice": res["choice"], "answer": res["answer"], "forks": res.get("forks", 0)}
+
     def _scores(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         """The strategy's results as choice extras; the top-level fields (lists for several prompts)."""
         tops = []
         for rid, res in zip(self._prompt_request, results):
             if "branches" not in res:
+                continue
+            if self.decoder.strategy == "branching":
+                tops.append(self._tree(rid, res))
                 continue
             for b in res["branches"]:
                 ch = self.choices[self._choice_of[(rid, b["choice"])]]

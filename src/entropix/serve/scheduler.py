@@ -14,6 +14,7 @@ job took part in, then exactly one ``(job, "done", None)``, ``(job, "error", mes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -30,6 +31,16 @@ log = logging.getLogger("entropix.scheduler")
 
 class SchedulerBusy(EntropixError):
     """The waiting queue is full or the scheduler is stopping: try again later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0, stopping: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after, self.stopping = retry_after, stopping
+
+
+def reserved_rows(request: Request) -> int:
+    """Rows a request may come to hold: n, or its fork budget when it branches."""
+    cfg = request.branching
+    return request.n if cfg is None else max(request.n, cfg.max_rows)
 
 
 @dataclass(eq=False)
@@ -62,20 +73,34 @@ class Scheduler:
     """
 
     def __init__(self, lm: Any, max_rows: int = 32, capture_layers: tuple[int, ...] = (-1,),
-                 max_pending: int = 256) -> None:
+                 max_pending: int = 256, prefill_chunk: int | None = None) -> None:
         if max_rows < 1:
             raise EntropixError(f"max_rows must be at least 1, got {max_rows}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise EntropixError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.lm, self.max_rows, self.max_pending = lm, max_rows, max_pending
         self.capture_layers = tuple(capture_layers)
-        self.engine = lm.engine(self.capture_layers)
+        self.prefill_chunk = prefill_chunk
+        self.engine = self._new_engine()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._running: dict[str, Job] = {}
         self._to_cancel: list[Job] = []
         self._stopping = False
+        self.draining = False  # SIGTERM: no new requests; running ones have until the deadline
         self._thread: threading.Thread | None = None
+        self._deadline: threading.Timer | None = None
         # counters for /health, tests and benchmarks
         self.steps = self.tokens = self.completed = self.cancelled = self.errors = self.max_batch_rows = 0
+        self._mean_job_s = 1.0  # running mean of finished jobs' wall time (Retry-After)
+        self.cancel_seconds = 0.0  # engine time spent removing cancelled requests (benchmarks)
+
+    def _new_engine(self):
+        """An engine that reads long prompts in chunks between decode steps (the backend's chunk size
+        unless one was given), so a long prompt does not freeze the running streams."""
+        engine = self.lm.engine(self.capture_layers)
+        engine.prefill_chunk = self.prefill_chunk or getattr(engine.backend, "max_chunk", None)
+        return engine
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -93,6 +118,25 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests; after `timeout` seconds stop, ending the unfinished ones
+        ('cancelled': streams get an error event). Safe to call again (the first deadline holds)."""
+        with self._cond:
+            if self.draining:
+                return
+            self.draining = True
+            self._cond.notify_all()
+        self._deadline = threading.Timer(max(0.0, timeout), self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        with self._cond:  # the engine thread ends the unfinished jobs and exits; stop() joins it
+            self._stopping = True
+            self._cond.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -104,6 +148,8 @@ class Scheduler:
         self.engine.validate(request)
         if request.n > self.max_rows:
             raise EntropixError(f"n is {request.n}; this server runs at most {self.max_rows} rows at once")
+        if request.branching is not None and request.branching.max_rows > self.max_rows:  # forks fit the batch too
+            request.branching = dataclasses.replace(request.branching, max_rows=self.max_rows)
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None,
                queue: asyncio.Queue | None = None) -> Job:
@@ -111,13 +157,18 @@ class Scheduler:
         self.validate(request)
         job = Job(request, loop or asyncio.get_running_loop(), queue if queue is not None else asyncio.Queue())
         with self._cond:
-            if self._stopping:
-                raise SchedulerBusy("the server is shutting down")
+            if self._stopping or self.draining:
+                raise SchedulerBusy("the server is shutting down", retry_after=5, stopping=True)
             if len(self._pending) >= self.max_pending:
-                raise SchedulerBusy(f"too many requests are waiting ({len(self._pending)}); try again later")
+                raise SchedulerBusy(f"too many requests are waiting ({len(self._pending)}); try again later",
+                                    retry_after=self._retry_after())
             self._pending.append(job)
             self._cond.notify_all()
         return job
+
+    def _retry_after(self) -> float:
+        """Seconds until a waiting slot is likely free: the mean time a finished job took (at least 1)."""
+        return max(1.0, min(60.0, self._mean_job_s))
 
     def cancel(self, job: Job) -> None:
         """Stop a job (client went away). Safe to call more than once or after it finished."""
@@ -132,9 +183,12 @@ class Scheduler:
         with self._cond:
             return {
                 "running_requests": len(self._running), "rows": len(self.engine.rows),
+                "prefilling": len(self.engine.prefills),
+                "reserved_rows": sum(reserved_rows(j.request) for j in self._running.values()),
                 "pending_requests": len(self._pending), "max_rows": self.max_rows,
                 "steps": self.steps, "tokens": self.tokens, "completed": self.completed,
                 "cancelled": self.cancelled, "errors": self.errors, "max_batch_rows": self.max_batch_rows,
+                "cancel_seconds": round(self.cancel_seconds, 4),
                 "alive": self.alive,
             }
 
@@ -147,6 +201,8 @@ class Scheduler:
 
     def _finish(self, job: Job, kind: str, payload: Any = None) -> None:
         job.done, job.finished, job.status = True, time.perf_counter(), kind
+        if kind == "done":
+            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (job.finished - job.submitted)
         self._running.pop(job.id, None)
         setattr(self, _COUNTER[kind], getattr(self, _COUNTER[kind]) + 1)
         self._deliver(job, kind, payload)
@@ -154,22 +210,22 @@ class Scheduler:
     def _take_work(self) -> tuple[list[Job], list[Job]] | None:
         """Wait for work; return (cancelled, admitted) or None when stopping."""
         with self._cond:
-            while not (self._stopping or self._pending or self._to_cancel or self.engine.rows):
+            while not (self._stopping or self._pending or self._to_cancel or self.engine.active):
                 self._cond.wait()
             if self._stopping:
                 return None
             cancels, self._to_cancel = self._to_cancel, []
             admitted: list[Job] = []
-            rows = len(self.engine.rows) - sum(job.request.n for job in cancels if job.id in self._running)
+            rows = sum(reserved_rows(job.request) for job in self._running.values() if not job.cancelled)
             while self._pending:
                 job = self._pending[0]
                 if job.cancelled:
                     self._pending.popleft()
                     continue
-                if rows + job.request.n > self.max_rows:
+                if rows + reserved_rows(job.request) > self.max_rows:
                     break  # FIFO: later requests wait behind this one
                 admitted.append(self._pending.popleft())
-                rows += job.request.n
+                rows += reserved_rows(job.request)
             return cancels, admitted
 
     def _run(self) -> None:
@@ -180,11 +236,13 @@ class Scheduler:
                     if job.done:
                         continue
                     if job.id in self._running:
+                        t0 = time.perf_counter()
                         self.engine.cancel(job.id)
+                        self.cancel_seconds += time.perf_counter() - t0
                     self._finish(job, "cancelled")
                 if admitted:
                     self._admit(admitted)
-                if self.engine.rows:
+                if self.engine.active:
                     self._step()
         finally:
             self._shutdown()
@@ -216,7 +274,7 @@ class Scheduler:
             # The batch is in an unknown state: fail its requests and go on with a fresh engine.
             for job in list(self._running.values()):
                 self._fail(job, e)
-            self.engine = self.lm.engine(self.capture_layers)
+            self.engine = self._new_engine()
             return
         self.steps += 1
         self.tokens += len(records)
@@ -230,7 +288,7 @@ class Scheduler:
                 job.tokens += len(recs)
                 self._deliver(job, "records", recs)
         # A job is done once none of its rows is left in the batch (rows may fork, so count rows).
-        live = {row.request.id for row in self.engine.rows}
+        live = self.engine.live_ids()
         for rid in [rid for rid in self._running if rid not in live]:
             self._finish(self._running[rid], "done")
 
@@ -241,4 +299,4 @@ class Scheduler:
         for job in waiting:
             if not job.done:
                 self._finish(job, "cancelled")
-        self.engine = self.lm.engine(self.capture_layers)
+        self.engine = self._new_engine()

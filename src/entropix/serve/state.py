@@ -37,6 +37,14 @@ class AppState:
             self._thresholds = catalog.default_thresholds(self.lm)
         return self._thresholds
 
+    def key_given(self, request) -> bool:
+        """Whether the request may see more than the status (no key set, or the right one sent)."""
+        try:
+            self.check_key(request)
+        except APIError:
+            return False
+        return True
+
     def check_key(self, request) -> None:
         if not self.api_key:
             return

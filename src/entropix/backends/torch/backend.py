@@ -10,27 +10,33 @@ import torch
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
 from ..base import SampleGroup, StepHost
 from . import ops
-from .kvcache import KVCache
+from .kvcache import KVCache, SlotCache
 from .model import Transformer
 
 
 class TorchBackend:
     name = "torch"
+    # Prompt tokens per prefill chunk when the engine interleaves long prompts with decode steps:
+    # past it a chunk's throughput barely improves while the running streams wait longer
+    # (`benchmarks/bench_server.py --scenario chunks` measures it).
+    max_chunk = 128
 
     def __init__(self, model: Transformer, capture_layers: tuple[int, ...] = (-1,)) -> None:
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.capture_layers = tuple(capture_layers)
         self.device = model.device
-        self.cache: KVCache | None = None
-        self.logits: torch.Tensor | None = None  # [B, V] pending next-token logits
+        self.cache: SlotCache | None = None
+        self.slot: list[int] = []  # host row -> its slot in the cache
+        self.logits: torch.Tensor | None = None  # [B, V] pending next-token logits (host order)
         self.attn: torch.Tensor | None = None  # [B, 4] attention metrics of the pending step
         self.attn_valid: torch.Tensor | None = None  # [B] bool: which rows captured them
         self._tables: dict[object, tuple[torch.Tensor, ...]] = {}  # EntropixTable -> its tensors here
+        self._partial: dict[object, KVCache] = {}  # chunked prefills in progress
 
     @property
     def rows(self) -> int:
-        return 0 if self.logits is None else self.logits.shape[0]
+        return len(self.slot)
 
     # -- rows -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -43,35 +49,87 @@ class TorchBackend:
             cache.starts[b] = P - len(p)
         logits, stats = self.model(toks.to(self.device), cache, self._layers(capture))
         attn = ops.attention_metrics(list(stats.values()), n, self.device)
-        valid = torch.full((n,), bool(stats), device=self.device)
-        if any(c != 1 for c in copies):  # a request's rows share its prefill
-            picks = [b for b, c in enumerate(copies) for _ in range(c)]
-            cache.select(picks)
-            idx = torch.tensor(picks, device=self.device)
-            logits, attn, valid = logits[idx], attn[idx], valid[idx]
+        self._join(cache, [b for b, c in enumerate(copies) for _ in range(c)], logits, attn, bool(stats))
+
+    @torch.inference_mode()
+    def prefill_chunk(self, key: object, prompt: Sequence[int], start: int, stop: int, copies: int,
+                      capture: bool) -> None:
+        """Feed prompt[start:stop] of a prefill in progress; the last chunk (stop == len(prompt))
+        adds its `copies` rows at the end, like prefill(). Optional: see backends.base."""
+        if start == 0:
+            self._partial[key] = self.model.new_cache(1, len(prompt) + 1)
+        cache = self._partial[key]
+        last = stop >= len(prompt)
+        toks = torch.tensor([list(prompt[start:stop])], dtype=torch.long).to(self.device)
+        logits, stats = self.model(toks, cache, self._layers(capture and last))
+        if last:
+            del self._partial[key]
+            attn = ops.attention_metrics(list(stats.values()), 1, self.device)
+            self._join(cache, [0] * copies, logits, attn, bool(stats))
+
+    def drop_prefill(self, key: object) -> None:
+        """Forget a chunked prefill in progress (its request was cancelled)."""
+        self._partial.pop(key, None)
+
+    def _join(self, cache: KVCache, picks: list[int], logits, attn, captured: bool) -> None:
+        """New rows at the end of the batch: row picks[j] of `cache` becomes one row (rows share a prefill)."""
         if self.cache is None:
-            self.cache, self.logits, self.attn, self.attn_valid = cache, logits, attn, valid
-            return
-        self.cache.append_rows_from(cache, list(range(cache.batch)))
-        self.logits = torch.cat([self.logits, logits])
-        self.attn = torch.cat([self.attn, attn])
-        self.attn_valid = torch.cat([self.attn_valid, valid])
+            self.cache = SlotCache(self.model.new_cache, max(4, len(picks)), cache.capacity)
+        for b in picks:
+            slot = self.cache.alloc()
+            self.cache.put(slot, cache, b)
+            self.slot.append(slot)
+        idx = torch.tensor(picks, device=self.device)
+        valid = torch.full((len(picks),), captured, device=self.device)
+        new = (logits.index_select(0, idx), attn.index_select(0, idx), valid)
+        if self.logits is None:
+            self.logits, self.attn, self.attn_valid = new
+        else:
+            self.logits, self.attn, self.attn_valid = (torch.cat([a, b]) for a, b in
+                                                       zip((self.logits, self.attn, self.attn_valid), new))
 
     @torch.inference_mode()
     def select(self, rows: Sequence[int]) -> None:
+        """Keep rows: a dropped row's slot goes back to the free list (no copy of the others); a
+        repeated row (a fork) gets a new slot holding a copy of its own cache."""
+        rows = list(rows)
         if not rows:
-            self.cache = self.logits = self.attn = self.attn_valid = None
+            self.cache, self.slot = None, []
+            self.logits = self.attn = self.attn_valid = None
             return
-        self.cache.select(list(rows))
-        idx = torch.tensor(list(rows), device=self.device)
+        keep = {self.slot[r] for r in rows}
+        for s in set(self.slot) - keep:  # free first: a fork may take a slot just given back
+            self.cache.release(s)
+        taken, slots = set(), []
+        for r in rows:
+            s = self.slot[r]
+            if s in taken:
+                dst = self.cache.alloc()
+                self.cache.fork(dst, s)
+                s = dst
+            taken.add(s)
+            slots.append(s)
+        self.slot = slots
+        idx = torch.tensor(rows, device=self.device)
         self.logits, self.attn, self.attn_valid = self.logits[idx], self.attn[idx], self.attn_valid[idx]
 
     @torch.inference_mode()
     def advance(self, tokens: Sequence[int], capture: bool) -> None:
-        t = torch.tensor(list(tokens), dtype=torch.long).to(self.device, non_blocking=True)
-        self.logits, stats = self.model(t[:, None], self.cache, self._layers(capture))
+        view = self.cache.view(1)
+        top = view.batch
+        toks = [0] * top  # a free slot below the top runs a dummy token that nobody reads
+        for s, t in zip(self.slot, tokens):
+            toks[s] = int(t)
+        t = torch.tensor(toks, dtype=torch.long).to(self.device, non_blocking=True)
+        logits, stats = self.model(t[:, None], view, self._layers(capture))
+        self.cache.settle(view)
         B = len(tokens)
-        self.attn = ops.attention_metrics(list(stats.values()), B, self.device)
+        attn = ops.attention_metrics(list(stats.values()), top, self.device)
+        if self.slot == list(range(top)):
+            self.logits, self.attn = logits, attn
+        else:
+            idx = torch.tensor(self.slot, device=self.device)
+            self.logits, self.attn = logits.index_select(0, idx), attn.index_select(0, idx)
         self.attn_valid = torch.full((B,), bool(stats), device=self.device)
 
     def _layers(self, capture: bool) -> tuple[int, ...]:

@@ -113,3 +113,86 @@ class KVCache:
         self.lengths = self.lengths + lengths
         self.starts = self.starts + starts
         self._dev = None
+
+    @classmethod
+    def view(cls, k: torch.Tensor, v: torch.Tensor, lengths: list[int], starts: list[int]) -> "KVCache":
+        """A cache over existing tensors (writes land in them), with its own copies of the lengths."""
+        c = cls.__new__(cls)
+        c.k, c.v, c.lengths, c.starts, c._dev = k, v, list(lengths), list(starts), None
+        return c
+
+
+class SlotCache:
+    """Rows kept in slots of one preallocated cache, with a free list.
+
+    A row that leaves gives its slot back and costs no copy of the other rows; a new row takes
+    the lowest free slot, so the used slots stay packed at the bottom. The model runs over slots
+    [0, top) through a view (`view()`): a free slot inside that range is a dummy row of length 0
+    whose output is ignored. Only growth (more slots, a longer capacity) copies, and it doubles.
+    """
+
+    def __init__(self, make: "callable", rows: int, capacity: int) -> None:
+        self._make = make  # (rows, capacity) -> KVCache
+        self.full = make(rows, capacity)
+        self.used = [False] * rows
+
+    @property
+    def top(self) -> int:
+        """One past the highest used slot."""
+        return max((i + 1 for i, u in enumerate(self.used) if u), default=0)
+
+    @property
+    def capacity(self) -> int:
+        return self.full.capacity
+
+    def alloc(self) -> int:
+        for i, u in enumerate(self.used):
+            if not u:
+                self.used[i] = True
+                return i
+        old = self.full  # all taken: double the slots (the one copy of everything, amortised)
+        n = old.batch
+        self.full = self._make(2 * n, old.capacity)
+        self.full.k[:, :n], self.full.v[:, :n] = old.k, old.v
+        self.full.lengths[:n], self.full.starts[:n] = old.lengths, old.starts
+        self.full._dev = None
+        self.used += [True] + [False] * (n - 1)
+        return n
+
+    def release(self, slot: int) -> None:
+        self.used[slot] = False
+        self.full.lengths[slot] = self.full.starts[slot] = 0
+        self.full._dev = None
+
+    def ensure_capacity(self, needed: int) -> None:
+        self.full.ensure_capacity(needed)
+
+    def put(self, slot: int, src: KVCache, row: int) -> None:
+        """Copy row `row` of another cache into a slot (a new row's own prefill)."""
+        n = src.lengths[row]
+        self.ensure_capacity(n + 1)
+        self.full.k[:, slot, :, :n] = src.k[:, row, :, :n]
+        self.full.v[:, slot, :, :n] = src.v[:, row, :, :n]
+        self.full.lengths[slot], self.full.starts[slot] = n, src.starts[row]
+        self.full._dev = None
+
+    def fork(self, dst: int, src: int) -> None:
+        """A copy of one row's own cache in another slot (a branching fork)."""
+        n, s = self.full.lengths[src], self.full.starts[src]
+        self.full.k[:, dst, :, s:n] = self.full.k[:, src, :, s:n]
+        self.full.v[:, dst, :, s:n] = self.full.v[:, src, :, s:n]
+        self.full.lengths[dst], self.full.starts[dst] = n, s
+        self.full._dev = None
+
+    def view(self, new_tokens: int) -> KVCache:
+        """Slots [0, top) as one cache with room for `new_tokens` more, sharing this one's tensors."""
+        top = self.top
+        self.ensure_capacity(max(self.full.lengths[:top], default=0) + new_tokens)
+        return KVCache.view(self.full.k[:, :top], self.full.v[:, :top], self.full.lengths[:top],
+                            self.full.starts[:top])
+
+    def settle(self, view: KVCache) -> None:
+        """Take the lengths a forward pass moved on; free slots stay empty."""
+        for i, n in enumerate(view.lengths):
+            self.full.lengths[i] = n if self.used[i] else 0
+        self.full._dev = None
