@@ -150,3 +150,105 @@ def write_safetensors_copy(src: Path, dst: Path, dtype: torch.dtype | None = Non
         weight_map.update({k: file for k in part})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+# -- other families: Mistral, Qwen2, Qwen3, DeepSeek-V2 ---------------------------------------
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+            "<s>", "</s>"]
+_CORPUS = ("The quick brown fox jumps over the lazy dog. Entropy measures how uncertain a model is. "
+           "Tom has 3 apples and buys 4 more, so he has 7 apples. 12 + 30 = 42. The answer is 42. "
+           "Once upon a time there was a small language model that liked numbers and stories.")
+
+# odd sizes on purpose: GQA ratio 3, head_dim (12) not hidden / heads (48 / 6 = 8), 3 layers
+_DENSE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6, rope_theta=10000.0,
+              max_position_embeddings=256, tie_word_embeddings=False)
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DENSE, sliding_window=8)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE)),
+    # DeepSeek-V2-Lite's shape: no q LoRA, greedy top-k; 4 experts, top-2, 1 shared, 1 dense layer, YaRN
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=48, intermediate_size=72, moe_intermediate_size=20, num_hidden_layers=3, num_attention_heads=3,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=1.5, kv_lora_rank=20, q_lora_rank=None, qk_nope_head_dim=10, qk_rope_head_dim=8,
+        v_head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})),
+    # DeepSeek-V2's shape: q through a LoRA, group-limited routing, mscale != mscale_all_dim
+    "deepseek_v2_full": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=48, intermediate_size=72, moe_intermediate_size=20, num_hidden_layers=2, num_attention_heads=3,
+        n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.0, topk_method="group_limited_greedy", n_group=3, topk_group=2,
+        kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
+        rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                      "mscale": 1.0, "mscale_all_dim": 0.5})),
+}
+CHAT_TEMPLATES = {
+    "qwen": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "deepseek": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n\\n' }}"
+                 "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+                 "{% else %}{{ m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
+}
+
+
+@lru_cache(maxsize=1)
+def small_tokenizer():
+    """A byte-level BPE of ~400 tokens trained on a few sentences, with the families' special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    return tok
+
+
+def _save_tokenizer(folder: Path, family: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    style = "qwen" if family.startswith("qwen") else "deepseek" if family.startswith("deepseek") else "mistral"
+    bos, eos = {"qwen": (None, "<|im_end|>"), "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+                "mistral": ("<s>", "</s>")}[style]
+    fast = PreTrainedTokenizerFast(tokenizer_object=small_tokenizer(), bos_token=bos, eos_token=eos,
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATES[style]
+    fast.save_pretrained(folder)
+
+
+def write_family_model(folder: Path, family: str, seed: int = 0, **over) -> Path:
+    """A random checkpoint of `family` (a key of FAMILIES) saved by transformers, with a small tokenizer.
+
+    Weights are larger than the default init so that logits and routing vary visibly; the
+    special tokens' output rows are zero so that greedy decoding never stops early.
+    """
+    import transformers
+
+    cfg_name, model_name, kw = FAMILIES[family]
+    tok = small_tokenizer()
+    cfg = getattr(transformers, cfg_name)(vocab_size=tok.get_vocab_size(), bos_token_id=None,
+                                          eos_token_id=tok.token_to_id("<|im_end|>"), **{**kw, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5 if name.endswith("mlp.gate.weight") else 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:  # biases
+                p.normal_(0, 0.1)
+        for s in SPECIALS:
+            model.lm_head.weight[tok.token_to_id(s)] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder, family)
+    return folder
