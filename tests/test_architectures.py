@@ -16,7 +16,7 @@ from entropix import EntropixError
 from entropix.cli import main
 from entropix.loading import load_model
 
-from tiny import write_family_model
+from tiny import write_family_gguf, write_family_model
 
 FAMILIES = ["mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v2_full"]
 MAIN = FAMILIES[:4]
@@ -213,3 +213,33 @@ def test_unsupported_architecture_lists_the_supported(tmp_path, folders):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EntropixError, match=r"unsupported architecture 'mamba' \(supported: .*qwen2.*deepseek_v2"):
         load_model(str(folder), progress=False)
+
+
+@pytest.mark.parametrize("family, split", [("qwen2", False), ("qwen3", False), ("deepseek_v2", False),
+                                           ("deepseek_v2", True)])
+def test_gguf_files_of_the_families_load_as_their_folders(family, split, folders, models, tmp_path):
+    """qwen2 / qwen3 / deepseek2 GGUF files (tensors named as the gguf package names them;
+    experts as 3D tensors; kv_b split into k_b and v_b) give the folder's logits and tokens."""
+    path = write_family_gguf(folders[family], tmp_path / f"{family}.gguf", split_kv_b=split)
+    lm, ref = load_model(str(path), device="cpu", dtype="float32", progress=False), models[family]
+    assert lm.config.arch == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(family, "deepseek2")
+    assert lm.tokenizer.encode(PROMPT) == ref.tokenizer.encode(PROMPT)
+    lens = [17, 9]
+    ids, mask = ragged(ref.config.vocab_size, lens, seed=11)
+    got, want = prefill(lm.model, ids, mask)[0], prefill(ref.model, ids, mask)[0]
+    P = ids.shape[1]
+    assert max((got[b, P - n:] - want[b, P - n:]).abs().max().item() for b, n in enumerate(lens)) < 1e-5
+
+
+def test_unsupported_gguf_architecture_lists_the_supported(tmp_path):
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EntropixError, match=r"unsupported GGUF architecture 'mamba' \(supported: .*qwen3.*deepseek2"):
+        load_model(str(path), progress=False)

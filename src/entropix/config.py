@@ -138,7 +138,8 @@ class ModelConfig:
         try:
             heads = int(meta[p + "attention.head_count"])
             hidden = int(meta[p + "embedding_length"])
-            head_dim = int(meta.get(p + "rope.dimension_count") or hidden // heads)
+            head_dim = int(meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count")
+                           or hidden // heads)
             scaling = meta.get(p + "rope.scaling.type")
             return cls(
                 vocab_size=int(meta.get(p + "vocab_size") or n_vocab),

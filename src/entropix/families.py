@@ -116,4 +116,14 @@ def _deepseek2_gguf(meta: dict[str, Any], p: str) -> dict[str, Any]:
         routed_scaling_factor=float(meta.get(p + "expert_weights_scale", 1.0)),
         first_k_dense_replace=int(meta.get(p + "leading_dense_block_count", 0)),
         norm_topk_prob=bool(meta.get(p + "expert_weights_norm", False)),
+        **_gguf_groups(meta, p),
     )
+
+
+def _gguf_groups(meta: dict[str, Any], p: str) -> dict[str, Any]:
+    """Group-limited routing (DeepSeek-V2 proper), where the file states its groups."""
+    groups = int(meta.get(p + "expert_group_count") or 1)
+    if groups <= 1:
+        return {}
+    return dict(topk_method="group_limited_greedy", n_group=groups,
+                topk_group=int(meta.get(p + "expert_group_used_count") or groups))
