@@ -205,6 +205,26 @@ def test_chat_templates_of_the_families(models):
         == models["qwen2"].tokenizer.find_token("<|im_start|>")
 
 
+@pytest.mark.parametrize("family, want", [
+    ("deepseek_v2", "<｜begin▁of▁sentence｜>User: Hi\n\nAssistant:"),
+    ("qwen3", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_files_without_a_template_get_their_familys(family, want, folders, tmp_path):
+    from entropix.io.source import open_checkpoint
+
+    folder = tmp_path / family
+    shutil.copytree(folders[family], folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = open_checkpoint(str(folder)).tokenizer
+    assert tok.chat_template is None
+    assert tok.render_chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]) == want
+    if family.startswith("deepseek"):
+        assert tok.find_token("<｜end▁of▁sentence｜>") in tok.stop_ids
+
+
 def test_unsupported_architecture_lists_the_supported(tmp_path, folders):
     folder = tmp_path / "m"
     shutil.copytree(folders["qwen2"], folder)

@@ -22,7 +22,7 @@ from .. import EntropixError
 from ..config import ModelConfig
 from . import gguf
 from .layouts import Derived, gguf_derived, gguf_layer_names, hf_expert_stacks
-from .tokenizer import Tokenizer
+from .tokenizer import FAMILY_TEMPLATES, Tokenizer
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -157,6 +157,7 @@ class GGUFCheckpoint(Checkpoint):
             self.tokenizer = Tokenizer.from_gguf_metadata(meta)
         except (ValueError, KeyError) as e:
             raise EntropixError(f"{path}: cannot build its tokenizer ({e})") from None
+        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, self.tokenizer.fallback_template)
         # a name that survives renaming the file: profiles are chosen by it
         parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
         self.name = "-".join(parts).lower() if parts else path.stem
@@ -305,6 +306,7 @@ class HFCheckpoint(Checkpoint):
             self.tokenizer = Tokenizer.from_dir(folder)
         except ValueError as e:
             raise EntropixError(str(e)) from None
+        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(cfg.arch, self.tokenizer.fallback_template)
         if not self._stored:
             self.torch_files = tuple(sorted(folder.glob("pytorch_model*.bin")))
             if not self.torch_files:
