@@ -167,9 +167,9 @@ def test_attention_statistics_match_transformers_attentions(family, folders, mod
 
 @pytest.mark.parametrize("family", MAIN)
 def test_entropix_sampler_and_cot_through_the_cli(family, folders, capsys):
-    base = ["generate", PROMPT, "--model", str(folders[family]), "--json", "--max-tokens", "12", "--device", "cpu"]
+    base = ["generate", PROMPT, "--model", str(folders[family]), "--json", "--max-tokens", "6", "--device", "cpu"]
     ent = cli_json(base + ["--sampler", "entropix", "--seed", "3"], capsys)
-    assert 1 <= len(ent["tokens"]) <= 12 and len(ent["records"]) == len(ent["tokens"])
+    assert 1 <= len(ent["tokens"]) <= 6 and len(ent["records"]) == len(ent["tokens"])
     from entropix.sampler.policy import ENTROPIX_STATES
 
     assert all(r["state"] in ENTROPIX_STATES for r in ent["records"])
@@ -263,3 +263,12 @@ def test_unsupported_gguf_architecture_lists_the_supported(tmp_path):
     w.close()
     with pytest.raises(EntropixError, match=r"unsupported GGUF architecture 'mamba' \(supported: .*qwen3.*deepseek2"):
         load_model(str(path), progress=False)
+
+
+def test_bench_compares_with_transformers_on_a_moe_folder(models):
+    """`entropix bench` loads the same MoE folder in transformers and reports a ratio from one run
+    (a figure, not asserted: speed is measured in benchmarks, not in unit tests)."""
+    from entropix.bench import run_bench
+
+    out = run_bench(models["deepseek_v2"], tokens=4, prompt_tokens=8, repeats=1)
+    assert out["ratio"] > 0 and out["transformers_tps"] > 0 and out["new_tokens"] == 4
