@@ -18,7 +18,7 @@ from entropix.loading import load_model
 
 from tiny import write_family_gguf, write_family_model
 
-FAMILIES = ["mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v2_full"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v2_full", "qwen2_window"]
 MAIN = FAMILIES[:4]
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have? The quick brown fox"
 
@@ -272,3 +272,12 @@ def test_bench_compares_with_transformers_on_a_moe_folder(models):
 
     out = run_bench(models["deepseek_v2"], tokens=4, prompt_tokens=8, repeats=1)
     assert out["ratio"] > 0 and out["transformers_tps"] > 0 and out["new_tokens"] == 4
+
+
+def test_family_fields_read_from_the_configs(models):
+    win, mis, ds = models["qwen2_window"].config, models["mistral"].config, models["deepseek_v2"].config
+    assert (win.sliding_window, win.sliding_layers) == (6, (1, 2)) and win.qkv_bias and not win.o_bias
+    assert mis.sliding_window == 8 and all(mis.slides(i) for i in range(3)) and mis.head_dim == 12
+    assert models["qwen3"].config.qk_norm and not models["qwen3"].config.qkv_bias
+    assert (ds.rope_type, ds.kv_lora_rank, ds.n_routed_experts, ds.first_k_dense_replace) == ("yarn", 20, 4, 1)
+    assert [ds.is_moe_layer(i) for i in range(3)] == [False, True, True]

@@ -167,6 +167,9 @@ _DENSE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_att
 FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DENSE, sliding_window=8)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE)),
+    # Qwen's own sliding window: on from layer max_window_layers
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE, use_sliding_window=True, sliding_window=6,
+                                                               max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE)),
     # DeepSeek-V2-Lite's shape: no q LoRA, greedy top-k; 4 experts, top-2, 1 shared, 1 dense layer, YaRN
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(

@@ -87,6 +87,12 @@ class ModelConfig:
             )
         if self.rope_type not in ("default", "llama3", "yarn"):
             raise EntropixError(f"unsupported rope scaling type {self.rope_type!r} (supported: default, llama3, yarn)")
+        if self.n_routed_experts and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise EntropixError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..n_routed_experts "
+                                f"({self.n_routed_experts})")
+        if self.n_routed_experts and (self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group):
+            raise EntropixError(f"{self.n_routed_experts} experts cannot form {self.n_group} groups of which "
+                                f"{self.topk_group} are kept")
         if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise EntropixError(f"unsupported MoE topk_method {self.topk_method!r} (supported: greedy, group_limited_greedy)")
 
