@@ -93,9 +93,13 @@ class LatentAttention(nn.Module):
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, dn, r], [H, dv, r]
         if T <= ABSORB_MAX_T:
             qa = torch.cat([q_nope @ w_uk, q_pe], -1)  # [B, H, T, r + dr]
-            out = F.scaled_dot_product_attention(qa, latent, latent[..., :r], attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=True)  # [B, H, T, r]
-            out = out @ w_uv.transpose(1, 2)  # [B, H, T, dv]
+            # every head reads the same latent keys: the H x T queries attend as one head, so
+            # the keys are never repeated per head
+            D = qa.shape[-1]
+            heads_mask = mask.expand(B, H, T, S).reshape(B, 1, H * T, S)
+            out = F.scaled_dot_product_attention(qa.reshape(B, 1, H * T, D), latent, latent[..., :r],
+                                                 attn_mask=heads_mask, scale=self.scale)  # [B, 1, H T, r]
+            out = out.view(B, H, T, r) @ w_uv.transpose(1, 2)  # [B, H, T, dv]
             q_last = qa[:, :, -1]
         else:
             kv = self.kv_b_proj(latent[:, 0, :, :r]).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
