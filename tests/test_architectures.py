@@ -90,7 +90,7 @@ def cli_json(args, capsys) -> dict:
     return json.loads(out)
 
 
-@pytest.mark.parametrize("family", MAIN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_32_greedy_tokens_identical_through_the_cli(family, folders, models, capsys):
     folder = folders[family]
     res = cli_json(["generate", PROMPT, "--model", str(folder), "--raw", "--json", "--max-tokens", "32",
