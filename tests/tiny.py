@@ -150,3 +150,231 @@ def write_safetensors_copy(src: Path, dst: Path, dtype: torch.dtype | None = Non
         weight_map.update({k: file for k in part})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+# -- other families: Mistral, Qwen2, Qwen3, DeepSeek-V2 ---------------------------------------
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+            "<s>", "</s>"]
+_CORPUS = ("The quick brown fox jumps over the lazy dog. Entropy measures how uncertain a model is. "
+           "Tom has 3 apples and buys 4 more, so he has 7 apples. 12 + 30 = 42. The answer is 42. "
+           "Once upon a time there was a small language model that liked numbers and stories.")
+
+# odd sizes on purpose: GQA ratio 3, head_dim (12) not hidden / heads (48 / 6 = 8), 3 layers
+_DENSE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6, rope_theta=10000.0,
+              max_position_embeddings=256, tie_word_embeddings=False)
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DENSE, sliding_window=8)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE)),
+    # Qwen's own sliding window: on from layer max_window_layers
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE, use_sliding_window=True, sliding_window=6,
+                                                               max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE)),
+    # DeepSeek-V2-Lite's shape: no q LoRA, greedy top-k; 4 experts, top-2, 1 shared, 1 dense layer, YaRN
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=48, intermediate_size=72, moe_intermediate_size=20, num_hidden_layers=3, num_attention_heads=3,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=1.5, kv_lora_rank=20, q_lora_rank=None, qk_nope_head_dim=10, qk_rope_head_dim=8,
+        v_head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})),
+    # DeepSeek-V2's shape: q through a LoRA, group-limited routing, mscale != mscale_all_dim
+    "deepseek_v2_full": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=48, intermediate_size=72, moe_intermediate_size=20, num_hidden_layers=2, num_attention_heads=3,
+        n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.0, topk_method="group_limited_greedy", n_group=3, topk_group=2,
+        kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
+        rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                      "mscale": 1.0, "mscale_all_dim": 0.5})),
+}
+CHAT_TEMPLATES = {
+    "qwen": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "deepseek": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n\\n' }}"
+                 "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+                 "{% else %}{{ m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
+}
+
+
+@lru_cache(maxsize=1)
+def small_tokenizer():
+    """A byte-level BPE of ~400 tokens trained on a few sentences, with the families' special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    return tok
+
+
+def _save_tokenizer(folder: Path, family: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    style = "qwen" if family.startswith("qwen") else "deepseek" if family.startswith("deepseek") else "mistral"
+    bos, eos = {"qwen": (None, "<|im_end|>"), "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+                "mistral": ("<s>", "</s>")}[style]
+    fast = PreTrainedTokenizerFast(tokenizer_object=small_tokenizer(), bos_token=bos, eos_token=eos,
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATES[style]
+    fast.save_pretrained(folder)
+
+
+def write_family_model(folder: Path, family: str, seed: int = 0, **over) -> Path:
+    """A random checkpoint of `family` (a key of FAMILIES) saved by transformers, with a small tokenizer.
+
+    Weights are larger than the default init so that logits and routing vary visibly; the
+    special tokens' output rows are zero so that greedy decoding never stops early.
+    """
+    import transformers
+
+    cfg_name, model_name, kw = FAMILIES[family]
+    tok = small_tokenizer()
+    cfg = getattr(transformers, cfg_name)(vocab_size=tok.get_vocab_size(), bos_token_id=None,
+                                          eos_token_id=tok.token_to_id("<|im_end|>"), **{**kw, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5 if name.endswith("mlp.gate.weight") else 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:  # biases
+                p.normal_(0, 0.1)
+        for s in SPECIALS:
+            model.lm_head.weight[tok.token_to_id(s)] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder, family)
+    return folder
+
+
+def _gguf_tokenizer_meta(w, family: str) -> None:
+    """The small tokenizer as GGUF metadata (byte-level BPE, specials as control tokens)."""
+    tok = small_tokenizer()
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {a["content"]: a["id"] for a in spec["added_tokens"]}
+    for s, i in specials.items():
+        if i >= len(tokens):
+            tokens.append(s)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(specials["<|im_end|>"])
+    style = "qwen" if family.startswith("qwen") else "deepseek"
+    w.add_chat_template(CHAT_TEMPLATES[style])
+
+
+def write_family_gguf(folder: Path, out: Path, split_kv_b: bool = False) -> Path:
+    """A qwen2 / qwen3 / deepseek2 GGUF file of a write_family_model folder, F32, named as the
+    `gguf` package names the tensors (experts as 3D tensors; kv_b split into k_b and v_b, as
+    llama.cpp's newer converters do, with split_kv_b)."""
+    import gguf
+    from gguf import MODEL_TENSOR as T
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    sd = {k.removeprefix("model."): v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    arch = {"qwen2": "qwen2", "qwen3": "qwen3", "deepseek_v2": "deepseek2"}[cfg["model_type"]]
+    w = gguf.GGUFWriter(str(out), arch)
+    a = arch + "."
+    L, H = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    w.add_uint32(a + "block_count", L)
+    w.add_uint32(a + "context_length", cfg["max_position_embeddings"])
+    w.add_uint32(a + "embedding_length", cfg["hidden_size"])
+    w.add_uint32(a + "feed_forward_length", cfg["intermediate_size"])
+    w.add_uint32(a + "attention.head_count", H)
+    w.add_uint32(a + "attention.head_count_kv", cfg["num_key_value_heads"])
+    w.add_float32(a + "rope.freq_base", cfg["rope_parameters"]["rope_theta"])
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
+    w.add_uint32(a + "vocab_size", cfg["vocab_size"])
+    if arch != "deepseek2":
+        w.add_uint32(a + "attention.key_length", cfg["head_dim"])
+        w.add_uint32(a + "attention.value_length", cfg["head_dim"])
+    else:
+        _deepseek2_meta(w, a, cfg)
+    _gguf_tokenizer_meta(w, cfg["model_type"])
+
+    def name(t, i=None):
+        return gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"
+
+    def put(n, arr):
+        w.add_tensor(n, np.ascontiguousarray(arr.astype(np.float32)))
+
+    put(name(T.TOKEN_EMBD), sd["embed_tokens.weight"])
+    put(name(T.OUTPUT_NORM), sd["norm.weight"])
+    put(name(T.OUTPUT), sd["lm_head.weight"])
+    for i in range(L):
+        for ours, arr in sd.items():
+            if ours.startswith(f"layers.{i}."):
+                for n, part in _family_gguf_names(ours.removeprefix(f"layers.{i}."), arr, i, cfg, split_kv_b):
+                    put(n, part)
+        if f"layers.{i}.mlp.experts.0.gate_proj.weight" in sd:  # experts as [E, F, C] / [E, C, F]
+            E = cfg["n_routed_experts"]
+            for t, proj in ((T.FFN_GATE_EXP, "gate_proj"), (T.FFN_UP_EXP, "up_proj"), (T.FFN_DOWN_EXP, "down_proj")):
+                put(name(t, i), np.stack([sd[f"layers.{i}.mlp.experts.{e}.{proj}.weight"] for e in range(E)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def _deepseek2_meta(w, a: str, cfg: dict) -> None:
+    rope = cfg["rope_parameters"]
+    for key, value in (("leading_dense_block_count", cfg["first_k_dense_replace"]),
+                       ("expert_feed_forward_length", cfg["moe_intermediate_size"]),
+                       ("expert_count", cfg["n_routed_experts"]), ("expert_used_count", cfg["num_experts_per_tok"]),
+                       ("expert_shared_count", cfg["n_shared_experts"]), ("expert_gating_func", 1),
+                       ("attention.kv_lora_rank", cfg["kv_lora_rank"]),
+                       ("attention.key_length", cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]),
+                       ("attention.value_length", cfg["v_head_dim"]), ("rope.dimension_count", cfg["qk_rope_head_dim"]),
+                       ("rope.scaling.original_context_length", rope["original_max_position_embeddings"])):
+        w.add_uint32(a + key, value)
+    if cfg.get("q_lora_rank"):
+        w.add_uint32(a + "attention.q_lora_rank", cfg["q_lora_rank"])
+    w.add_float32(a + "expert_weights_scale", cfg["routed_scaling_factor"])
+    w.add_bool(a + "expert_weights_norm", bool(cfg["norm_topk_prob"]))
+    w.add_string(a + "rope.scaling.type", "yarn")
+    w.add_float32(a + "rope.scaling.factor", rope["factor"])
+    w.add_float32(a + "rope.scaling.yarn_log_multiplier", 0.1 * rope["mscale_all_dim"])
+
+
+def _family_gguf_names(ours: str, arr: np.ndarray, i: int, cfg: dict, split_kv_b: bool):
+    """(GGUF name, array) pairs for one layer tensor of an HF folder (experts are written apart)."""
+    import gguf
+    from gguf import MODEL_TENSOR as T
+
+    table = {
+        "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM,
+        "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+        "self_attn.o_proj": T.ATTN_OUT, "self_attn.q_norm": T.ATTN_Q_NORM, "self_attn.k_norm": T.ATTN_K_NORM,
+        "self_attn.q_a_proj": T.ATTN_Q_A, "self_attn.q_a_layernorm": T.ATTN_Q_A_NORM, "self_attn.q_b_proj": T.ATTN_Q_B,
+        "self_attn.kv_a_proj_with_mqa": T.ATTN_KV_A_MQA, "self_attn.kv_a_layernorm": T.ATTN_KV_A_NORM,
+        "self_attn.kv_b_proj": T.ATTN_KV_B, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
+        "mlp.down_proj": T.FFN_DOWN, "mlp.gate": T.FFN_GATE_INP, "mlp.shared_experts.gate_proj": T.FFN_GATE_SHEXP,
+        "mlp.shared_experts.up_proj": T.FFN_UP_SHEXP, "mlp.shared_experts.down_proj": T.FFN_DOWN_SHEXP,
+    }
+    module, _, leaf = ours.rpartition(".")
+    if module.startswith("mlp.experts."):
+        return []
+    if module == "self_attn.kv_b_proj" and split_kv_b:
+        H, dn, dv = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+        kv = arr.reshape(H, dn + dv, -1)
+        fmt = gguf.TENSOR_NAMES
+        return [(fmt[T.ATTN_K_B].format(bid=i) + ".weight", kv[:, :dn].transpose(0, 2, 1)),
+                (fmt[T.ATTN_V_B].format(bid=i) + ".weight", kv[:, dn:])]
+    return [(gguf.TENSOR_NAMES[table[module]].format(bid=i) + "." + leaf, arr)]

@@ -7,7 +7,9 @@ from typing import Any
 
 from . import EntropixError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+# HF `model_type`s and GGUF `general.architecture`s that entropix runs
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek2")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,51 @@ class ModelConfig:
     rope_original_max_position_embeddings: int = 8192
     # Which model code runs it: HF `model_type` / GGUF `general.architecture`.
     arch: str = "llama"
+    # -- other families (defaults: Llama) --------------------------------------------------
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    sliding_window: int = 0  # Mistral / Qwen: a key is seen while query - key < window (0: off)
+    sliding_layers: tuple[int, ...] = ()  # which layers slide (all when sliding_window is set)
+    # YaRN (rope_type "yarn")
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 0.0
+    rope_mscale_all_dim: float = 0.0
+    rope_attention_factor: float = 0.0  # 0: from factor and the mscales
+    rope_truncate: bool = True
+    # DeepSeek-V2 multi-head latent attention (kv_lora_rank > 0 turns it on)
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # DeepSeek-V2 mixture of experts (n_routed_experts > 0 turns it on, from layer first_k_dense_replace)
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    topk_method: str = "greedy"  # or "group_limited_greedy" (n_group, topk_group)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of each query/key head RoPE turns."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+    def slides(self, layer: int) -> bool:
+        return self.sliding_window > 0 and (not self.sliding_layers or layer in self.sliding_layers)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -38,15 +85,25 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.rope_type not in ("default", "llama3"):
-            raise EntropixError(f"unsupported rope scaling type {self.rope_type!r} (supported: default, llama3)")
+        if self.rope_type not in ("default", "llama3", "yarn"):
+            raise EntropixError(f"unsupported rope scaling type {self.rope_type!r} (supported: default, llama3, yarn)")
+        if self.n_routed_experts and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise EntropixError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..n_routed_experts "
+                                f"({self.n_routed_experts})")
+        if self.n_routed_experts and (self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group):
+            raise EntropixError(f"{self.n_routed_experts} experts cannot form {self.n_group} groups of which "
+                                f"{self.topk_group} are kept")
+        if self.topk_method not in ("greedy", "group_limited_greedy"):
+            raise EntropixError(f"unsupported MoE topk_method {self.topk_method!r} (supported: greedy, group_limited_greedy)")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face config.json dict."""
         arch = cfg.get("model_type", "llama")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise EntropixError(f"unsupported architecture {arch!r}: entropix runs llama-architecture models")
+            raise EntropixError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        from .families import hf_family_fields
+
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -71,7 +128,7 @@ class ModelConfig:
                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
                 rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
                 arch=arch,
-            )
+            ).replace(**hf_family_fields(cfg, rope))
         except KeyError as e:
             raise EntropixError(f"config.json lacks the field {e.args[0]!r}") from None
 
@@ -79,13 +136,16 @@ class ModelConfig:
     def from_gguf(cls, meta: dict[str, Any], n_vocab: int) -> "ModelConfig":
         """Build from GGUF metadata (key -> value)."""
         arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise EntropixError(f"unsupported GGUF architecture {arch!r}: entropix runs llama-architecture models")
+        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+            raise EntropixError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+        from .families import gguf_family_fields
+
         p = f"{arch}."
         try:
             heads = int(meta[p + "attention.head_count"])
             hidden = int(meta[p + "embedding_length"])
-            head_dim = int(meta.get(p + "rope.dimension_count") or hidden // heads)
+            head_dim = int(meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count")
+                           or hidden // heads)
             scaling = meta.get(p + "rope.scaling.type")
             return cls(
                 vocab_size=int(meta.get(p + "vocab_size") or n_vocab),
@@ -103,7 +163,7 @@ class ModelConfig:
                 rope_type="default" if scaling in (None, "none", "linear") else str(scaling),
                 rope_factor=float(meta.get(p + "rope.scaling.factor", 1.0)),
                 arch=arch,
-            )
+            ).replace(**gguf_family_fields(meta, arch))
         except KeyError as e:
             raise EntropixError(f"GGUF metadata lacks {e.args[0]!r}") from None
 

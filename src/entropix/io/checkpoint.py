@@ -21,7 +21,8 @@ import numpy as np
 from .. import EntropixError
 from ..config import ModelConfig
 from . import gguf
-from .tokenizer import Tokenizer
+from .layouts import Derived, gguf_derived, gguf_layer_names, hf_expert_stacks
+from .tokenizer import FAMILY_TEMPLATES, Tokenizer
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -80,6 +81,11 @@ class Checkpoint:
     native_dtype: str  # the dtype the weights are stored in ("float32" for quantized GGUF)
     rope_freq_factors: np.ndarray | None = None  # GGUF's Llama-3 RoPE scaling, as divisors
     torch_files: tuple[Path, ...] = ()  # pytorch_model*.bin: only a torch loader can read them
+    _derived: Derived = {}  # tensors built from stored ones (stacked experts): name -> (shape, read)
+
+    def _read_derived(self, name: str) -> HostTensor:
+        arr, dtype = self._derived[name][1]()
+        return HostTensor(arr, dtype)
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -124,15 +130,7 @@ def open_path(path: Path) -> Checkpoint:
 
 _GGUF_GLOBAL = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
-_GGUF_LAYER = {
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-# llama.cpp permutes Q/K rows per head; these config fields give the head counts to undo it
-_GGUF_PERMUTED = {"self_attn.q_proj.weight": "num_attention_heads", "self_attn.k_proj.weight": "num_key_value_heads"}
+# per-layer names (and llama.cpp's Q/K row permutation) live in layouts.gguf_layer_names
 
 
 def _gguf_native_dtype(tensors: dict[str, gguf.GGUFTensor]) -> str:
@@ -142,7 +140,7 @@ def _gguf_native_dtype(tensors: dict[str, gguf.GGUFTensor]) -> str:
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A llama-architecture GGUF file; Q/K rows come back in Hugging Face's order."""
+    """A GGUF file of a supported architecture; Q/K rows come back in Hugging Face's order."""
 
     def __init__(self, path: Path) -> None:
         meta, self._tensors, mm = gguf.read_gguf(path)
@@ -153,10 +151,13 @@ class GGUFCheckpoint(Checkpoint):
         n_vocab = int(self._tensors["token_embd.weight"].shape[-1])
         tied = "output.weight" not in self._tensors  # GGUF files omit a tied output
         self.config = ModelConfig.from_gguf(meta, n_vocab).replace(tie_word_embeddings=tied)
+        if "blk.0.attn_q.bias" in self._tensors:  # Qwen2: biases on q, k, v
+            self.config = self.config.replace(qkv_bias=True)
         try:
             self.tokenizer = Tokenizer.from_gguf_metadata(meta)
         except (ValueError, KeyError) as e:
             raise EntropixError(f"{path}: cannot build its tokenizer ({e})") from None
+        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, self.tokenizer.fallback_template)
         # a name that survives renaming the file: profiles are chosen by it
         parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
         self.name = "-".join(parts).lower() if parts else path.stem
@@ -168,10 +169,9 @@ class GGUFCheckpoint(Checkpoint):
         # our name -> (the file's name, heads to un-permute by, if any)
         self._map: dict[str, tuple[str, int | None]] = {k: (v, None) for k, v in _GGUF_GLOBAL.items()}
         for i in range(self.config.num_hidden_layers):
-            for ours, theirs in _GGUF_LAYER.items():
-                field = _GGUF_PERMUTED.get(ours)
-                heads = getattr(self.config, field) if field else None
-                self._map[f"layers.{i}.{ours}"] = (f"blk.{i}.{theirs}", heads)
+            for ours, (theirs, heads) in gguf_layer_names(self.config, self.config.arch, i).items():
+                self._map[f"layers.{i}.{ours}"] = (theirs, heads)
+        self._derived = gguf_derived(self.config, self._tensors, self._decode)
 
     def _decode(self, gguf_name: str) -> tuple[np.ndarray, str]:
         if gguf_name not in self._tensors:
@@ -180,7 +180,7 @@ class GGUFCheckpoint(Checkpoint):
         return gguf.decode_tensor(self._path, t, _read_bytes(self._path, t.offset, t.nbytes))
 
     def names(self) -> list[str]:
-        return [ours for ours, (theirs, _) in self._map.items() if theirs in self._tensors]
+        return [ours for ours, (theirs, _) in self._map.items() if theirs in self._tensors] + list(self._derived)
 
     def _lookup(self, name: str) -> tuple[str, int | None]:
         if name not in self._map:
@@ -188,12 +188,16 @@ class GGUFCheckpoint(Checkpoint):
         return self._map[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._derived:
+            return self._derived[name][0]
         theirs, _ = self._lookup(name)
         if theirs not in self._tensors:
             raise EntropixError(f"{self._path} lacks the tensor {theirs}")
         return self._tensors[theirs].array_shape
 
     def read(self, name: str) -> HostTensor:
+        if name in self._derived:
+            return self._read_derived(name)
         theirs, n_heads = self._lookup(name)
         arr, dtype = self._decode(theirs)
         if n_heads is not None:
@@ -204,6 +208,8 @@ class GGUFCheckpoint(Checkpoint):
         """Rows of a matrix are contiguous (whole quantization blocks): only their bytes are read.
         Q/K rows are un-permuted per head, so their slices must hold whole heads to be read alone."""
         dim = self._check_slice(name, dim, start, stop)
+        if name in self._derived:  # built from several stored tensors: read, then sliced
+            return super().read_slice(name, dim, start, stop)
         theirs, n_heads = self._lookup(name)
         t = self._tensors[theirs]
         rows = t.array_shape[0]
@@ -319,6 +325,7 @@ class HFCheckpoint(Checkpoint):
             self.tokenizer = Tokenizer.from_dir(folder)
         except ValueError as e:
             raise EntropixError(str(e)) from None
+        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(cfg.arch, self.tokenizer.fallback_template)
         if not self._stored:
             self.torch_files = tuple(sorted(folder.glob("pytorch_model*.bin")))
             if not self.torch_files:
@@ -331,10 +338,13 @@ class HFCheckpoint(Checkpoint):
             if "lm_head.weight" not in self._stored and not cfg.tie_word_embeddings:
                 cfg = cfg.replace(tie_word_embeddings=True)  # no lm_head stored: it is tied
         self.config = cfg
+        self._derived, self._replaced = hf_expert_stacks(
+            cfg, self._stored, lambda n: self._stored[n].shape, lambda n: self._read_stored(n))
 
     def names(self) -> list[str]:
         tied = self.config.tie_word_embeddings
-        return [n for n in self._stored if not (tied and n == "lm_head.weight")]
+        stored = [n for n in self._stored if not (tied and n == "lm_head.weight") and n not in self._replaced]
+        return stored + list(self._derived)
 
     def _entry(self, name: str) -> _Stored:
         if name not in self._stored:
@@ -347,17 +357,27 @@ class HFCheckpoint(Checkpoint):
         return e
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._derived:
+            return self._derived[name][0]
         return self._entry(name).shape
 
     def read(self, name: str) -> HostTensor:
+        if name in self._derived:
+            return self._read_derived(name)
         e = self._entry(name)
         np_dtype, dtype = _ST_READ[e.dtype]
         return HostTensor(_read_bytes(e.file, e.offset, e.nbytes).view(np_dtype).reshape(e.shape), dtype)
+
+    def _read_stored(self, name: str) -> tuple[np.ndarray, str]:
+        t = self.read(name)
+        return t.array, t.dtype
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> HostTensor:
         """Rows of dimension 0 are contiguous: only their bytes are read. Other dimensions
         are read whole, then sliced."""
         dim = self._check_slice(name, dim, start, stop)
+        if name in self._derived:
+            return _slice(self.read(name), dim, start, stop)
         e = self._entry(name)
         if dim == 1 and len(e.shape) == 2:
             return self._columns(e, start, stop)

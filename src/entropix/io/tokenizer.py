@@ -46,6 +46,7 @@ END_OF_TURN_TOKENS = (
     "<end_of_turn>",
     "</s>",
     "<|eom_id|>",
+    "<｜end▁of▁sentence｜>",  # DeepSeek
 )
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -60,6 +61,19 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# DeepSeek-V2's chat format: "User: ...\n\nAssistant: ...<eos>", a system prompt as a plain paragraph
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# the format a family's model was tuned on, for files that carry no template (others: ChatML)
+FAMILY_TEMPLATES = {"deepseek_v2": DEEPSEEK_TEMPLATE, "deepseek2": DEEPSEEK_TEMPLATE}
 
 LLAMA3_TEMPLATE = (
     "{% for message in messages %}"
@@ -383,6 +397,8 @@ def _flatten_content(messages: list[dict]) -> list[dict]:
 class Tokenizer:
     """Text <-> token ids, chat rendering and streaming decode for one model."""
 
+    fallback_template: str = CHATML_TEMPLATE  # used when the model files carry no chat template
+
     def __init__(
         self,
         engine: tokenizers.Tokenizer,
@@ -491,7 +507,7 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text for ``messages``, from the model's chat template (ChatML if none)."""
-        source = self.chat_template if self.chat_template else CHATML_TEMPLATE
+        source = self.chat_template if self.chat_template else self.fallback_template
         # Compiled once per template text; a later change of chat_template is picked up.
         if self._compiled_template is None or self._compiled_template[0] != source:
             self._compiled_template = (source, _jinja_env().from_string(source))

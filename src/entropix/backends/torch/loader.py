@@ -143,7 +143,9 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
     groups = _by_fusable(model, _parameter_names(model, src.config))
     for owner, names in _progress(groups, progress, f"loading {ckpt.name}"):
         for name in names:
-            _place(model, name, src.get(name).to(device=dev, dtype=dt))
+            # MoE routers score in fp32 whatever the weights' dtype, as DeepSeek's code does
+            want = torch.float32 if name.endswith("mlp.gate.weight") else dt
+            _place(model, name, src.get(name).to(device=dev, dtype=want))
         if fuse and owner is not None:
             # Each attention / MLP is fused as soon as it is loaded (what Transformer.fuse()
             # does at the end), so the freed q/k/v and gate/up buffers are reused by the

@@ -19,11 +19,15 @@ from torch import nn
 
 from ...config import ModelConfig
 from .kvcache import KVCache
+from .rope import rope_amplitude, yarn_inv_freq
+from .window import sliding_mask
 
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse frequencies [D/2] in float32, with Llama-3 scaling when the config asks for it."""
-    d = cfg.head_dim
+    """Inverse frequencies [D/2] in float32, with Llama-3 or YaRN scaling when the config asks for it."""
+    d = cfg.rope_dim
+    if cfg.rope_type == "yarn":
+        return yarn_inv_freq(cfg)
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     if freq_factors is not None:  # GGUF stores Llama-3 scaling as per-frequency divisors
         return (inv / freq_factors.to(torch.float64)).float()
@@ -114,15 +118,18 @@ class HeadStats:
     interaction: torch.Tensor  # [B, H] mean |pre-softmax score| over valid keys
 
 
-def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
-    """Statistics of q [B, H, D] (the newest query) against keys [B, Hkv, S, D], valid [B, S].
+def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                       scale: float | None = None) -> HeadStats:
+    """Statistics of q [B, H, D] (the newest query) against keys [B, Hkv, S, D], valid [B, S];
+    `scale` multiplies the scores (1/sqrt(D) unless given).
 
     Only this query's scores are formed ([B, H, S] in fp32), never the prompt x cache matrix.
     """
     B, H, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     qg = q.view(B, Hkv, H // Hkv, D)  # query head h reads key head h // (H / Hkv)
-    scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * (1.0 / math.sqrt(D))  # [B, H, S]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * scale  # [B, H, S]
     scores = scores.masked_fill(~valid[:, None, :], 0.0)
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
     entropy = torch.special.entr(probs).sum(-1) * (1.0 / math.log(2))  # entr is 0 where p is 0
@@ -136,16 +143,24 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, H, Hkv, D = cfg.hidden_size, self.n_heads, self.n_kv, self.head_dim
-        self.q_proj = Linear(C, H * D, bias=False)
-        self.k_proj = Linear(C, Hkv * D, bias=False)
-        self.v_proj = Linear(C, Hkv * D, bias=False)
-        self.o_proj = Linear(H * D, C, bias=False)
+        self.q_proj = Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * D, C, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.qkv_proj: Linear | None = None  # set by fuse(): one matmul on a single device
 
     def fuse(self) -> None:
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv_proj = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        biased = self.q_proj.bias is not None
+        self.qkv_proj = Linear(w.shape[1], w.shape[0], bias=biased, device="meta")
         self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
+        if biased:
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            self.qkv_proj.bias = nn.Parameter(b, requires_grad=False)
         del self.q_proj, self.k_proj, self.v_proj
 
     def head_stats(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
@@ -158,12 +173,16 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, H + 2Hkv, T, D]
             qk = qkv[:, :H + Hkv]
+            if self.qk_norm:
+                qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
             qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k in one pass
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         else:
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
             k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
             v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         cache.write(layer, k, v)
         S = mask.shape[-1]
@@ -198,12 +217,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        if cfg.mla:  # DeepSeek-V2: multi-head latent attention, routed experts after the dense layers
+            from .mla import LatentAttention
+
+            self.self_attn = LatentAttention(cfg)
+        else:
+            self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer):
+            from .moe import MoE
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache, layer, mask, capture):
         h, stats = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, capture)
@@ -218,11 +247,11 @@ class Transformer(nn.Module):
         # an explicit weight skips the random init (on the meta device it would import torch._dynamo)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # RoPE frequencies stay fp32 whatever .to() does to the weights: a plain attribute, not a buffer
-        self.inv_freq = torch.empty(cfg.head_dim // 2)
+        self.inv_freq = torch.empty(cfg.rope_dim // 2)
 
     def finish_setup(self, rope_freq_factors: torch.Tensor | None = None) -> None:
         """Tie the output to the embedding if the config says so and compute RoPE's
@@ -235,8 +264,9 @@ class Transformer(nn.Module):
         """Fuse q/k/v and gate/up into one matmul each (single device; tensor parallelism
         wants them apart)."""
         for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            for part in (layer.self_attn, layer.mlp):  # MLA and MoE layers have nothing to fuse
+                if hasattr(part, "fuse"):
+                    part.fuse()
 
     def pack_output(self) -> bool:
         """On a CPU in fp32, keep the output projection packed for oneDNN. Tied to the embedding
@@ -260,6 +290,11 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         capacity = (capacity + 255) // 256 * 256
+        if c.mla:  # the compressed form: kv_lora_rank + qk_rope_head_dim numbers per token and layer
+            from .mla import LatentCache
+
+            return LatentCache(c.num_hidden_layers, batch, c.kv_lora_rank, c.qk_rope_head_dim, capacity,
+                               self.device, self.dtype)
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity, self.device, self.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, capture_layers: tuple[int, ...] = (),
@@ -278,12 +313,19 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(pos.device)
         ang = pos[..., None].float() * self.inv_freq  # [B, T, D/2]
         ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B, 1, T, D]
-        cos, sin = ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+        cos, sin = ang.cos(), ang.sin()
+        amp = rope_amplitude(self.config)
+        if amp != 1.0:  # YaRN's attention factor rides on cos and sin
+            cos, sin = cos * amp, sin * amp
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        window = self.config.sliding_window
+        slid = sliding_mask(mask, cache, T, window) if window else mask
 
         x = self.embed_tokens(tokens)  # [B, T, C]
         stats: dict[int, HeadStats] = {}
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, cos, sin, cache, i, mask, i in capture)
+            m = slid if window and self.config.slides(i) else mask
+            x, s = layer(x, cos, sin, cache, i, m, i in capture)
             if s is not None:
                 stats[i] = s
         cache.advance(T)
