@@ -7,6 +7,8 @@ of the lengths are kept in Python so that no step has to ask the device for them
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -114,11 +116,12 @@ class KVCache:
         self.starts = self.starts + starts
         self._dev = None
 
-    @classmethod
-    def view(cls, k: torch.Tensor, v: torch.Tensor, lengths: list[int], starts: list[int]) -> "KVCache":
-        """A cache over existing tensors (writes land in them), with its own copies of the lengths."""
-        c = cls.__new__(cls)
-        c.k, c.v, c.lengths, c.starts, c._dev = k, v, list(lengths), list(starts), None
+    def head(self, top: int) -> "KVCache":
+        """Rows [0, top) as a cache of the same kind over this one's tensors (writes land in
+        them), with its own copies of the lengths."""
+        c = copy.copy(self)
+        c.k, c.v = self.k[:, :top], self.v[:, :top]
+        c.lengths, c.starts, c._dev = self.lengths[:top], self.starts[:top], None
         return c
 
 
@@ -188,8 +191,7 @@ class SlotCache:
         """Slots [0, top) as one cache with room for `new_tokens` more, sharing this one's tensors."""
         top = self.top
         self.ensure_capacity(max(self.full.lengths[:top], default=0) + new_tokens)
-        return KVCache.view(self.full.k[:, :top], self.full.v[:, :top], self.full.lengths[:top],
-                            self.full.starts[:top])
+        return self.full.head(top)  # a LatentCache (MLA) stays one
 
     def settle(self, view: KVCache) -> None:
         """Take the lengths a forward pass moved on; free slots stay empty."""

@@ -149,9 +149,19 @@ def sharded_head_stats(s: RankSlices, n_heads: int, group):
     return head_stats
 
 
+def _check_supported(cfg: ModelConfig) -> None:
+    """Tensor parallelism splits Llama-style attention and MLP modules; refuse what it would get wrong."""
+    extra = [name for name, on in (("q/k/v biases", cfg.qkv_bias or cfg.o_bias), ("q/k norms", cfg.qk_norm),
+                                   ("latent attention", cfg.mla), ("experts", cfg.n_routed_experts > 0)) if on]
+    if extra:
+        raise EntropixError(f"--tp runs Llama-style models (llama, mistral) for now; this {cfg.arch} model has "
+                            f"{', '.join(extra)}: run it with --tp 1")
+
+
 def shard(model: Transformer, s: RankSlices, group) -> Transformer:
     """Replace a (meta) model's modules by this rank's parts; the weights are loaded after."""
     cfg = model.config
+    _check_supported(cfg)
     C, D = cfg.hidden_size, cfg.head_dim
     Hl, Hkvl, Fl, Vl = s.n_heads, len(s.kv_heads), s.ffn[1] - s.ffn[0], s.vocab[1] - s.vocab[0]
     with torch.device("meta"):
