@@ -344,3 +344,20 @@ def test_torchrun_ranks_follow_rank_0(gqa_folder):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == _generate(str(gqa_folder), 1, ["--max-tokens", "16"])
+
+
+@pytest.mark.parametrize("field, value, what", [("qkv_bias", True, "biases"), ("qk_norm", True, "q/k norms"),
+                                                 ("kv_lora_rank", 8, "latent attention"),
+                                                 ("n_routed_experts", 4, "experts")])
+def test_tp_refuses_what_it_would_split_wrongly(field, value, what):
+    from dataclasses import replace
+
+    from entropix import EntropixError
+    from entropix.backends.torch.tp import _check_supported
+    from entropix.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    _check_supported(cfg)  # Llama-style: fine
+    with pytest.raises(EntropixError, match=what):
+        _check_supported(replace(cfg, **{field: value}))
