@@ -39,12 +39,13 @@ browser:
 # Optional engines for the adapters (src/entropix/adapters/). llama-cpp-python
 # compiles llama.cpp from source: a generic x86-64 AVX2 build, never -march=native
 # (a native build used AVX-512 paths that crashed on these CPUs), and without the
-# examples, tests, tools and curl that the bindings do not need.
+# examples, tests, tools, multimodal (llava/mtmd) library and curl that the
+# bindings for text models do not need.
 LLAMACPP_VERSION ?= 0.3.36
 LLAMACPP_CMAKE   ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF \
 	-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
 
 install-llamacpp: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \

@@ -50,6 +50,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load(args, quiet: bool = False):
     from .loading import load_model
 
+    if getattr(args, "engine", "entropix") == "llama.cpp":  # llama.cpp computes (src/entropix/adapters)
+        from .adapters import llamacpp
+
+        return llamacpp.load(args.model)
+
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
@@ -92,6 +97,12 @@ def cmd_generate(args) -> int:
     decoder_from_args(args)  # bad sampler flags fail before the model loads
     lm = load(args, quiet=args.json)
     dec = decoder_from_args(args, lm)
+    if args.engine == "llama.cpp":
+        from .adapters.llamacpp import adapt_decoder
+
+        dec, note = adapt_decoder(dec)
+        if note and not args.json:
+            eprint(note)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     if dec.strategy != "single":  # multi-row decoders: CoT, self-consistency, branching
         return _generate_multi(args, lm, dec, ids)
