@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -145,6 +146,8 @@ class HFBackend(TorchBackend):
         self.device = model.device
         self.cache = self.logits = self.attn = self.attn_valid = None
         self._tables = {}
+        # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, capture: bool):
@@ -153,11 +156,12 @@ class HFBackend(TorchBackend):
         own = self.model.config._attn_implementation
         self.model.config._attn_implementation = CAPTURE
         try:
-            out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: self.cache})
         finally:
             self.model.config._attn_implementation = own
             _SINK.reset(token)
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self._cache_arg)
         B = ids.shape[0]
         stats = sink["stats"] if sink else []
         self.logits = out.logits[:, -1].float()
@@ -184,6 +188,11 @@ class HFBackend(TorchBackend):
         self._forward(torch.tensor(list(tokens), dtype=torch.long)[:, None], capture)
 
 
+def max_context(model: Any) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or 1 << 20)
+
+
 @dataclasses.dataclass
 class _ModelInfo:
     """What the catalogue reads of a model: its name (for the profile) and its tokenizer."""
@@ -197,11 +206,12 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], sampler: s
              top_logprobs: int = 5, n: int = 1, **params: Any) -> Iterator[TokenRecord]:
     """Decode one prompt (text, or token ids used as they are) with a catalogue sampler
     (`entropix` by default: the full sampler, attention metrics included) and yield our
-    records. params: the sampler's options (temperature, top_p, sampler_config, ...)."""
+    records. tokenizer: transformers' or one of ours. params: the sampler's options
+    (temperature, top_p, sampler_config, ...)."""
     from ..decode.engine import Engine
     from ..decode.engine import generate as run
 
-    tok = HFTokenizer(tokenizer, model)
+    tok = tokenizer if hasattr(tokenizer, "detokenizer") else HFTokenizer(tokenizer, model)  # ours, or transformers'
     info = _ModelInfo(model_name or getattr(model.config, "name_or_path", "") or "", tok)
     dec = catalog.resolve(sampler, info, strict=True, **params)
     if dec.strategy != "single":
@@ -211,7 +221,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], sampler: s
     else:
         ids = [int(t) for t in prompt]
     layers = dec.capture_layers if isinstance(dec.policy, Entropix) else (-1,)
-    engine = Engine(HFBackend(model, layers), tok, tok.max_context(model))
+    engine = Engine(HFBackend(model, layers), tok, max_context(model))
     req = Request(prompt=ids, policy=dec.policy, max_tokens=max_tokens, seed=seed, stop_ids=tok.stop_ids,
                   top_logprobs=top_logprobs, n=n)
     yield from run(engine, [req])

@@ -53,10 +53,6 @@ class HFTokenizer:
             return min(prefixes)[1]
         raise ValueError(f"no token resembles {text!r}")
 
-    def max_context(self, model: Any) -> int:
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or 1 << 20)
-
 
 class Detokenizer:
     """Text released per token: the decoded text grows, held back while it ends mid-character."""
