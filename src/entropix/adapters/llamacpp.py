@@ -90,9 +90,11 @@ class LlamaCppBackend:
 
 
 def open_llama(path: str, n_ctx: int = 4096, n_threads: int | None = None, **kw: Any) -> Any:
-    """A llama_cpp.Llama for a GGUF file, quiet, on all cores."""
+    """A quiet llama_cpp.Llama for a GGUF file. n_threads None: ENTROPIX_LLAMACPP_THREADS, else
+    llama-cpp-python's default (half the cores): its threads spin while they wait, so more
+    threads than free cores make every token many times slower."""
     llama_cpp = _llama_cpp()
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or int(os.environ.get("ENTROPIX_LLAMACPP_THREADS", 0)) or None
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                            verbose=False, **kw)
 

@@ -34,8 +34,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def logit_metrics(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log-probabilities [B, V], entropy [B], varentropy [B]) in bits, as the torch ops."""
-    logp = log_softmax(np.atleast_2d(logits))
-    p = np.exp(logp)
+    x = np.atleast_2d(logits).astype(_F, copy=False)
+    z = x - x.max(-1, keepdims=True)
+    e = np.exp(z)  # one exponential pass serves p and log p (the vocabulary row is the cost here)
+    s = e.sum(-1, keepdims=True, dtype=_F)
+    logp, p = z - np.log(s), e / s
     lc = np.maximum(logp, _F(-1e4))  # p = 0 terms are exactly 0, never 0 * inf
     plogp = p * lc
     ent = -plogp.sum(-1, dtype=_F)
