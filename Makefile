@@ -38,7 +38,7 @@ browser:
 
 # Optional engines for the adapters (src/entropix/adapters/). llama-cpp-python
 # compiles llama.cpp from source: a generic x86-64 AVX2 build, never -march=native
-# (a native build used AVX-512 paths that crashed on these CPUs), and without the
+# (a -march=native build crashed on these machines), and without the
 # examples, tests, tools, multimodal (llava/mtmd) library and curl that the
 # bindings for text models do not need.
 LLAMACPP_VERSION ?= 0.3.36
