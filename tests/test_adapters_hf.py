@@ -109,8 +109,9 @@ def test_wrapper_rejects_multi_row_samplers(tiny_pair):
     theirs, _ = tiny_pair
     from entropix import EntropixError
 
-    with pytest.raises(EntropixError, match="single-row"):
-        list(hf.generate(theirs, ByteTokenizer(), [1, 2, 3], sampler="cot", max_tokens=2))
+    for name in ("cot", "entropix-branching", "self-consistency"):  # CoT branches, forks, best-of-N answers
+        with pytest.raises(EntropixError, match="single-row"):
+            list(hf.generate(theirs, ByteTokenizer(), [1, 2, 3], sampler=name, max_tokens=2))
 
 
 # -- the embedded model, loaded by transformers from its GGUF -----------------------------------
