@@ -99,3 +99,15 @@ def test_logits_sampler_keeps_the_engine_row_stream():
     assert [s(row) for row in x] == toks  # reproducible from the seed
     with pytest.raises(Exception, match="attention"):
         hooks.LogitsSampler(Entropix(CFG))
+
+
+def test_catalogue_logits_only_entropix():
+    from entropix.sampler import catalog
+
+    assert catalog.variant("entropix", no_attention=True) == "entropix-logits"
+    assert catalog.variant("entropix", branching=False, no_attention=False) == "entropix"
+    dec = catalog.resolve("entropix-logits", None, sampler_config=CFG)
+    assert isinstance(dec.policy, Entropix) and not dec.policy.attention and not dec.policy.needs_attention
+    assert dec.strategy == "single" and dec.spec.states == ENTROPIX_STATES
+    assert "entropix-logits" not in [d["name"] for d in catalog.describe()]  # not offered in the playground
+    assert hooks.logits_only(catalog.resolve("entropix", None, sampler_config=CFG).policy) == dec.policy
