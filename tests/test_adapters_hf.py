@@ -66,6 +66,22 @@ def test_full_wrapper_matches_our_engine_on_a_tiny_model(tiny_pair):
         assert a.entropy == pytest.approx(b.entropy, abs=1e-3)  # large random weights amplify fp32 noise
 
 
+def test_full_wrapper_forks_as_our_engine_does(tiny_pair):
+    from entropix.sampler.config import BranchingConfig
+
+    theirs, ours = tiny_pair
+    prompt = list(b"In the beginning")
+    engine = Engine(TorchBackend(ours, (-1,)), ByteTokenizer(), 512)
+    req = Request(prompt=prompt, policy=Entropix(TINY_CFG, ord("~")), max_tokens=16, seed=2, stop_ids=frozenset(),
+                  branching=BranchingConfig())
+    want = list(generate(engine, [req]))
+    got = list(hf.generate(theirs, ByteTokenizer(), prompt, sampler="entropix-branching", max_tokens=16, seed=2,
+                           sampler_config=TINY_CFG))
+    assert any(r.parent is not None for r in want)  # it forked
+    key = [(r.choice, r.index, r.token, r.state, r.parent) for r in want]
+    assert [(r.choice, r.index, r.token, r.state, r.parent) for r in got] == key
+
+
 def test_captured_attention_is_output_attentions_last_layer(tiny_pair):
     """The wrapper's attn_entropy is that of the last layer's attention that
     `output_attentions` returns under eager attention."""
@@ -109,7 +125,7 @@ def test_wrapper_rejects_multi_row_samplers(tiny_pair):
     theirs, _ = tiny_pair
     from entropix import EntropixError
 
-    for name in ("cot", "entropix-branching", "self-consistency"):  # CoT branches, forks, best-of-N answers
+    for name in ("cot", "self-consistency"):  # CoT branches, best-of-N answers
         with pytest.raises(EntropixError, match="single-row"):
             list(hf.generate(theirs, ByteTokenizer(), [1, 2, 3], sampler=name, max_tokens=2))
 

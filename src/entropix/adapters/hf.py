@@ -205,8 +205,8 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], sampler: s
              max_tokens: int = 256, seed: int | None = None, chat: bool = True, model_name: str | None = None,
              top_logprobs: int = 5, n: int = 1, **params: Any) -> Iterator[TokenRecord]:
     """Decode one prompt (text, or token ids used as they are) with a catalogue sampler
-    (`entropix` by default: the full sampler, attention metrics included) and yield our
-    records. tokenizer: transformers' or one of ours. params: the sampler's options
+    (`entropix` by default: the full sampler, attention metrics included; `entropix-branching`
+    forks rows, records carry choice and parent) and yield our records. tokenizer: transformers' or one of ours. params: the sampler's options
     (temperature, top_p, sampler_config, ...)."""
     from ..decode.engine import Engine
     from ..decode.engine import generate as run
@@ -214,8 +214,9 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], sampler: s
     tok = tokenizer if hasattr(tokenizer, "detokenizer") else HFTokenizer(tokenizer, model)  # ours, or transformers'
     info = _ModelInfo(model_name or getattr(model.config, "name_or_path", "") or "", tok)
     dec = catalog.resolve(sampler, info, strict=True, **params)
-    if dec.strategy != "single":
-        raise EntropixError(f"the transformers adapter runs single-row samplers; {dec.name} is {dec.strategy}")
+    if dec.strategy not in ("single", "branching"):  # forks are rows of one prompt: the cache repeats them
+        raise EntropixError(f"the transformers adapter runs single-row samplers and entropix branching; "
+                            f"{dec.name} is {dec.strategy}")
     if isinstance(prompt, str):
         ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
     else:
@@ -223,5 +224,5 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], sampler: s
     layers = dec.capture_layers if isinstance(dec.policy, Entropix) else (-1,)
     engine = Engine(HFBackend(model, layers), tok, max_context(model))
     req = Request(prompt=ids, policy=dec.policy, max_tokens=max_tokens, seed=seed, stop_ids=tok.stop_ids,
-                  top_logprobs=top_logprobs, n=n)
+                  top_logprobs=top_logprobs, n=n, branching=dec.branching)
     yield from run(engine, [req])
