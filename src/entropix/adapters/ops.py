@@ -32,18 +32,31 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=_F))
 
 
+def moments(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-normaliser [B], entropy [B], varentropy [B]) in bits, without forming p or log p:
+    with z = x - max(x) and e = exp(z), H = log sum e - E[z] and V = E[z^2] - E[z]^2 (the
+    variance of the surprisal, which a shift leaves alone). log p = x - normaliser is only
+    taken where it is needed (the top candidates, the chosen token): at one row per step
+    the passes over the vocabulary are the sampler's whole cost next to the model."""
+    x = np.atleast_2d(logits).astype(_F, copy=False)
+    m = x.max(-1, keepdims=True)
+    z = x - m
+    np.maximum(z, _F(-1e4), out=z)  # -inf logits: e = 0 and e * z = 0, never 0 * inf
+    e = np.exp(z)
+    s = e.sum(-1, dtype=_F)
+    ez = e * z
+    mean = ez.sum(-1, dtype=_F) / s
+    mean2 = np.einsum("ij,ij->i", ez, z) / s
+    H = (np.log(s) - mean) / _F(LN2)
+    V = np.maximum(mean2 - mean * mean, _F(0)) / _F(LN2 * LN2)
+    return m[:, 0] + np.log(s), H, V
+
+
 def logit_metrics(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log-probabilities [B, V], entropy [B], varentropy [B]) in bits, as the torch ops."""
     x = np.atleast_2d(logits).astype(_F, copy=False)
-    z = x - x.max(-1, keepdims=True)
-    e = np.exp(z)  # one exponential pass serves p and log p (the vocabulary row is the cost here)
-    s = e.sum(-1, keepdims=True, dtype=_F)
-    logp, p = z - np.log(s), e / s
-    lc = np.maximum(logp, _F(-1e4))  # p = 0 terms are exactly 0, never 0 * inf
-    plogp = p * lc
-    ent = -plogp.sum(-1, dtype=_F)
-    vent = np.maximum((plogp * lc).sum(-1, dtype=_F) - ent * ent, _F(0))
-    return logp, ent / _F(LN2), vent / _F(LN2 * LN2)
+    norm, H, V = moments(x)
+    return x - norm[:, None], H, V
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +145,8 @@ def sample_tokens(policy: Sample, logp: np.ndarray, u: np.ndarray) -> np.ndarray
 
 
 def choose(group: SampleGroup, logp, H, V, top_lp, top_id, attn=None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, codes) of one group's rows; the arrays hold only the group's rows."""
+    """(tokens, codes) of one group's rows; the arrays hold only the group's rows. logp may
+    be the logits (any per-row shift of log p): only top_lp must be log-probabilities."""
     pol, n = group.policy, len(logp)
     zeros = np.zeros(n, dtype=np.int64)
     if isinstance(pol, Greedy):
@@ -154,16 +168,18 @@ def choose(group: SampleGroup, logp, H, V, top_lp, top_id, attn=None) -> tuple[n
 
 def sample(logits: np.ndarray, groups: Sequence[SampleGroup], k: int, attn: np.ndarray | None = None) -> StepHost:
     """A Backend's sample() over host logits [B, V]: metrics, each group's policy, top k."""
-    logp, H, V = logit_metrics(logits)
-    B = logp.shape[0]
-    wide = [min(g.policy.config.max_top_k, logp.shape[-1]) for g in groups if isinstance(g.policy, Entropix)]
-    top_lp, top_id = top_k(logp, max([k, 2] + wide))
+    x = np.atleast_2d(logits).astype(_F, copy=False)
+    norm, H, V = moments(x)
+    B = x.shape[0]
+    wide = [min(g.policy.config.max_top_k, x.shape[-1]) for g in groups if isinstance(g.policy, Entropix)]
+    top_x, top_id = top_k(x, max([k, 2] + wide))
+    top_lp = top_x - norm[:, None]
     tokens, codes = np.zeros(B, np.int64), np.zeros(B, np.int64)
-    for g in groups:
+    for g in groups:  # the policies' filters are shift-invariant: they may read logits for log p
         r = np.asarray(g.rows)
-        tokens[r], codes[r] = choose(g, logp[r], H[r], V[r], top_lp[r], top_id[r], None if attn is None else attn[r])
+        tokens[r], codes[r] = choose(g, x[r], H[r], V[r], top_lp[r], top_id[r], None if attn is None else attn[r])
     m = np.zeros((B, 11 + 2 * k))
-    m[:, 0], m[:, 1], m[:, 2] = tokens, codes, logp[np.arange(B), tokens]
+    m[:, 0], m[:, 1], m[:, 2] = tokens, codes, x[np.arange(B), tokens] - norm
     m[:, 3], m[:, 4] = H, V
     m[:, 5] = np.exp(top_lp[:, 0]) - np.exp(top_lp[:, 1])
     if attn is not None:
