@@ -138,6 +138,7 @@ class HFBackend(TorchBackend):
     name = "transformers"
 
     def __init__(self, model: Any, capture_layers: tuple[int, ...] = (-1,)) -> None:
+        # the torch backend's state, set here: its constructor expects our Transformer
         _register()
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
