@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-mlx bench-jax clean browser
+.PHONY: install demo test test-fast bench bench-mlx bench-jax clean browser install-llamacpp
 
 install: $(STAMP)
 
@@ -35,6 +35,22 @@ browser:
 			|| echo "warning: could not install chromium; the browser test will fail"; \
 		else echo "warning: /usr/bin/chromium missing; install Debian's chromium package for the browser test"; fi; \
 	fi
+
+# Optional engines for the adapters (src/entropix/adapters/). llama-cpp-python
+# compiles llama.cpp from source: a generic x86-64 AVX2 build, never -march=native
+# (a -march=native build crashed on these machines), and without the
+# examples, tests, tools, multimodal (llava/mtmd) library and curl that the
+# bindings for text models do not need.
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_CMAKE   ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF \
+	-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
+
+install-llamacpp: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==$(LLAMACPP_VERSION)"
 
 demo: install
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96

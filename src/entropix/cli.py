@@ -71,6 +71,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load(args, quiet: bool = False):
     from .loading import load_model
 
+    if getattr(args, "engine", "entropix") == "llama.cpp":  # llama.cpp computes (src/entropix/adapters)
+        from .adapters import llamacpp
+
+        return llamacpp.load(args.model)
+
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
@@ -90,7 +95,8 @@ def decoder_from_args(args, lm=None):
 
     filters = any(v is not None for v in (args.top_k, args.top_p, args.min_p))
     name = catalog.variant(args.sampler or catalog.default_name(args.temperature, filters),
-                           branching=getattr(args, "branching", False))
+                           branching=getattr(args, "branching", False),
+                           no_attention=getattr(args, "no_attention", False))
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  sampler_config=args.sampler_config, branches=getattr(args, "branches", None),
                  aggregate=getattr(args, "aggregate", None), samples=getattr(args, "samples", None))
@@ -114,6 +120,12 @@ def cmd_generate(args) -> int:
     decoder_from_args(args)  # bad sampler flags fail before the model loads
     lm = load(args, quiet=args.json)
     dec = decoder_from_args(args, lm)
+    if args.engine == "llama.cpp":
+        from .adapters.llamacpp import adapt_decoder
+
+        dec, note = adapt_decoder(dec)
+        if note and not args.json:
+            eprint(note)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     if dec.strategy != "single":  # multi-row decoders: CoT, self-consistency, branching
         return _generate_multi(args, lm, dec, ids)
@@ -122,7 +134,8 @@ def cmd_generate(args) -> int:
 
     req = Request(prompt=ids, policy=dec.policy, max_tokens=args.max_tokens, seed=args.seed,
                   stop_ids=lm.tokenizer.stop_ids, top_logprobs=args.top_logprobs)
-    colour = sys.stdout.isatty() and not args.no_color and dec.spec.needs_attention
+    entropic = "flowing" in dec.spec.states  # the entropix samplers, with or without attention
+    colour = sys.stdout.isatty() and not args.no_color and entropic
     records, t0 = [], time.perf_counter()
     for rec in generate(lm.engine(dec.capture_layers), [req]):
         records.append(rec)
@@ -140,7 +153,7 @@ def cmd_generate(args) -> int:
             "seconds": round(secs, 3), "records": [r.to_dict() for r in records]}))
         return 0
     sys.stdout.write("\n")
-    if dec.spec.needs_attention:
+    if entropic:
         eprint(strategy_summary(records, dec.policy.states, colour))
     eprint(f"[{len(records)} tokens in {secs:.2f}s, {len(records) / max(secs, 1e-9):.1f} tokens/s, finish: {finish}]")
     return 0
@@ -286,6 +299,10 @@ def _generate_parser(sub) -> None:
     g.add_argument("--samples", type=int, default=None,
                    help=f"self-consistency: number of samples (default {catalog.default_of('samples')})")
     g.add_argument("--branching", action="store_true", help="entropix: fork rows where the metrics say 'branch'")
+    g.add_argument("--no-attention", action="store_true",
+                   help="entropix from the logits alone, as the engine adapters run it (no attention metrics)")
+    g.add_argument("--engine", default="entropix", choices=("entropix", "llama.cpp"),
+                   help="who runs the model: our backend (default) or llama.cpp (a GGUF --model; pip install entropix[llamacpp])")
     g.set_defaults(fn=cmd_generate)
 
 

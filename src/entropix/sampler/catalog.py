@@ -123,6 +123,10 @@ def _entropix(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return Entropix(cfg, pause_id)
 
 
+def _entropix_logits(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+    return dataclasses.replace(_entropix(params, model), attention=False)
+
+
 def _greedy(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return Greedy()
 
@@ -144,6 +148,9 @@ SPECS: tuple[SamplerSpec, ...] = (
                 ENTROPIX_STATES, needs_attention=True),
     SamplerSpec("entropix-branching", "entropix with entropy-triggered branching", "branching", _entropix, {},
                 _ENTROPIX_OPTIONS, ENTROPIX_STATES, needs_attention=True, listed=False),
+    # what a logits hook in another engine (transformers, llama.cpp, mlx-lm) can run: src/entropix/adapters
+    SamplerSpec("entropix-logits", "entropix from the logits alone (no attention metrics)", "single", _entropix_logits,
+                {}, _ENTROPIX_OPTIONS, ENTROPIX_STATES, listed=False, aliases=("entropix-no-attention",)),
     SamplerSpec("cot", "CoT decoding: branch on the top first tokens, decode each greedily, keep the most confident answer ({branches} branches, max path)", "cot", _ranked,
                 {"branches": 10, "aggregate": False}, ("branches", "aggregate"), Ranked.states,
                 aliases=("cot-decoding",)),
@@ -164,7 +171,8 @@ def describe(listed_only: bool = True) -> list[dict[str, Any]]:
 
 
 # Flags that turn a sampler into its variant: (name, flag) -> the variant's name.
-VARIANTS = {("entropix", "branching"): "entropix-branching", ("cot", "aggregate"): "cot-agg"}
+VARIANTS = {("entropix", "branching"): "entropix-branching", ("cot", "aggregate"): "cot-agg",
+            ("entropix", "no_attention"): "entropix-logits"}
 
 
 def variant(name: str, **flags: bool) -> str:

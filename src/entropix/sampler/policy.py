@@ -101,12 +101,20 @@ class Ranked(TokenPolicy):
 
 @dataclass(frozen=True)
 class Entropix(TokenPolicy):
-    """The entropix sampler with one profile; pause_id -1 disables pause tokens."""
+    """The entropix sampler with one profile; pause_id -1 disables pause tokens.
+
+    attention False is the logits-only mode (what a logits hook in another engine can do):
+    the attention features weigh nothing in the table, so they need not be captured.
+    """
 
     config: SamplerConfig
     pause_id: int = -1
+    attention: bool = True
     states: ClassVar[tuple[str, ...]] = ENTROPIX_STATES
-    needs_attention: ClassVar[bool] = True
+
+    @property
+    def needs_attention(self) -> bool:  # type: ignore[override]
+        return self.attention
 
     @property
     def draws(self) -> int:
@@ -123,7 +131,7 @@ class Entropix(TokenPolicy):
         return token == self.pause_id >= 0
 
     def table(self) -> "EntropixTable":
-        return entropix_table(self.config)
+        return entropix_table(self.config, self.attention)
 
 
 # -- the entropix strategy table ------------------------------------------------------------
@@ -181,8 +189,10 @@ def _affine_rows(c: SamplerConfig) -> dict[tuple[str, str], list[float]]:
 
 
 @lru_cache(maxsize=64)
-def entropix_table(c: SamplerConfig) -> EntropixTable:
+def entropix_table(c: SamplerConfig, attention: bool = True) -> EntropixTable:
     rows = _affine_rows(c)
+    if not attention:  # logits only: the features after H and V get no weight
+        rows = {key: w[:3] + [0.0] * (len(w) - 3) for key, w in rows.items()}
     t_cap = min(1.5, c.max_temperature)
     bounds = {
         "T": {"treading": (1e-2, t_cap), "branch": (1e-2, t_cap)},

@@ -1,0 +1,74 @@
+"""A transformers tokenizer with the few methods our host engine and catalogue call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HFTokenizer:
+    """encode / encode_chat, streaming detokenizers, token_text, find_token and stop_ids."""
+
+    def __init__(self, tokenizer: Any, model: Any = None) -> None:
+        self.hf = tokenizer
+        stops = set()
+        for src in (tokenizer, getattr(model, "generation_config", None)):
+            eos = getattr(src, "eos_token_id", None)
+            stops.update([eos] if isinstance(eos, int) else (eos or []))
+        self.stop_ids = frozenset(int(i) for i in stops if i is not None)
+        self._texts: dict[str, int] | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # newer transformers return a BatchEncoding
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def token_text(self, token_id: int) -> str:
+        return self.hf.decode([int(token_id)])
+
+    def detokenizer(self) -> "Detokenizer":
+        return Detokenizer(self.hf)
+
+    def find_token(self, text: str) -> int:
+        """The token whose text is `text`, else one whose stripped text is the same (nearest
+        in length), else the longest token that is a prefix of it, like our tokenizer."""
+        ids = self.hf.encode(text, add_special_tokens=False)
+        if len(ids) == 1:
+            return int(ids[0])
+        if self._texts is None:
+            self._texts = {}
+            for i in range(len(self.hf)):
+                self._texts.setdefault(self.hf.decode([i]), i)
+        if text in self._texts:
+            return self._texts[text]
+        core = text.strip()
+        same = [(abs(len(t) - len(text)), i) for t, i in self._texts.items() if core and t.strip() == core]
+        if same:
+            return min(same)[1]
+        prefixes = [(-len(t), i) for t, i in self._texts.items() if t and text.startswith(t)]
+        if prefixes:
+            return min(prefixes)[1]
+        raise ValueError(f"no token resembles {text!r}")
+
+
+class Detokenizer:
+    """Text released per token: the decoded text grows, held back while it ends mid-character."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf, self.ids, self.sent = hf, [], 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.hf.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+    def flush(self) -> str:
+        text = self.hf.decode(self.ids)
+        out, self.sent = text[self.sent:], len(text)
+        return out
