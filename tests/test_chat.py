@@ -232,7 +232,7 @@ def _stop_then_edit(page) -> None:
     assert int(ans.locator(".stats").inner_text().split(" tokens")[0]) < 1500
     health = page.evaluate("""async () => {  // the server stopped decoding too: the client went away
       for (let k = 0; k < 50; k++) {
-        const h = await (await fetch('/health')).json();
+        const h = await (await fetch('/health', { headers: headers() })).json();  // counters: key holders only
         if (!h.scheduler.running_requests) return h.scheduler;
         await new Promise(r => setTimeout(r, 100));
       }

@@ -57,6 +57,7 @@
       if (c.finish_reason) ch.finish = c.finish_reason;
       if (c.answer !== undefined) ch.answer = c.answer;
       if (typeof c.confidence === "number") ch.confidence = c.confidence;
+      if (c.entropix_branches) this.tree = c.entropix_branches;  // entropix-branching: every path of the tree
     }
 
     feed(ev) {
@@ -66,6 +67,7 @@
       if (ev.usage) this.usage = ev.usage;
       for (const c of ev.choices || []) this.add(c);
       if (typeof ev.cot_choice === "number") this.chosen = ev.cot_choice;
+      if (typeof ev.branch_choice === "number") this.branchChoice = ev.branch_choice;
     }
 
     shown() { return this.choices.get(this.chosen) || this.choice(0); }
@@ -75,7 +77,12 @@
       const m = { sampler: this.sampler || sampler, tokens: this.shown().tokens, seconds,
         completion: this.usage ? this.usage.completion_tokens : this.tokenCount(),
         prompt: this.usage ? this.usage.prompt_tokens : null, thresholds: this.thresholds, chosen: this.chosen };
-      if (this.choices.size > 1) {
+      if (this.tree) {  // the streamed choice is the root path; the paths come with the last chunk
+        m.choices = this.tree.map((b) => ({ index: b.choice, text: (b.text || "").slice(0, 200), answer: b.answer,
+          confidence: b.confidence, forkedAt: b.parent ? b.parent[1] : null, n: null }));
+        const best = this.tree[this.branchChoice];
+        if (best) m.chosen = best.choice;
+      } else if (this.choices.size > 1) {
         m.choices = [...this.choices.values()].sort((a, b) => a.index - b.index).map((c) => ({ index: c.index,
           text: c.text.slice(0, 200), answer: c.answer, confidence: c.confidence, forkedAt: c.forkedAt, n: c.n }));
       }

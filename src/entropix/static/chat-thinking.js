@@ -109,7 +109,7 @@
       } else conf.textContent = "–";
       tr.append(node("td", null, `${c.index}${c.index === meta.chosen ? " ✓" : ""}`),
         node("td", null, c.answer === undefined || c.answer === null ? "–" : String(c.answer)), conf,
-        node("td", null, String(c.n || 0)), node("td", "opening", (c.text || "").replace(/\s*\n\s*/g, " ↵ ").slice(0, 60)));
+        node("td", null, c.n === null ? "–" : String(c.n || 0)), node("td", "opening", (c.text || "").replace(/\s*\n\s*/g, " ↵ ").slice(0, 60)));
       t.append(tr);
     }
     sec.append(t);
