@@ -123,6 +123,17 @@ def _entropix(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return Entropix(cfg, pause_id)
 
 
+def _dslider(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+    from .dslider import DSlider, DSliderConfig
+
+    given = params.get("sampler_config")
+    if isinstance(given, DSliderConfig):
+        return DSlider(given)
+    if isinstance(given, dict):
+        return DSlider(DSliderConfig.from_dict(given))
+    return DSlider(DSliderConfig.from_json(given) if given is not None else DSliderConfig())
+
+
 def _greedy(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return Greedy()
 
@@ -149,6 +160,9 @@ SPECS: tuple[SamplerSpec, ...] = (
                 aliases=("cot-decoding",)),
     SamplerSpec("cot-agg", "CoT decoding, aggregated path ({branches} branches)", "cot", _ranked, {"branches": 10, "aggregate": True},
                 ("branches",), Ranked.states, listed=False),
+    SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
+                "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
+                ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
