@@ -97,10 +97,15 @@ class DSliderConfig:
     fit_iters: int = 140  # Dirichlet MLE iterations (fixed: no device sync)
     temp_iters: int = 10  # temperature-solve iterations
     wild: bool = True  # draw from the Dirichlet (False: use its mean)
-    # Not in the original: per step, refit alpha to the moved m by this many full Newton steps from
+    # Not in the original: per step, refit alpha to the moved m by this many plain Newton steps from
     # the row's previous alpha (the same root; m moves by a share gamma of q - m per step). 0 refits
     # from alpha = 1 with fit_iters damped steps every step, as the original did (slow: ~30 ops each).
     refit_iters: int = 3
+    # Not in the original, whose init fitted alpha to the mean over the prompt's positions: from one
+    # distribution p0 that fit has no finite answer (alpha grows without bound, and where it stops
+    # is rounding noise). Here alpha0 = init_concentration * p0 and m0 = E[ln pi] under Dir(alpha0),
+    # so alpha0 is exactly FitDir(m0).
+    init_concentration: float = 100.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -130,6 +135,8 @@ class DSliderConfig:
         for f in dataclasses.fields(self):
             if f.name.endswith("_coeff") and f.name.startswith(("emwa", "token")) and not 0 <= getattr(self, f.name) <= 1:
                 raise EntropixError(f"dslider config: {f.name} must be in [0, 1], got {getattr(self, f.name)}")
+        if not 1e-3 <= self.init_concentration <= 1e6:
+            raise EntropixError(f"dslider config: init_concentration must be in [0.001, 1e6], got {self.init_concentration}")
         if self.emwa_logp_base <= 1 or self.perturb_base_coeff <= 1:
             raise EntropixError("dslider config: emwa_logp_base and perturb_base_coeff must be above 1")
 
@@ -234,7 +241,8 @@ def fit_lr(k: np.ndarray) -> np.ndarray:
 def fit_dirichlet(t: np.ndarray, iters: int = 140, tol: float = 1e-4, start: np.ndarray | None = None) -> np.ndarray:
     """alpha with psi(alpha) - psi(sum alpha) = t (the Dirichlet MLE given mean log-probabilities t),
     from alpha = 1 by the spec's damped second-order Newton steps, frozen once |F| < tol; from
-    `start` instead, full steps (lr 1)."""
+    `start` instead, plain Newton steps (lr 1; the spec's second-order term is not Halley's and
+    slows them down near the root)."""
     t = np.asarray(t, dtype=np.float64)
     a = np.ones_like(t) if start is None else np.asarray(start, dtype=np.float64).copy()
     for k in range(1, iters + 1):
@@ -252,8 +260,11 @@ def fit_dirichlet(t: np.ndarray, iters: int = 140, tol: float = 1e-4, start: np.
             return d * x + kappa * np.dot(d, x) * d
 
         v = jinv(F)
-        delta = -v + 0.5 * jinv(polygamma(2, a) * v - polygamma(2, np.array([S]))[0] * v.sum())
-        step = np.clip((fit_lr(k) if start is None else 1.0) * delta, -a / 2, a / 2)
+        if start is None:
+            delta = -v + 0.5 * jinv(polygamma(2, a) * v - polygamma(2, np.array([S]))[0] * v.sum())
+            step = np.clip(fit_lr(k) * delta, -a / 2, a / 2)
+        else:
+            step = np.clip(-v, -a / 2, a / 2)
         a = np.clip(a + step, ALPHA_MIN, ALPHA_MAX)
     return a
 
@@ -336,8 +347,8 @@ def init_state(c: DSliderConfig, top_logp: np.ndarray, H: float, V: float) -> di
     """A row's state from its first distribution: top_logp = the support's model log-probabilities
     (most likely first), H and V the full distribution's entropy and varentropy (nats)."""
     y = normalize(top_logp, c.noise_floor)
-    m = y
-    alpha = fit_dirichlet(m, c.fit_iters)
+    alpha = np.maximum(c.init_concentration * np.exp(y), ALPHA_MIN)
+    m = polygamma(0, alpha) - polygamma(0, np.array([alpha.sum()]))[0]
     yk = top_logp[:c.outlier_topk]
     return {"alpha": alpha, "m": m, "temp": 1.0, "ent_n": H, "varent_n": V, "ent_s": H, "varent_s": 0.0,
             "tce_n": float(-np.mean(yk)), "tcv_n": float(np.var(yk)), "tce_s": H, "tcv_s": 0.0,

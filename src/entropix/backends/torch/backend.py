@@ -10,11 +10,13 @@ import torch
 
 from ... import EntropixError
 from ...sampler.dslider import DSlider
+from ...sampler.lookahead import Lookahead
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
 from ..base import SampleGroup, StepHost
 from . import ops
 from .dslider import DSliderStates
 from .kvcache import KVCache
+from .lookahead import lookahead_tokens
 from .model import Transformer
 
 
@@ -95,6 +97,7 @@ class TorchBackend:
         # one ranking serves the alternatives, the margin and every entropix group's candidates
         wide = [min(g.policy.config.max_top_k, self.vocab_size) for g in groups if isinstance(g.policy, Entropix)]
         wide += [min(g.policy.config.support, self.vocab_size) for g in groups if isinstance(g.policy, DSlider)]
+        wide += [min(g.policy.candidates, self.vocab_size) for g in groups if isinstance(g.policy, Lookahead)]
         top_lp, top_id = logp.topk(max([top_k, 2] + wide), dim=-1)
         margin = top_lp[:, 0].exp() - top_lp[:, 1].exp()
         tokens = torch.zeros(B, dtype=torch.long, device=self.device)
@@ -150,6 +153,8 @@ class TorchBackend:
                 raise EntropixError(f"dslider: support {K} exceeds the vocabulary ({self.vocab_size} tokens)")
             return self._dslider.step(p, self.rows, g.rows, top_lp[:, :K], top_id[:, :K], H * ops.LN2, V * ops.LN2 ** 2,
                                       self._to_device(g.uniforms))
+        if isinstance(p, Lookahead):
+            return lookahead_tokens(self.model, self.cache, p, g.rows, H, top_lp, top_id)
         raise TypeError(f"the torch backend has no ops for policy {type(p).__name__}")
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:

@@ -36,8 +36,14 @@ def ema(c: float, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 
 
 def log_dirichlet(q: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """[B] log-density of Dir(alpha) at exp(q)."""
-    return torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha).sum(-1) + ((alpha - 1) * q).sum(-1)
+    """[B] log-density of Dir(alpha) at exp(q), computed in fp64 where the device has it (alpha
+    reaches 1e6 and more, where fp32 lgamma has no digits left for the difference)."""
+    a, q = alpha.to(_wide(alpha)), q.to(_wide(alpha))
+    return (torch.lgamma(a.sum(-1)) - torch.lgamma(a).sum(-1) + ((a - 1) * q).sum(-1)).float()
+
+
+def _wide(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 @lru_cache(maxsize=8)
@@ -48,14 +54,17 @@ def _lrs(iters: int) -> tuple[float, ...]:
 def fit_dirichlet(t: torch.Tensor, iters: int, tol: float = 1e-4, start: torch.Tensor | None = None) -> torch.Tensor:
     """alpha [B, K] with psi(alpha) - psi(sum alpha) = t, from alpha = 1, `iters` damped
     second-order Newton steps (Sherman-Morrison inverse of the Jacobian); rows freeze once
-    |F| < tol; from `start` instead, full steps (lr 1). alpha and its sum ride in one [B, K + 1] tensor so each polygamma is one call."""
-    t = t.float()
+    |F| < tol; from `start` instead, plain Newton steps. alpha and its sum ride in one
+    [B, K + 1] tensor so each polygamma is one call. In fp64 where the device has it:
+    psi(alpha) - psi(sum) is a difference of nearly equal numbers once alpha is large (the fit
+    of a single distribution grows without bound), and fp32 makes it noise."""
+    t = t.to(_wide(t))
     B, K = t.shape
-    a = torch.ones_like(t) if start is None else start.float()
-    lrs = _lrs(iters) if start is None else (1.0,) * iters
+    a = torch.ones_like(t) if start is None else start.to(t.dtype)
+    lrs = _lrs(iters) if start is None else None
     for k in range(iters):
         x = torch.cat([a, a.sum(-1, keepdim=True)], -1)
-        p0, p1, p2 = torch.special.digamma(x), torch.polygamma(1, x), torch.polygamma(2, x)
+        p0, p1 = torch.special.digamma(x), torch.polygamma(1, x)
         F = p0[:, :K] - p0[:, K:] - t
         live = (F.norm(dim=-1, keepdim=True) >= tol)
         d = 1.0 / p1[:, :K]
@@ -64,12 +73,16 @@ def fit_dirichlet(t: torch.Tensor, iters: int, tol: float = 1e-4, start: torch.T
         den = torch.where(den >= 0, den.clamp_min(1e-12), den.clamp_max(-1e-12))
         kappa = t1S / den
         v = d * F + kappa * (d * F).sum(-1, keepdim=True) * d
-        w = p2[:, :K] * v - p2[:, K:] * v.sum(-1, keepdim=True)
-        delta = 0.5 * (d * w + kappa * (d * w).sum(-1, keepdim=True) * d) - v
+        if lrs is None:
+            delta = -v
+        else:
+            p2 = torch.polygamma(2, x)
+            w = p2[:, :K] * v - p2[:, K:] * v.sum(-1, keepdim=True)
+            delta = lrs[k] * (0.5 * (d * w + kappa * (d * w).sum(-1, keepdim=True) * d) - v)
         half = 0.5 * a
-        step = torch.maximum(torch.minimum(lrs[k] * delta, half), -half)
+        step = torch.maximum(torch.minimum(delta, half), -half)
         a = torch.where(live, (a + step).clamp(ALPHA_MIN, ALPHA_MAX), a)
-    return a
+    return a.float()
 
 
 def temp_solve(x: torch.Tensor, target: torch.Tensor, iters: int, tol: float = 1e-6) -> torch.Tensor:
@@ -131,8 +144,10 @@ def _stack(c: DSliderConfig, s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def init_state(c: DSliderConfig, top_lp: torch.Tensor, H: torch.Tensor, V: torch.Tensor) -> dict[str, torch.Tensor]:
     """States [B] from each row's first distribution (see the reference `init_state`)."""
-    m = normalize(top_lp, c.noise_floor)
-    alpha = fit_dirichlet(m, c.fit_iters)
+    y = normalize(top_lp, c.noise_floor).to(_wide(top_lp))
+    alpha = (c.init_concentration * y.exp()).clamp_min(ALPHA_MIN)
+    m = (torch.special.digamma(alpha) - torch.special.digamma(alpha.sum(-1, keepdim=True))).float()
+    alpha = alpha.float()
     yk = top_lp[:, :c.outlier_topk]
     zero = torch.zeros_like(H)
     return {"alpha": alpha, "m": m, "temp": torch.ones_like(H), "ent_n": H, "varent_n": V, "ent_s": H,
@@ -239,7 +254,7 @@ class DSliderStates:
         idx = torch.tensor(list(rows), device=H.device, dtype=torch.long)
         s = {k: t.index_select(0, idx) for k, t in s_all.items()}
         fresh = [i for i, r in enumerate(rows) if not ready[r]]
-        if fresh:  # known on the host: the init fit runs only when a row starts
+        if fresh:  # known on the host
             f = torch.tensor(fresh, device=H.device, dtype=torch.long)
             init = init_state(c, top_lp.index_select(0, f).float(), H.index_select(0, f), V.index_select(0, f))
             for k in s:
