@@ -376,3 +376,33 @@ def test_generate_dslider_seed_json_reproducible(tiny_hf, capsys):
     assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["records"] == runs[1]["records"]
     assert runs[0]["tokens"] != runs[2]["tokens"]
     assert all(r["state"] in R.DSLIDER_STATES and "dslider_temp" in r for r in runs[0]["records"])
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+def test_server_offers_dslider_and_lookahead():
+    import httpx
+    import torch as _torch
+
+    from entropix.serve import ServerThread, create_app
+
+    lm = tiny_lm(max_position_embeddings=1024)
+    with _torch.no_grad():  # ASCII only, never the end of text (as the server tests' model)
+        lm.model.lm_head.weight[128:] = 0
+        lm.model.lm_head.weight[0] = 0
+    with ServerThread(create_app(lm, max_rows=8, max_n=4)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        specs = {s["name"]: s for s in c.get("/v1/entropix/info").json()["sampler_specs"]}
+        assert specs["dslider"]["states"] == list(R.DSLIDER_STATES) and "lookahead" in specs
+        bodies = []
+        for name, extra in (("dslider", {"seed": 1}), ("dslider", {"seed": 1}),
+                            ("dslider", {"seed": 1, "sampler_config": {"support": 16}}), ("lookahead", {})):
+            r = c.post("/v1/completions", json={"model": lm.name, "prompt": "Once", "max_tokens": 5, "sampler": name,
+                                                "metrics": True, **extra})
+            assert r.status_code == 200, r.text
+            bodies.append(r.json()["choices"][0])
+        assert bodies[0]["text"] == bodies[1]["text"]
+        assert all(m["state"] in R.DSLIDER_STATES and "dslider_temp" in m for m in bodies[2]["entropix"])
+        assert all(m["state"] in ("calm", "search") and m["lookahead_forwards"] >= 1 for m in bodies[3]["entropix"])
+        r = c.post("/v1/completions", json={"model": lm.name, "prompt": "Once", "max_tokens": 2, "sampler": "dslider",
+                                            "sampler_config": {"support": 1}})
+        assert r.status_code == 400 and "support" in r.text

@@ -166,15 +166,15 @@ SPECS: tuple[SamplerSpec, ...] = (
                 aliases=("cot-decoding",)),
     SamplerSpec("cot-agg", "CoT decoding, aggregated path ({branches} branches)", "cot", _ranked, {"branches": 10, "aggregate": True},
                 ("branches",), Ranked.states, listed=False),
+    SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
+                {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
+                aliases=("self_consistency", "sc")),
     SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
                 ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),
     SamplerSpec("lookahead", "a small tree search where the model is unsure: the top 4 tokens each rolled out 3 tokens "
                 "in one batch, the one with the most likely and least uncertain rollout kept", "single", _lookahead, {}, (),
                 ("calm", "search"), aliases=("tree-search", "mcts")),
-    SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
-                {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
-                aliases=("self_consistency", "sc")),
 )
 _BY_NAME = {n: s for s in SPECS for n in (s.name, *s.aliases)}
 
