@@ -94,8 +94,11 @@ def test_catalogue_and_errors(lm):
     dec = catalog.resolve("lookahead", lm)
     assert isinstance(dec.policy, Lookahead) and dec.strategy == "single"
     assert "lookahead" in [s["name"] for s in catalog.describe()]
+    assert catalog.resolve("lookahead", lm, sampler_config={"candidates": 2, "depth": 5}).policy == Lookahead(2, 5)
     with pytest.raises(EntropixError, match="candidates"):
-        Lookahead(candidates=0)
+        catalog.resolve("lookahead", lm, sampler_config={"candidates": 0})
+    with pytest.raises(EntropixError, match="keys among"):
+        catalog.resolve("lookahead", lm, sampler_config={"width": 3})
     with pytest.raises(EntropixError, match="min_entropy"):
         Lookahead(min_entropy=float("nan"))
 

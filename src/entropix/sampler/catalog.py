@@ -137,7 +137,8 @@ def _dslider(params: Mapping[str, Any], model: Any) -> TokenPolicy:
 def _lookahead(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     from .lookahead import Lookahead
 
-    return Lookahead()
+    given = params.get("sampler_config")
+    return Lookahead.from_dict(given) if isinstance(given, dict) else Lookahead.from_json(given) if given else Lookahead()
 
 
 def _greedy(params: Mapping[str, Any], model: Any) -> TokenPolicy:
@@ -173,7 +174,8 @@ SPECS: tuple[SamplerSpec, ...] = (
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
                 ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),
     SamplerSpec("lookahead", "a small tree search where the model is unsure: the top 4 tokens each rolled out 3 tokens "
-                "in one batch, the one with the most likely and least uncertain rollout kept", "single", _lookahead, {}, (),
+                "in one batch, the one with the most likely and least uncertain rollout kept", "single", _lookahead, {},
+                ("sampler_config",),
                 ("calm", "search"), aliases=("tree-search", "mcts")),
 )
 _BY_NAME = {n: s for s in SPECS for n in (s.name, *s.aliases)}

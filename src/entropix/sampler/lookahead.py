@@ -17,9 +17,12 @@ backend runs the rollouts (`backends/torch/lookahead.py`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,6 +51,27 @@ class Lookahead(TokenPolicy):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise EntropixError(f"lookahead: {name} must be a finite number >= 0, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "lookahead config") -> "Lookahead":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(k for k in data if not str(k).startswith("_")) - known:
+            raise EntropixError(f"{source}: expected an object with keys among {', '.join(sorted(known))}")
+        try:
+            return cls(**{k: v for k, v in data.items() if not str(k).startswith("_")})
+        except EntropixError as e:
+            raise EntropixError(f"{source}: {str(e).removeprefix('lookahead: ')}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Lookahead":
+        p = Path(path)
+        if not p.is_file():
+            raise EntropixError(f"sampler config {p} does not exist")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EntropixError(f"sampler config {p} is not valid JSON ({type(e).__name__})") from None
+        return cls.from_dict(data, f"sampler config {p}")
 
     def forwards(self, searched: bool) -> int:
         """Model calls one output token costs: the row's own step, plus the rollout's when searched."""
