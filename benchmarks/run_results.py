@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32, help="rows decoded together")
     ap.add_argument("--tasks", default="arithmetic,coinflip,compare,gsm8k")
-    ap.add_argument("--samplers", default="greedy,self-consistency,cot,entropix")
+    ap.add_argument("--samplers", default="greedy,self-consistency,cot,entropix,dslider,lookahead")
     ap.add_argument("--max-tokens", type=int, default=128, help="synthetic tasks")
     ap.add_argument("--gsm8k-max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)

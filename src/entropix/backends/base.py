@@ -73,6 +73,9 @@ class StepHost:
     attn_valid: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+    # Optional: a policy's per-row decision quantities (name -> [B], NaN in rows it did not
+    # sample); records carry the finite ones. Backends without them leave it None.
+    extra: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_matrix(cls, m: np.ndarray, k: int) -> "StepHost":

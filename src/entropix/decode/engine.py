@@ -96,6 +96,10 @@ class Engine:
             raise EntropixError(f"max_tokens must be at least 1, got {req.max_tokens}")
         if req.n < 1:
             raise EntropixError(f"n must be at least 1, got {req.n}")
+        supported = getattr(req.policy, "backends", None)
+        if supported is not None and self.backend.name not in supported:
+            raise EntropixError(f"the {req.policy.label} sampler runs on the {' or '.join(supported)} backend only, "
+                                f"not {self.backend.name}")
         vocab = self.backend.vocab_size
         bad = [t for t in req.prompt if not 0 <= t < vocab]
         if bad:
@@ -252,7 +256,8 @@ class Engine:
         attn = dict(zip(ATTN_KEYS, host.attn[i].tolist())) if host.attn_valid[i] else None
         rec = TokenRecord(req.id, row.choice, len(row.tokens) - 1, tok, delta, lp, top, float(host.entropy[i]),
                           float(host.varentropy[i]), float(host.margin[i]), attn,
-                          state_name(req.policy, host.code[i]), row.finish_reason, row.parent)
+                          state_name(req.policy, host.code[i]), row.finish_reason, row.parent,
+                          _extra(host, i))
         row.parent = None
         return rec
 
@@ -280,6 +285,14 @@ class Engine:
             row.finish_reason = "stop" if stop else "length"
         row.text += delta
         return delta
+
+
+def _extra(host: StepHost, i: int) -> dict[str, float] | None:
+    extra = getattr(host, "extra", None)  # optional: backends without it hand back none
+    if not extra:
+        return None
+    out = {k: float(v[i]) for k, v in extra.items() if math.isfinite(v[i])}
+    return out or None
 
 
 def state_name(policy: Any, code: int) -> str:

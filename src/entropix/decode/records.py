@@ -30,6 +30,7 @@ class TokenRecord:
     state: str  # the strategy that chose this token
     finish_reason: str | None = None  # "stop" or "length" on the row's last token
     parent: tuple[int, int] | None = None  # first record of a fork: (parent choice, index it forked at)
+    extra: dict[str, float] | None = None  # the policy's decision quantities (dslider, lookahead)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -44,6 +45,8 @@ class TokenRecord:
             d["finish_reason"] = self.finish_reason
         if self.parent is not None:
             d["parent"] = list(self.parent)
+        if self.extra:
+            d.update(self.extra)
         return d
 
 

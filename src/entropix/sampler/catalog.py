@@ -127,6 +127,24 @@ def _entropix_logits(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return dataclasses.replace(_entropix(params, model), attention=False)
 
 
+def _dslider(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+    from .dslider import DSlider, DSliderConfig
+
+    given = params.get("sampler_config")
+    if isinstance(given, DSliderConfig):
+        return DSlider(given)
+    if isinstance(given, dict):
+        return DSlider(DSliderConfig.from_dict(given))
+    return DSlider(DSliderConfig.from_json(given) if given is not None else DSliderConfig())
+
+
+def _lookahead(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+    from .lookahead import Lookahead
+
+    given = params.get("sampler_config")
+    return Lookahead.from_dict(given) if isinstance(given, dict) else Lookahead.from_json(given) if given else Lookahead()
+
+
 def _greedy(params: Mapping[str, Any], model: Any) -> TokenPolicy:
     return Greedy()
 
@@ -159,6 +177,13 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
+    SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
+                "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
+                ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),
+    SamplerSpec("lookahead", "a small tree search where the model is unsure: the top 4 tokens each rolled out 3 tokens "
+                "in one batch, the one with the most likely and least uncertain rollout kept", "single", _lookahead, {},
+                ("sampler_config",),
+                ("calm", "search"), aliases=("tree-search", "mcts")),
 )
 _BY_NAME = {n: s for s in SPECS for n in (s.name, *s.aliases)}
 

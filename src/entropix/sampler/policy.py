@@ -51,6 +51,11 @@ class TokenPolicy:
 
     states: ClassVar[tuple[str, ...]] = ("greedy",)
     needs_attention: ClassVar[bool] = False
+    backends: ClassVar[tuple[str, ...] | None] = None  # backend names with ops for it (None: every one)
+
+    @property
+    def label(self) -> str:
+        return type(self).__name__.lower()
 
     @property
     def draws(self) -> int:

@@ -48,6 +48,8 @@ def metric_entry(tok: Any, rec: TokenRecord) -> dict[str, Any]:
     }
     if rec.attn:
         d.update({k: rounded(v) for k, v in rec.attn.items()})
+    if getattr(rec, "extra", None):  # a policy's decision quantities (dslider, lookahead)
+        d.update({k: rounded(v) for k, v in rec.extra.items()})
     return d
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ... import EntropixError
+from ...sampler.dslider import DSlider
+from ...sampler.lookahead import Lookahead
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
 from ..base import SampleGroup, StepHost
 from . import ops
+from .dslider import DSliderStates
 from .kvcache import KVCache, SlotCache
+from .lookahead import lookahead_tokens
 from .model import Transformer
 
 
@@ -33,6 +39,7 @@ class TorchBackend:
         self.attn_valid: torch.Tensor | None = None  # [B] bool: which rows captured them
         self._tables: dict[object, tuple[torch.Tensor, ...]] = {}  # EntropixTable -> its tensors here
         self._partial: dict[object, KVCache] = {}  # chunked prefills in progress
+        self._dslider = DSliderStates()  # per-row sampler state: forks, moves and leaves with its row
 
     @property
     def rows(self) -> int:
@@ -74,7 +81,9 @@ class TorchBackend:
     def _join(self, cache: KVCache, picks: list[int], logits, attn, captured: bool) -> None:
         """New rows at the end of the batch: row picks[j] of `cache` becomes one row (rows share a prefill)."""
         if self.cache is None:
+            self._dslider.clear()
             self.cache = SlotCache(self.model.new_cache, max(4, len(picks)), cache.capacity)
+        self._dslider.add_rows(len(picks))
         for b in picks:
             slot = self.cache.alloc()
             self.cache.put(slot, cache, b)
@@ -96,6 +105,7 @@ class TorchBackend:
         if not rows:
             self.cache, self.slot = None, []
             self.logits = self.attn = self.attn_valid = None
+            self._dslider.clear()
             return
         keep = {self.slot[r] for r in rows}
         for s in set(self.slot) - keep:  # free first: a fork may take a slot just given back
@@ -110,6 +120,7 @@ class TorchBackend:
             taken.add(s)
             slots.append(s)
         self.slot = slots
+        self._dslider.select(rows)
         idx = torch.tensor(rows, device=self.device)
         self.logits, self.attn, self.attn_valid = self.logits[idx], self.attn[idx], self.attn_valid[idx]
 
@@ -143,10 +154,13 @@ class TorchBackend:
         logp, H, V = ops.logit_metrics(logits)
         # one ranking serves the alternatives, the margin and every entropix group's candidates
         wide = [min(g.policy.config.max_top_k, self.vocab_size) for g in groups if isinstance(g.policy, Entropix)]
+        wide += [min(g.policy.config.support, self.vocab_size) for g in groups if isinstance(g.policy, DSlider)]
+        wide += [min(g.policy.candidates, self.vocab_size) for g in groups if isinstance(g.policy, Lookahead)]
         top_lp, top_id = logp.topk(max([top_k, 2] + wide), dim=-1)
         margin = top_lp[:, 0].exp() - top_lp[:, 1].exp()
         tokens = torch.zeros(B, dtype=torch.long, device=self.device)
         codes = torch.zeros(B, dtype=torch.long, device=self.device)
+        extras: dict[str, torch.Tensor] = {}  # a policy's decision quantities, NaN in other rows
         for g in groups:
             whole = len(g.rows) == B and list(g.rows) == list(range(B))
             idx = None if whole else torch.tensor(g.rows, device=self.device)
@@ -154,17 +168,23 @@ class TorchBackend:
             def part(x: torch.Tensor) -> torch.Tensor:
                 return x if idx is None else x.index_select(0, idx)
 
-            tok, code = self._policy(g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
+            tok, code, *more = self._policy(g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
+            for key, val in (more[0] if more else {}).items():
+                extras.setdefault(key, torch.full((B,), float("nan"), device=self.device))[slice(None) if idx is None else idx] = val.float()
             if idx is None:
                 tokens, codes = tok, code
             else:
                 tokens[idx], codes[idx] = tok, code
         chosen = logp.gather(1, tokens[:, None])
         cols = [tokens[:, None], codes[:, None], chosen, H[:, None], V[:, None], margin[:, None],
-                self.attn, self.attn_valid[:, None], top_id[:, :top_k], top_lp[:, :top_k]]
+                self.attn, self.attn_valid[:, None], top_id[:, :top_k], top_lp[:, :top_k]] + [v[:, None] for v in extras.values()]
         # The step's one device -> host transfer, in fp32 (MPS has no fp64; ids below 2^24 are exact).
         m = torch.cat([c.float() for c in cols], 1).cpu().numpy().astype(np.float64)
-        return StepHost.from_matrix(m, top_k)
+        host = StepHost.from_matrix(m, top_k)
+        if extras:
+            n = m.shape[1] - len(extras)
+            host = dataclasses.replace(host, extra={k: m[:, n + j] for j, k in enumerate(extras)})
+        return host
 
     def _policy(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id) -> tuple[torch.Tensor, torch.Tensor]:
         p, dev = g.policy, self.device
@@ -185,6 +205,15 @@ class TorchBackend:
             K = min(p.config.max_top_k, self.vocab_size)
             return ops.entropix_tokens(self._tables[table], p, top_lp[:, :K], top_id[:, :K], H, V, attn,
                                        self._to_device(g.uniforms), prev, ok)
+        if isinstance(p, DSlider):
+            K = p.config.support
+            if K > self.vocab_size:
+                raise EntropixError(f"dslider: support {K} exceeds the vocabulary ({self.vocab_size} tokens)")
+            return self._dslider.step(p, self.rows, g.rows, top_lp[:, :K], top_id[:, :K], H * ops.LN2, V * ops.LN2 ** 2,
+                                      self._to_device(g.uniforms))
+        if isinstance(p, Lookahead):
+            return lookahead_tokens(self.model, self.cache.view(p.depth), p, [self.slot[r] for r in g.rows], H,
+                                    top_lp, top_id)  # the slots' cache: rows are slots there
         raise TypeError(f"the torch backend has no ops for policy {type(p).__name__}")
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
