@@ -150,6 +150,10 @@ class HFBackend(TorchBackend):
         # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
+    @property
+    def rows(self) -> int:  # transformers' cache keeps rows in order: no slots here
+        return 0 if self.logits is None else int(self.logits.shape[0])
+
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, capture: bool):
         sink = {"layers": self.capture_layers, "stats": []} if capture else None
