@@ -150,8 +150,10 @@ def test_hf_folder_and_gguf_load_like_torch(tmp_path, gguf_path):
 
 
 def test_bad_mesh_and_backend_options_are_one_line_errors():
-    with pytest.raises(EntropixError, match="backend jax"):
+    with pytest.raises(EntropixError, match="entropix.distributed"):  # torch ranks start elsewhere
         load_model(None, backend="torch", tp=2)
+    with pytest.raises(EntropixError, match="backend jax"):
+        load_model(None, backend="torch", dp=2)
     with pytest.raises(EntropixError, match="needs 64 devices"):
         from entropix.backends.jax.sharding import make_mesh
 
@@ -182,7 +184,8 @@ def test_draws_from_per_row_jax_random_keys_follow_the_distribution():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--backend", "jax", "--tp", "3"], "needs 3 devices"),
-    (["--backend", "torch", "--tp", "2"], "--backend jax"),
+    (["--backend", "torch", "--dp", "2"], "--backend jax"),  # torch --tp starts ranks (test_tp.py)
+    (["--backend", "mlx", "--tp", "2"], "runs on one device"),
     (["--backend", "jax", "--dp", "0"], "at least 1"),
     (["--backend", "jax", "--dtype", "int3"], "dtype"),
 ])

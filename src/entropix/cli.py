@@ -79,10 +79,10 @@ def load(args, quiet: bool = False):
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
-    jax = getattr(args, "backend", "torch") == "jax"
-    lm = load_torch_tp(args) or load_model(args.model, backend=getattr(args, "backend", "torch"), device=args.device,
-                                           dtype=args.dtype, progress=not quiet, tp=getattr(args, "tp", 1) if jax else 1,
-                                           dp=getattr(args, "dp", 1))
+    backend = getattr(args, "backend", "torch")
+    lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
+                                           progress=not quiet, tp=1 if backend == "torch" else getattr(args, "tp", 1),
+                                           dp=getattr(args, "dp", 1))  # torch's --tp ranks: load_torch_tp
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
