@@ -63,7 +63,7 @@ def test_chat_page_is_served_with_its_policy():
         assert c.get("/v1/models").status_code == 401
     for f in STATIC.glob("chat*"):  # no fetch or import from a full URL in the app's own files
         assert not re.search(r"""(fetch|import|src|href)\W+["'`]?(https?:)?//""", f.read_text()), f
-    for f in [*STATIC.glob("chat*.js"), STATIC / "markdown.js"]:  # text reaches the page as nodes only
+    for f in [*STATIC.glob("chat*.js"), STATIC / "markdown.js", STATIC / "http.js"]:  # text reaches the page as nodes only
         assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", f.read_text()), f
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import EntropixError
 from ..backends.base import SampleGroup, StepHost
-from ..decode.rng import row_seed, uniforms
+from ..decode.rng import row_seed, take_draws
 from ..sampler.policy import Entropix, TokenPolicy
 from . import ops
 
@@ -37,13 +37,8 @@ def new_rows(seed: int | None, n: int) -> list[RowState]:
 
 def group(policy: TokenPolicy, rows: Sequence[RowState]) -> SampleGroup:
     """This step's inputs for the rows (consumes their draws), as the engine's _groups."""
-    u = None
-    if policy.draws:
-        u = uniforms(np.array([r.seed for r in rows], dtype=np.uint64),
-                     np.array([r.draws for r in rows], dtype=np.uint64), policy.draws)
-        for r in rows:
-            r.draws += policy.draws
-    return SampleGroup(policy, tuple(range(len(rows))), uniforms=u, **policy.host_inputs(rows))
+    return SampleGroup(policy, tuple(range(len(rows))), uniforms=take_draws(rows, policy.draws),
+                       **policy.host_inputs(rows))
 
 
 def take(policy: TokenPolicy, rows: Sequence[RowState], tokens: Sequence[int]) -> None:

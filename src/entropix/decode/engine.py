@@ -14,12 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-
 from .. import EntropixError
 from ..backends.base import ATTN_KEYS, Backend, SampleGroup, StepHost
 from .records import Request, TokenRecord
-from .rng import row_seed, uniforms
+from .rng import row_seed, take_draws
 from .stops import StopText
 
 
@@ -197,12 +195,7 @@ class Engine:
         groups = []
         for policy, idx in by_policy.items():
             rows = [self.rows[i] for i in idx]
-            u = None
-            if policy.draws:
-                u = uniforms(np.array([r.seed for r in rows], dtype=np.uint64),
-                             np.array([r.draws for r in rows], dtype=np.uint64), policy.draws)
-                for r in rows:
-                    r.draws += policy.draws
+            u = take_draws(rows, policy.draws)
             groups.append(SampleGroup(policy, tuple(idx), uniforms=u, **policy.host_inputs(rows)))
         return groups
 

@@ -41,3 +41,14 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray, n: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = seeds[:, None] + (k + np.uint64(1)) * _GOLDEN
     return (_mix(z) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def take_draws(rows, n: int) -> np.ndarray | None:
+    """This step's n draws of each row (objects with .seed and .draws, whose counters move on),
+    [len(rows), n]; None when the policy draws nothing."""
+    if not n:
+        return None
+    u = uniforms(np.array([r.seed for r in rows], dtype=np.uint64), np.array([r.draws for r in rows], dtype=np.uint64), n)
+    for r in rows:
+        r.draws += n
+    return u

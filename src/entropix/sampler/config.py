@@ -55,6 +55,32 @@ def check_params(temperature: float | None = None, top_k: int | None = None,
 
 
 
+def read_json_object(path: str | Path, what: str = "sampler config") -> Any:
+    """The parsed JSON of a config file; a missing, unreadable or invalid file is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise EntropixError(f"{what} {p} does not exist" if not p.exists() else f"{what} {p} is not a file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise EntropixError(f"{what} {p} is not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise EntropixError(f"{what} {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def config_fields(cls: type, data: Any, source: str) -> dict[str, Any]:
+    """A frozen config dataclass's fields from a JSON object: '_'-prefixed keys are metadata,
+    unknown keys are an error that lists the known ones."""
+    if not isinstance(data, dict):
+        raise EntropixError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise EntropixError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return fields
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Settings of the entropix sampler. Entropies in bits, varentropies in bits^2.
@@ -135,13 +161,7 @@ class SamplerConfig:
     @classmethod
     def from_dict(cls, data: Any, source: str = "sampler config") -> "SamplerConfig":
         """Build from a mapping; keys starting with '_' are metadata and ignored."""
-        if not isinstance(data, dict):
-            raise EntropixError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if not str(k).startswith("_")}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise EntropixError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        fields = config_fields(cls, data, source)
         try:
             return cls(**fields)
         except EntropixError as e:
@@ -149,16 +169,7 @@ class SamplerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SamplerConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise EntropixError(f"sampler config {p} does not exist" if not p.exists() else f"sampler config {p} is not a file")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise EntropixError(f"sampler config {p} is not a UTF-8 text file") from None
-        except json.JSONDecodeError as e:
-            raise EntropixError(f"sampler config {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(data, source=f"sampler config {p}")
+        return cls.from_dict(read_json_object(path), source=f"sampler config {path}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import EntropixError
+from .config import config_fields, read_json_object
 from .policy import TokenPolicy
 
 EPS = 1e-8
@@ -142,13 +143,7 @@ class DSliderConfig:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "dslider config") -> "DSliderConfig":
-        if not isinstance(data, dict):
-            raise EntropixError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if not str(k).startswith("_")}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise EntropixError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        fields = config_fields(cls, data, source)
         try:
             return cls(**fields)
         except (EntropixError, TypeError) as e:
@@ -156,14 +151,7 @@ class DSliderConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "DSliderConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise EntropixError(f"sampler config {p} does not exist" if not p.exists() else f"sampler config {p} is not a file")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EntropixError(f"sampler config {p} is not valid JSON ({type(e).__name__})") from None
-        return cls.from_dict(data, source=f"sampler config {p}")
+        return cls.from_dict(read_json_object(path), source=f"sampler config {path}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

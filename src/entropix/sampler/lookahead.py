@@ -18,7 +18,6 @@ backend runs the rollouts (`backends/torch/lookahead.py`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import EntropixError
+from .config import read_json_object
 from .policy import TokenPolicy
 
 LOOKAHEAD_STATES = ("calm", "search")
@@ -64,14 +64,7 @@ class Lookahead(TokenPolicy):
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Lookahead":
-        p = Path(path)
-        if not p.is_file():
-            raise EntropixError(f"sampler config {p} does not exist")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EntropixError(f"sampler config {p} is not valid JSON ({type(e).__name__})") from None
-        return cls.from_dict(data, f"sampler config {p}")
+        return cls.from_dict(read_json_object(path), f"sampler config {path}")
 
     def forwards(self, searched: bool) -> int:
         """Model calls one output token costs: the row's own step, plus the rollout's when searched."""

@@ -45,13 +45,6 @@ function setStatus(text, kind = "") {
   el.className = `status ${kind}`;
 }
 
-async function errorText(res) {
-  try {
-    const body = await res.json();
-    if (body && body.error) return `${res.status}: ${body.error.message}`;
-  } catch (_) { /* not JSON */ }
-  return `${res.status} ${res.statusText}`;
-}
 
 // -- set-up ---------------------------------------------------------------------------
 async function loadInfo() {
@@ -266,25 +259,6 @@ class Output {
 }
 
 // -- streaming ------------------------------------------------------------------------
-async function* sseEvents(res) {
-  const reader = res.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-      if (!data) continue;
-      if (data === "[DONE]") return;
-      yield JSON.parse(data);
-    }
-  }
-}
 
 async function generate(text) {
   let body;

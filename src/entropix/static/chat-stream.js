@@ -3,26 +3,6 @@
 "use strict";
 
 (function (global) {
-  async function* sseEvents(res) {
-    const reader = res.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buf += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-        if (!data) continue;
-        if (data === "[DONE]") return;
-        yield JSON.parse(data);
-      }
-    }
-  }
-
   // A record as the page keeps it: [text, state, entropy, varentropy, p(token)].
   const compact = (e) => [e.text, e.state, e.entropy, e.varentropy, typeof e.logprob === "number" ? Math.exp(e.logprob) : null];
 

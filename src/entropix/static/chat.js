@@ -64,14 +64,6 @@ async function api(path, opts = {}) {
   }
 }
 
-async function errorText(res) {
-  try {
-    const body = await res.json();
-    if (body && body.error) return `${res.status}: ${body.error.message}`;
-  } catch (_) { /* not JSON */ }
-  return `${res.status} ${res.statusText}`;
-}
-
 async function loadServer() {
   try {
     const [models, info] = [await api("/v1/models"), await api("/v1/entropix/info")];
