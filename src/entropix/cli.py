@@ -36,20 +36,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """--tp N (torch: N ranks here or torchrun's, see entropix.distributed; jax: the mesh) and --dp N (jax)."""
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel ranks: torch starts N processes here (gloo on CPU, NCCL on CUDA), or "
                         "uses torchrun's; jax: the mesh's tp axis")
     p.add_argument("--dp", type=int, default=1, help="--backend jax: data-parallel devices (batch rows)")
+
+
+def _given(args, name: str) -> int:
+    v = getattr(args, name, None)
+    return 1 if v is None else v
 
 
 def load_torch_tp(args):
     """The model over tensor-parallel ranks when --tp > 1 (or under torchrun), else None."""
     from .distributed import start, under_torchrun
 
-    tp = getattr(args, "tp", 1)
-    if tp < 1:
+    tp = getattr(args, "tp", None)  # None: one device, or torchrun's world size
+    if tp is not None and tp < 1:
         raise EntropixError(f"--tp must be at least 1, got {tp}")
-    if getattr(args, "backend", "torch") != "torch" or not (tp > 1 or under_torchrun()):
+    if getattr(args, "backend", "torch") != "torch" or not ((tp or 1) > 1 or under_torchrun()):
         return None
     return start(args.model, tp, device=args.device, dtype=args.dtype)
 
@@ -81,8 +86,8 @@ def load(args, quiet: bool = False):
     t = time.perf_counter()
     backend = getattr(args, "backend", "torch")
     lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
-                                           progress=not quiet, tp=1 if backend == "torch" else getattr(args, "tp", 1),
-                                           dp=getattr(args, "dp", 1))  # torch's --tp ranks: load_torch_tp
+                                           progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
+                                           dp=_given(args, "dp"))  # torch's --tp ranks: load_torch_tp
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
