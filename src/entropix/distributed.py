@@ -34,6 +34,7 @@ CONTROL_TIMEOUT = timedelta(days=30)  # a follower waits for rank 0's next step 
 START_TIMEOUT = timedelta(seconds=300)  # the compute group's collectives and the rendezvous
 EXIT_GRACE_S = 2.0  # how long rank 0 keeps answering (503) after a rank died, before it exits
 EXIT_STATUS = 3
+CHILD_EXIT_WAIT_S = 2.0  # a failed broadcast waits this long to see whether a rank exited
 
 
 class WorkerLost(EntropixError):
@@ -80,10 +81,20 @@ class Session:
                 dist.broadcast_object_list([("call", freed, bid, capture_layers, op, args)], src=0, group=self.ctrl)
                 return local()
             except Exception as e:
-                if not self._check_children() and not isinstance(e, dist.DistError):
+                if not isinstance(e, dist.DistError) and not self._children_gone(CHILD_EXIT_WAIT_S):
                     raise
                 self.lost(self.dead or f"a tensor-parallel rank stopped answering ({type(e).__name__}: {e})")
                 raise WorkerLost(self.dead) from None
+
+    def _children_gone(self, wait: float) -> bool:
+        """Whether a spawned rank has exited, waiting a little: a collective can fail on a peer's
+        death before that peer is seen to have exited."""
+        deadline = time.monotonic() + wait
+        while not self._check_children():
+            if not self.children or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _check_children(self) -> bool:
         for r, p in enumerate(self.children, start=1):
