@@ -21,7 +21,7 @@ from entropix.evaluate.tasks import (
     make_task,
 )
 
-SYNTHETIC = ["arithmetic", "coinflip", "letters", "compare", "sort"]
+SYNTHETIC = ["arithmetic", "coinflip", "letters", "compare", "sort", "carries", "position", "decimals"]
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -181,6 +181,69 @@ def test_sort_answers_are_right():
         assert len(set(nums)) == len(nums) >= 3
 
 
+def column_carries(a: int, b: int) -> int:
+    """Carries of a + b by schoolbook columns, on the digit strings."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    carry = count = 0
+    for i in range(max(len(xs), len(ys))):
+        carry = (int(xs[i]) if i < len(xs) else 0) + (int(ys[i]) if i < len(ys) else 0) + carry >= 10
+        count += carry
+    return count
+
+
+def test_carries_answers_are_right():
+    widths = set()
+    for p in make_task("carries", 200, seed=11):
+        m = re.fullmatch(r"What is ([1-9]\d*) \+ ([1-9]\d*)\?", p.prompt)
+        assert m, p.prompt
+        a, b = int(m.group(1)), int(m.group(2))
+        assert p.kind == "number" and p.expected == str(a + b)
+        assert p.extra["operands"] == [a, b]
+        assert column_carries(a, b) == p.extra["carries"] >= 2, p.prompt
+        widths.add(max(len(m.group(1)), len(m.group(2))))
+    assert widths == {2, 3, 4}
+
+
+ORDINALS = {w: i for i, w in enumerate(
+    "first second third fourth fifth sixth seventh eighth ninth tenth".split(), start=1)}
+
+
+def test_position_answers_are_right():
+    styles = set()
+    for p in make_task("position", 200, seed=12):
+        m = re.fullmatch(r"What is the (\w+) letter of the word ([a-z]+)\?", p.prompt)
+        assert m, p.prompt
+        nth, word = m.groups()
+        if nth in ORDINALS:
+            k = ORDINALS[nth]
+            styles.add("word")
+        else:
+            k = int(re.fullmatch(r"(\d+)(?:st|nd|rd|th)", nth).group(1))
+            assert nth == {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+            styles.add("digits")
+        assert 2 <= k <= len(word)
+        assert p.kind == "text" and p.expected == word[k - 1]
+        assert format_prompt(p) == p.prompt
+    assert styles == {"word", "digits"}
+
+
+def test_decimals_are_all_traps():
+    larger_first = 0
+    for p in make_task("decimals", 200, seed=13):
+        m = re.fullmatch(r"Which is larger: (\d+)\.(\d+) or (\d+)\.(\d+)\?", p.prompt)
+        assert m, p.prompt
+        ia, fa, ib, fb = m.groups()
+        assert ia == ib
+        a, b = float(f"{ia}.{fa}"), float(f"{ib}.{fb}")
+        big, small = (fa, fb) if a > b else (fb, fa)
+        # The larger number has fewer decimals, and its decimals read as a smaller integer.
+        assert len(big) < len(small) and int(big) < int(small), p.prompt
+        assert not big.endswith("0") and not small.endswith("0")
+        assert float(p.expected) == max(a, b)
+        larger_first += a > b
+    assert 60 < larger_first < 140  # the larger one is not always on the same side
+
+
 # ----------------------------------------------------------------------------- GSM8K
 
 
@@ -326,3 +389,60 @@ def test_expected_answers_grade_themselves(name):
         text = p.expected.replace(",", ", ") if p.kind == "list" else p.expected
         got, ok = is_correct(p, f"The answer is {text}.")
         assert ok, (p, got)
+
+
+def _carries_problem(a: int, b: int) -> Problem:
+    return Problem("s", f"What is {a} + {b}?", str(a + b), "number", {"format": "sum", "operands": [a, b]})
+
+
+def test_is_correct_carries():
+    p = _carries_problem(752, 578)
+    assert is_correct(p, "752 + 578 = 1330") == ("1330", True)
+    assert is_correct(p, "The sum of 752 and 578 is 1,330.") == ("1330", True)
+    # The equation on the problem's operands wins over numbers that come later.
+    assert is_correct(p, "752 + 578 = 1330.\n\nThis uses 2 carries.") == ("1330", True)
+    assert is_correct(p, "So 578 + 752 is 1330, a number with 4 digits") == ("1330", True)
+    # An answer phrase wins over everything (real greedy output, wrong).
+    text = "First, we can add the numbers: 752 + 578 = 223.\n\nSo, 752 + 578 = 1220.\n\nThe answer is 1220."
+    assert is_correct(p, text) == ("1220", False)
+    q = _carries_problem(97837, 18494)
+    assert is_correct(q, "(97837 + 18494) = 116331, a big number of 6 digits") == ("116331", True)
+    assert is_correct(q, "I am not sure.") == (None, False)
+
+
+def _position_problem(word: str, k: int) -> Problem:
+    return Problem("p", f"What is the {k}th letter of the word {word}?", word[k - 1], "text",
+                   {"format": "letter", "word": word, "index": k})
+
+
+@pytest.mark.parametrize("text, got", [
+    ('The fifth letter of the word window is "L".', "l"),  # real greedy output
+    ('The fifth letter of the word "window" is "o".', "o"),
+    ("The fifth letter of window is O.", "o"),
+    ("The fifth letter is **o**.", "o"),
+    ("W-I-N-D-O-W. Counting: w, i, n, d, o. So the fifth letter is the letter o, as in 'own'.", "o"),
+    ("The answer: o", "o"),
+    ("o", "o"),
+    ("**O**.", "o"),
+    ("The fifth letter of window is a consonant: d.", "d"),
+    ("The fifth letter of the word window is a.", "a"),
+    ('The letters "w" and "o" are in it.', "o"),  # no claim: the last quoted letter
+    ("The fifth letter of the word window is a combination of letters.", None),
+    ("I do not know.", None),
+])
+def test_is_correct_position(text, got):
+    p = _position_problem("window", 5)
+    assert is_correct(p, text) == (got, got == "o")
+
+
+def test_is_correct_decimals_is_strict():
+    p = make_task("decimals", 1, 0)[0]
+    small = next(c for c in p.extra["candidates"] if c != p.expected)
+    assert is_correct(p, f"{p.expected} is larger than {small}.") == (p.expected, True)
+    assert is_correct(p, f"The larger number is {small}.") == (small, False)
+    assert is_correct(p, f"{small} < {p.expected}")[1]
+    assert is_correct(p, p.expected) == (p.expected, True)
+    # A mention is no claim: the plain compare task would read the last one.
+    assert is_correct(p, f"{small} is approximately 1.31 inches away from {p.expected}.") == (None, False)
+    loose = Problem("c", p.prompt, p.expected, "number", {"format": "compare", "candidates": p.extra["candidates"]})
+    assert is_correct(loose, f"{small} is approximately 1.31 inches away from {p.expected}.")[1]

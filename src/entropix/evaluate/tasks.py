@@ -345,6 +345,84 @@ def _sort(rng: random.Random) -> tuple[str, str, str, dict]:
     return prompt, expected, "list", {"numbers": list(nums), "count": count}
 
 
+# ------------------------------------------------- carries, position, decimals (traps)
+
+
+def _carry_operand_digits(rng: random.Random, width: int) -> tuple[list[int], list[int]]:
+    """Digit columns (least significant first) where nearly every column carries."""
+    a, b, carry = [], [], 0
+    for col in range(width):
+        lead = col == width - 1
+        for _attempt in range(50):
+            x, y = rng.randint(1 if lead else 0, 9), rng.randint(1 if lead else 0, 9)
+            # Most columns must carry: that is where a small model drops a digit.
+            if (x + y + carry >= 10) == (rng.random() < 0.85 or col == 0):
+                break
+        a.append(x)
+        b.append(y)
+        carry = (x + y + carry) // 10
+    return a, b
+
+
+def _carries(rng: random.Random) -> tuple[str, str, str, dict]:
+    while True:
+        # Up to four digits: the embedded model fails these, but not hopelessly.
+        da, db = _carry_operand_digits(rng, rng.choice([2, 3, 3, 4, 4]))
+        if rng.random() < 0.3:  # an operand one digit shorter: the columns no longer line up by eye
+            db = db[:-1]
+            db[-1] = db[-1] or rng.randint(1, 9)  # no leading zero
+        a = int("".join(map(str, reversed(da))))
+        b = int("".join(map(str, reversed(db))))
+        carries, carry = 0, 0
+        for col in range(len(da)):
+            carry = (a // 10**col % 10 + b // 10**col % 10 + carry) // 10
+            carries += carry
+        if carries >= 2:
+            break
+    if rng.random() < 0.5:
+        a, b = b, a
+    extra = {"format": "sum", "operands": [a, b], "carries": carries}
+    return f"What is {a} + {b}?", str(a + b), "number", extra
+
+
+_ORDINAL_WORDS = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth",
+                  7: "seventh", 8: "eighth", 9: "ninth", 10: "tenth"}
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _position(rng: random.Random) -> tuple[str, str, str, dict]:
+    word = rng.choice([w for w in WORDS if len(w) >= 5])
+    # Not the first letter (trivial); up to the tenth, which ordinal words still cover.
+    k = rng.randint(2, min(len(word), 10))
+    nth = _ordinal(k) if rng.random() < 0.5 else _ORDINAL_WORDS[k]
+    prompt = f"What is the {nth} letter of the word {word}?"
+    return prompt, word[k - 1], "text", {"format": "letter", "word": word, "index": k}
+
+
+def _decimals(rng: random.Random) -> tuple[str, str, str, dict]:
+    """Only the trap: same integer part, and the number with fewer decimals is larger
+    although its decimals, read as an integer, are smaller (9.9 vs 9.11)."""
+    ip = rng.randint(0, 30)
+    while True:
+        short_digits = rng.choice([1, 1, 2])
+        long_digits = short_digits + rng.choice([1, 1, 2])
+        a, b = _decimal_text(rng, ip, short_digits), _decimal_text(rng, ip, long_digits)
+        if Decimal(a) > Decimal(b) and int(a.split(".")[1]) < int(b.split(".")[1]):
+            break
+    if rng.random() < 0.5:
+        first, second = a, b
+    else:
+        first, second = b, a
+    cands = [normalise_number(first), normalise_number(second)]
+    prompt = f"Which is larger: {first} or {second}?"
+    # strict: only a stated winner counts, not the last number mentioned (a coin toss here).
+    return prompt, normalise_number(a), "number", {"format": "compare", "candidates": cands, "strict": True}
+
+
 # ---------------------------------------------------------------------------- registry
 
 _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str, dict]]] = {
@@ -353,6 +431,9 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str, dict]]] = 
     "letters": _letters,
     "compare": _compare,
     "sort": _sort,
+    "carries": _carries,
+    "position": _position,
+    "decimals": _decimals,
 }
 
 
@@ -440,8 +521,14 @@ def _last_yes_no(text: str) -> str | None:
     return last.group(1).lower() if last else None
 
 
-def _compare_answer(text: str, candidates: list[str]) -> str | None:
-    """Which candidate the output calls larger ("9.9 is larger", "larger is 9.9", "9.9 > 9.11")."""
+def _compare_answer(text: str, candidates: list[str], strict: bool = False) -> str | None:
+    """Which candidate the output calls larger ("9.9 is larger", "larger is 9.9", "9.9 > 9.11").
+
+    strict: a bare reply or a stated winner only; no falling back on the last mention."""
+    if strict:
+        bare = normalise_number(text.strip())
+        if bare is not None:
+            return bare
     stated = extract_number(text, last_number=False)
     if stated is not None:
         return stated
@@ -461,8 +548,52 @@ def _compare_answer(text: str, candidates: list[str]) -> str | None:
             winners.append((start, value))
     if winners:
         return winners[-1][1]
+    if strict:
+        return None
     if mentions:
         return mentions[-1]
+    return extract_number(text)
+
+
+# A single letter, quoted or bold ("n", 'N', **n**, (n)), or bare at a clause's end ("is n.").
+_ONE_LETTER = (
+    r"(?<!\w)(?P<q>[\"'“‘*_`(\[]+)?(?P<c>[A-Za-z])"
+    r"(?(q)[\"'”’*_`)\]]+|(?=\s*(?:$|[.,;:!?)\n])))"
+)
+_LETTER_PHRASE_RE = re.compile(
+    r"\b(?:letters?|answer)\b[^\n.?!]{0,80}?(?:\b(?:is|was|would\s+be)\b|[:=])\s*"
+    r"(?:the\s+letter\s+)?" + _ONE_LETTER,
+    re.I,
+)
+_QUOTED_LETTER_RE = re.compile(_ONE_LETTER)
+
+
+def _letter_answer(text: str) -> str | None:
+    """The letter an output names: the last "letter ... is X" / "answer: X", else a reply
+    that is just one letter, else the last quoted single letter."""
+    phrases = list(_LETTER_PHRASE_RE.finditer(text))
+    if phrases:
+        return phrases[-1].group("c").lower()
+    whole = _QUOTED_LETTER_RE.fullmatch(text.strip().rstrip("."))
+    if whole:
+        return whole.group("c").lower()
+    quoted = [m for m in _QUOTED_LETTER_RE.finditer(text) if m.group("q")]
+    return quoted[-1].group("c").lower() if quoted else None
+
+
+def _sum_answer(text: str, operands: list[int]) -> str | None:
+    """An answer phrase, else the result of the last "A + B = X" (or "is X") on the
+    problem's own operands, else the last number."""
+    stated = extract_number(text, last_number=False)
+    if stated is not None or len(operands) != 2:
+        return stated if stated is not None else extract_number(text)
+    a, b = (re.escape(str(x)) for x in operands)
+    equation = re.compile(rf"(?<![\d.,])(?:{a}\s*\+\s*{b}|{b}\s*\+\s*{a})\s*\)?\s*(?:=|is\b|equals\b)\s*")
+    results = [m.end() for m in equation.finditer(text)]
+    for start in reversed(results):
+        nums = find_numbers(text[start : start + 40])
+        if nums and nums[0][1] == 0:  # the number must follow the "=" directly
+            return nums[0][0]
     return extract_number(text)
 
 
@@ -474,8 +605,14 @@ def is_correct(problem: Problem, output_text: str | None) -> tuple[str | None, b
     if fmt == "yesno":
         got = _last_yes_no(output_text)
         return got, got == problem.expected.lower()
+    if fmt == "sum":
+        got = _sum_answer(output_text, problem.extra.get("operands", []))
+        return got, answers_equal(got, problem.expected, "number")
+    if fmt == "letter":
+        got = _letter_answer(output_text)
+        return got, got == problem.expected.lower()
     if fmt == "compare":
-        got = _compare_answer(output_text, problem.extra.get("candidates", []))
+        got = _compare_answer(output_text, problem.extra.get("candidates", []), bool(problem.extra.get("strict")))
         return got, answers_equal(got, problem.expected, "number")
     options = problem.extra.get("options")
     if problem.kind == "list":
