@@ -139,3 +139,82 @@ def test_eval_report_and_main(tmp_path, capsys):
     assert (tmp_path / "cli.md").read_text().startswith("# CLI")
     assert main([str(tmp_path / "absent.jsonl"), "-o", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ compute-accuracy picture
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_compute_plot_data_points_and_intervals():
+    from entropix.evaluate.report import compute_plot_data
+    from entropix.evaluate.stats import wilson_interval
+
+    rows = make_rows()
+    rows.append(dict(rows[0], sampler="cot", tokens=0))  # no tokens to place on a log axis: left out
+    points = compute_plot_data(rows)
+    assert list(points) == ["arithmetic", "letters"]
+    greedy, entropix = points["arithmetic"]  # greedy first, then file order
+    assert (greedy.sampler, greedy.n, greedy.tokens, greedy.accuracy) == ("greedy", 10, 100.0, 0.6)
+    assert (greedy.low, greedy.high) == pytest.approx(wilson_interval(6, 10))
+    assert greedy.low == pytest.approx(0.3127, abs=1e-4) and greedy.high == pytest.approx(0.8318, abs=1e-4)
+    assert (entropix.sampler, entropix.tokens, entropix.accuracy) == ("entropix", 150.0, 0.9)
+    assert (entropix.low, entropix.high) == pytest.approx(wilson_interval(9, 10))
+    (letters,) = points["letters"]
+    assert (letters.sampler, letters.n, letters.tokens, letters.accuracy) == ("greedy", 4, 20.0, 0.75)
+
+
+def test_compute_plot_data_averages_tokens_and_keeps_last_row():
+    from entropix.evaluate.report import compute_plot_data
+
+    rows = [
+        {"id": "a", "task": "t", "sampler": "sc", "correct": False, "tokens": 10},
+        {"id": "b", "task": "t", "sampler": "sc", "correct": True, "tokens": 30},
+        {"id": "a", "task": "t", "sampler": "sc", "correct": True, "tokens": 50},  # a rerun replaces row 1
+        {"id": "a", "task": "u", "sampler": "sc", "correct": True},  # no tokens at all: no point
+    ]
+    points = compute_plot_data(rows)
+    assert list(points) == ["t"]
+    (p,) = points["t"]
+    assert (p.n, p.accuracy, p.tokens, p.high) == (2, 1.0, 40.0, 1.0)
+
+
+def test_pareto_front():
+    from entropix.evaluate.compute_plot import ComputePoint, pareto_front
+
+    def pt(name, tokens, acc):
+        return ComputePoint(name, tokens, acc, 0.0, 1.0, 10)
+
+    pts = [pt("cot", 1000, 0.5), pt("greedy", 100, 0.3), pt("sc", 500, 0.2), pt("x", 100, 0.1), pt("big", 2000, 0.5)]
+    assert [p.sampler for p in pareto_front(pts)] == ["greedy", "cot"]
+
+
+def test_report_draws_and_links_compute_plot(tmp_path):
+    out = tmp_path / "r.md"
+    text = build_report(make_rows(), out)
+    assert "![Accuracy vs tokens per problem, per task](r_compute.png)" in text
+    w, h = png_size(tmp_path / "r_compute.png")
+    assert w > 300 and h > 200
+    # Elsewhere (e.g. docs/ while the markdown lies beside it), linked by a relative path.
+    pic = tmp_path / "pics" / "compute.png"
+    text = eval_report([write_jsonl(tmp_path / "res.jsonl", make_rows())], tmp_path / "md" / "e.md", compute_plot=pic)
+    assert "](../pics/compute.png)" in text
+    png_size(pic)
+    with pytest.raises(ValueError, match=r"\.png"):
+        build_report(make_rows(), out, compute_plot=tmp_path / "c.jpg")
+
+
+def test_compute_plot_cli(tmp_path, capsys):
+    from entropix.cli import main as cli_main
+
+    f = write_jsonl(tmp_path / "res.jsonl", make_rows())
+    pic = tmp_path / "docs" / "pic.png"
+    assert cli_main(["eval-report", str(f), "-o", str(tmp_path / "R.md"), "--compute-plot", str(pic)]) == 0
+    assert "](docs/pic.png)" in (tmp_path / "R.md").read_text()
+    png_size(pic)
+    assert main([str(f), "-o", str(tmp_path / "m.md"), "--compute-plot", str(tmp_path / "m.png")]) == 0
+    png_size(tmp_path / "m.png")

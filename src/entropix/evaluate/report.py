@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from entropix import EntropixError
+from entropix.evaluate.compute_plot import ComputePoint, compute_points, draw_compute_plot
 from entropix.evaluate.jsonl import json_objects
 from entropix.evaluate.stats import mcnemar_exact, paired_counts, wilson_interval
 
-__all__ = ["ReportError", "load_results", "build_report", "eval_report", "main"]
+__all__ = ["ReportError", "load_results", "build_report", "compute_plot_data", "eval_report", "main"]
 
 REQUIRED = ("id", "task", "sampler", "correct")
 BASELINE = "greedy"
@@ -226,14 +228,40 @@ def _charts(summary: dict[str, dict[str, _Summary]], out_md: Path) -> list[Path]
     return [acc_png, tok_png]
 
 
-def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation report") -> str:
-    """Write a markdown report (per-task tables, charts, notes) to out_md and return its text."""
+def compute_plot_data(rows: list[dict]) -> dict[str, list[ComputePoint]]:
+    """What the compute-accuracy picture draws: task -> one point per sampler (greedy first)."""
+    summary, _ = _summarise(rows)
+    return compute_points(summary, _sampler_order(s for t in sorted(summary) for s in summary[t]))
+
+
+def _compute_chart(summary: dict[str, dict[str, _Summary]], png: Path) -> Path | None:
+    samplers = _sampler_order(s for t in sorted(summary) for s in summary[t])
+    points = compute_points(summary, samplers)
+    if not points:
+        return None
+    # The same colour per sampler as in the other charts.
+    return draw_compute_plot(points, png, {s: f"C{i % 10}" for i, s in enumerate(samplers)}, BASELINE)
+
+
+def _link(png: Path, out_md: Path) -> str:
+    return Path(os.path.relpath(png.resolve(), out_md.resolve().parent)).as_posix()
+
+
+def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation report",
+                 compute_plot: str | Path | None = None) -> str:
+    """Write a markdown report (per-task tables, charts, notes) to out_md and return its text.
+
+    compute_plot: where the per-task accuracy-vs-tokens PNG goes (default: next to out_md,
+    as <stem>_compute.png); the markdown links it either way."""
     if not rows:
         raise ReportError("no results to report")
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     summary, duplicates = _summarise(rows)
     samplers = _sampler_order(s for t in sorted(summary) for s in summary[t])
+    compute_png = Path(compute_plot) if compute_plot else out_md.with_name(f"{out_md.stem}_compute.png")
+    if compute_png.suffix.lower() != ".png":
+        raise ReportError(f"the compute plot must be a .png file, got {compute_png}")
 
     md = [f"# {title}", ""]
     md.append(f"{len(rows) - duplicates} results over {len(summary)} task(s); samplers: {', '.join(samplers)}.")
@@ -243,13 +271,18 @@ def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation 
 
     try:
         charts = _charts(summary, out_md)
+        compute = _compute_chart(summary, compute_png)
     except ImportError:  # matplotlib is an optional extra
-        charts = []
+        charts, compute = [], None
+    except OSError as e:
+        raise ReportError(f"cannot write the charts: {e.strerror or e}") from None
     if charts:
         md += ["## Charts", ""]
         captions = ["Accuracy by task and sampler", "Accuracy vs tokens per problem"]
         for caption, png in zip(captions, charts):
             md += [f"![{caption}]({png.name})", ""]  # same folder as the markdown
+        if compute is not None:
+            md += [f"![Accuracy vs tokens per problem, per task]({_link(compute, out_md)})", ""]
 
     total = sum(s.seconds for t in summary.values() for s in t.values())
     md += ["## Notes", ""]
@@ -269,9 +302,9 @@ def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation 
 
 
 def eval_report(paths: str | Path | Iterable[str | Path], out_md: str | Path, title: str = "Evaluation report",
-                preamble: str | None = None) -> str:
+                preamble: str | None = None, compute_plot: str | Path | None = None) -> str:
     """Load result files and write the report (a preamble goes after the title); returns the markdown."""
-    text = build_report(load_results(paths), out_md, title=title)
+    text = build_report(load_results(paths), out_md, title=title, compute_plot=compute_plot)
     if preamble:
         head, _, rest = text.partition("\n\n")
         text = f"{head}\n\n{preamble.strip()}\n\n{rest}"
@@ -285,9 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", nargs="+", help="results JSONL file(s)")
     ap.add_argument("-o", "--out", default="report.md", help="markdown file to write (charts go next to it)")
     ap.add_argument("--title", default="Evaluation report")
+    ap.add_argument("--compute-plot", default=None, help="PNG of accuracy vs tokens per task (default: OUT_compute.png)")
     args = ap.parse_args(argv)
     try:
-        eval_report(args.results, args.out, title=args.title)
+        eval_report(args.results, args.out, title=args.title, compute_plot=args.compute_plot)
     except EntropixError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -363,7 +363,7 @@ def cmd_eval_report(args) -> int:
         if not p.is_file():
             raise EntropixError(f"--preamble file not found: {p}")
         preamble = p.read_text(encoding="utf-8")
-    eval_report(args.results, args.out, title=args.title, preamble=preamble)
+    eval_report(args.results, args.out, title=args.title, preamble=preamble, compute_plot=args.compute_plot)
     print(args.out)
     return 0
 
@@ -404,4 +404,6 @@ def register_cli(sub) -> None:
     r.add_argument("--out", "-o", default="RESULTS.md", help="markdown file to write; charts go next to it")
     r.add_argument("--title", default="Evaluation results")
     r.add_argument("--preamble", default=None, help="markdown file inserted after the title (setup, machine, timings)")
+    r.add_argument("--compute-plot", default=None,
+                   help="PNG of accuracy (95%% CI) vs tokens per problem, one panel per task (default: OUT's stem + _compute.png)")
     r.set_defaults(fn=cmd_eval_report)
