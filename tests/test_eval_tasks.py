@@ -426,7 +426,9 @@ def _position_problem(word: str, k: int) -> Problem:
     ("**O**.", "o"),
     ("The fifth letter of window is a consonant: d.", "d"),
     ("The fifth letter of the word window is a.", "a"),
-    ('The letters "w" and "o" are in it.', "o"),  # no claim: the last quoted letter
+    ('Spelled out, the letter "o" comes after "d"; "o" it is.', None),  # two letters quoted, no claim
+    ('The fifth letter of the word window is a combination of the letters "N" and "O".', None),  # real
+    ('The word window ends in a letter that is often confused with "o".', "o"),  # one letter quoted
     ("The fifth letter of the word window is a combination of letters.", None),
     ("I do not know.", None),
 ])

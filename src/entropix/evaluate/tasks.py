@@ -570,15 +570,16 @@ _QUOTED_LETTER_RE = re.compile(_ONE_LETTER)
 
 def _letter_answer(text: str) -> str | None:
     """The letter an output names: the last "letter ... is X" / "answer: X", else a reply
-    that is just one letter, else the last quoted single letter."""
+    that is just one letter, else the quoted single letter if only one is quoted
+    ("a combination of the letters "N" and "E"" names none)."""
     phrases = list(_LETTER_PHRASE_RE.finditer(text))
     if phrases:
         return phrases[-1].group("c").lower()
     whole = _QUOTED_LETTER_RE.fullmatch(text.strip().rstrip("."))
     if whole:
         return whole.group("c").lower()
-    quoted = [m for m in _QUOTED_LETTER_RE.finditer(text) if m.group("q")]
-    return quoted[-1].group("c").lower() if quoted else None
+    quoted = {m.group("c").lower() for m in _QUOTED_LETTER_RE.finditer(text) if m.group("q")}
+    return quoted.pop() if len(quoted) == 1 else None
 
 
 def _sum_answer(text: str, operands: list[int]) -> str | None:
