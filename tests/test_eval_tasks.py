@@ -444,6 +444,9 @@ def test_is_correct_decimals_is_strict():
     assert is_correct(p, f"The larger number is {small}.") == (small, False)
     assert is_correct(p, f"{small} < {p.expected}")[1]
     assert is_correct(p, p.expected) == (p.expected, True)
+    assert is_correct(p, f"**{p.expected}**.") == (p.expected, True)
+    # "X is smaller" names no winner in strict grading; it must not read as "X".
+    assert is_correct(p, f"{small} is smaller.") == (None, False)
     # A mention is no claim: the plain compare task would read the last one.
     assert is_correct(p, f"{small} is approximately 1.31 inches away from {p.expected}.") == (None, False)
     loose = Problem("c", p.prompt, p.expected, "number", {"format": "compare", "candidates": p.extra["candidates"]})

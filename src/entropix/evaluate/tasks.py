@@ -521,14 +521,17 @@ def _last_yes_no(text: str) -> str | None:
     return last.group(1).lower() if last else None
 
 
+_BARE_NUMBER_RE = re.compile(r"[\s*_`\"']*([-+]?(?:\d+(?:\.\d+)?|\.\d+))[\s*_`\"'.!]*")
+
+
 def _compare_answer(text: str, candidates: list[str], strict: bool = False) -> str | None:
     """Which candidate the output calls larger ("9.9 is larger", "larger is 9.9", "9.9 > 9.11").
 
     strict: a bare reply or a stated winner only; no falling back on the last mention."""
     if strict:
-        bare = normalise_number(text.strip())
-        if bare is not None:
-            return bare
+        bare = _BARE_NUMBER_RE.fullmatch(text)  # the reply is just the number ("9.9.", "**9.9**")
+        if bare:
+            return normalise_number(bare.group(1))
     stated = extract_number(text, last_number=False)
     if stated is not None:
         return stated
