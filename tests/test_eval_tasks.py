@@ -372,6 +372,13 @@ def test_is_correct_compare():
     assert is_correct(p, "The answer is 9.9")[1]
     assert is_correct(p, "9.11 is bigger than 9.9") == ("9.11", False)
     assert is_correct(p, "9.9") == ("9.9", True)
+    # "X is <anything> larger/less than Y" with Y the other candidate (real greedy phrasings).
+    assert is_correct(p, "9.9 is approximately 1.49 times larger than 9.11.") == ("9.9", True)
+    assert is_correct(p, "9.11 is approximately 1.31 inches larger than 9.9.") == ("9.11", False)
+    assert is_correct(p, "9.11 is approximately 1.45 grams less than 9.9.") == ("9.9", True)
+    assert is_correct(p, "9.9 is smaller than 9.11") == ("9.11", False)
+    # "than" something else is no comparison of the two: the last mention, as before.
+    assert is_correct(p, "9.11 is larger than 5, and so is 9.9") == ("9.11", False)
 
 
 def test_is_correct_list_and_letters():

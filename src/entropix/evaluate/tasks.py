@@ -512,6 +512,23 @@ def format_prompt(problem: Problem) -> str:
 
 _YESNO_RE = re.compile(r"\b(yes|no)\b", re.I)
 _BIGGER = r"(?:larger|bigger|greater|higher)"
+_THAN_RE = re.compile(
+    rf"\**\s*(?:is|was)\b(?:[^.\n?!]|\.(?=\d)){{0,40}}?\b(?:(?P<big>{_BIGGER})|smaller|less|lower)\s+than\s+\**\s*"
+    r"(?P<other>[-+]?(?:\d+(?:\.\d+)?|\.\d+))",
+    re.I,
+)
+
+
+def _than_winner(after: str, value: str, candidates: list[str]) -> str | None:
+    """ "X is (about 1.5 times) larger than Y" -> X; "X is ... less than Y" -> Y; only when Y is
+    the other candidate, so "1.5 times" and the like are never taken for one."""
+    m = _THAN_RE.match(after)
+    if not m:
+        return None
+    other = normalise_number(m.group("other"))
+    if other is None or answers_equal(other, value) or not any(answers_equal(other, c) for c in candidates):
+        return None
+    return value if m.group("big") else other
 
 
 def _last_yes_no(text: str) -> str | None:
@@ -541,8 +558,10 @@ def _compare_answer(text: str, candidates: list[str], strict: bool = False) -> s
         if not any(answers_equal(value, c) for c in candidates):
             continue
         mentions.append(value)
-        before, after = text[max(0, start - 60) : start], text[end : end + 40]
-        if (
+        before, after = text[max(0, start - 60) : start], text[end : end + 80]
+        if (claimed := _than_winner(after, value, candidates)) is not None:
+            winners.append((start, claimed))
+        elif (
             re.match(rf"\**\s*(?:is|was)\s+(?:the\s+)?{_BIGGER}\b", after, re.I)
             or re.match(r"\s*>", after)
             or re.search(rf"\b{_BIGGER}(?:\s+(?:number|one|value))?\s*(?:is|:|=)\s*\**\s*$", before, re.I)
