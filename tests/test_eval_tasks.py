@@ -409,6 +409,10 @@ def test_is_correct_carries():
     # The equation on the problem's operands wins over numbers that come later.
     assert is_correct(p, "752 + 578 = 1330.\n\nThis uses 2 carries.") == ("1330", True)
     assert is_correct(p, "So 578 + 752 is 1330, a number with 4 digits") == ("1330", True)
+    # Real greedy output (for 58 + 64): the claim is 122, not the operand mentioned last.
+    q = _carries_problem(58, 64)
+    text = "We need to perform the operation of 58 + 64, which is 122. This is a simple way to calculate 58 + 64, using addition."
+    assert is_correct(q, text) == ("122", True)
     # An answer phrase wins over everything (real greedy output, wrong).
     text = "First, we can add the numbers: 752 + 578 = 223.\n\nSo, 752 + 578 = 1220.\n\nThe answer is 1220."
     assert is_correct(p, text) == ("1220", False)

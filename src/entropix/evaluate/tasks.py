@@ -611,7 +611,8 @@ def _sum_answer(text: str, operands: list[int]) -> str | None:
     if stated is not None or len(operands) != 2:
         return stated if stated is not None else extract_number(text)
     a, b = (re.escape(str(x)) for x in operands)
-    equation = re.compile(rf"(?<![\d.,])(?:{a}\s*\+\s*{b}|{b}\s*\+\s*{a})\s*\)?\s*(?:=|is\b|equals\b)\s*")
+    equation = re.compile(rf"(?<![\d.,])(?:{a}\s*\+\s*{b}|{b}\s*\+\s*{a})\s*\)?\s*,?\s*(?:which\s+)?"
+                          r"(?:=|is\b|equals\b|gives(?:\s+us)?\b|makes\b)\s*")
     results = [m.end() for m in equation.finditer(text)]
     for start in reversed(results):
         nums = find_numbers(text[start : start + 40])
