@@ -31,7 +31,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--quant", default="auto", type=_quant_mode,
+                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the measured fastest "
+                        "on a CPU, none elsewhere); see README 'Decode speed'")
     add_parallel_args(p)
+
+
+def _quant_mode(text: str) -> str:
+    """--quant's value, checked before anything loads (a one-line error for a bad one)."""
+    from .backends.torch.quant import CHOICES
+
+    if text.lower() not in CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r} (choose from {', '.join(CHOICES)})")
+    return text.lower()
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +68,8 @@ def load_torch_tp(args):
         raise EntropixError(f"--tp must be at least 1, got {tp}")
     if getattr(args, "backend", "torch") != "torch" or not ((tp or 1) > 1 or under_torchrun()):
         return None
+    if getattr(args, "quant", "none") not in ("none", "auto"):  # auto means none there
+        raise EntropixError(f"--quant {args.quant} runs on one device: tensor parallelism (--tp) takes --quant none")
     return start(args.model, tp, device=args.device, dtype=args.dtype)
 
 
@@ -87,7 +101,8 @@ def load(args, quiet: bool = False):
     backend = getattr(args, "backend", "torch")
     lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
                                            progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
-                                           dp=_given(args, "dp"))  # torch's --tp ranks: load_torch_tp
+                                           dp=_given(args, "dp"),  # torch's --tp ranks: load_torch_tp
+                                           **({"quant": args.quant} if backend == "torch" and hasattr(args, "quant") else {}))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
