@@ -281,6 +281,15 @@ def cmd_bench(args) -> int:
 
     for name in args.sampler or []:
         catalog.spec(name)
+    if args.peer or args.modes:  # our weight modes against transformers and llama.cpp (bench_modes.py)
+        from .bench_modes import parse_modes, run_modes_bench
+
+        modes = parse_modes(args.modes)
+        lm = load(args, quiet=True)
+        result = run_modes_bench(lm, modes, args.peer or [], tokens=args.tokens, prompt_tokens=args.prompt_tokens,
+                                 repeats=args.repeats, rss=not args.no_rss)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     lm = load(args, quiet=True)
     result = run_bench(lm, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        samplers=args.sampler or [], branches=args.branches, baseline=not args.no_transformers)
@@ -347,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--branches", type=int, default=None, help="cot: first-token branches (default: the catalogue's)")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--peer", action="append", choices=("llama.cpp",),
+                   help="also time llama.cpp (llama-cpp-python) on the same GGUF; implies --modes")
+    b.add_argument("--modes", default=None,
+                   help="our weight modes to compare, e.g. none,int8,int4,int4+compile (default with --peer: none,int8,int4)")
+    b.add_argument("--no-rss", action="store_true", help="--modes: skip the peak-RSS subprocesses")
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("download", help="download a model from the Hugging Face hub")
