@@ -31,19 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
-    p.add_argument("--quant", default="auto", type=_quant_mode,
+    p.add_argument("--quant", default="auto",
                    help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the measured fastest "
                         "on a CPU, none elsewhere); see README 'Decode speed'")
     add_parallel_args(p)
-
-
-def _quant_mode(text: str) -> str:
-    """--quant's value, checked before anything loads (a one-line error for a bad one)."""
-    from .backends.torch.quant import CHOICES
-
-    if text.lower() not in CHOICES:
-        raise argparse.ArgumentTypeError(f"unknown mode {text!r} (choose from {', '.join(CHOICES)})")
-    return text.lower()
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +90,10 @@ def load(args, quiet: bool = False):
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
     backend = getattr(args, "backend", "torch")
+    if hasattr(args, "quant"):  # a bad --quant fails before anything loads
+        from .backends.torch.quant import check_mode
+
+        args.quant = check_mode(args.quant)
     lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
                                            progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
                                            dp=_given(args, "dp"),  # torch's --tp ranks: load_torch_tp
