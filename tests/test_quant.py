@@ -162,8 +162,7 @@ def test_no_cxx_compiler_means_eager(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["none", "int4"])
-def test_compiled_decode_gives_the_eager_tokens(mode):
+def test_compiled_decode_gives_the_eager_tokens(mode="int4"):
     """The compiled decode step (inductor) against eager on the tiny model, two rows, with capture."""
     from entropix.backends.torch.compiled import compile_decode
 
@@ -179,3 +178,20 @@ def test_compiled_decode_gives_the_eager_tokens(mode):
 
     assert tokens(eager) == tokens(comp)
     assert not comp.model.compiled_state.failed
+
+
+def test_server_decodes_with_quantized_weights():
+    """The server (continuous batching, CoT rows, entropix with attention) over int4 weights."""
+    import httpx
+
+    from entropix.serve import ServerThread, create_app
+
+    lm = tiny_lm(fuse=True, max_position_embeddings=1024)
+    quantize_model(lm.model, "int4")
+    msgs = [{"role": "user", "content": "2 + 3?"}]
+    with ServerThread(create_app(lm, max_rows=8, max_n=4)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        for sampler in ("entropix", "cot"):
+            r = http.post("/v1/chat/completions", json={"model": lm.name, "messages": msgs, "max_tokens": 5,
+                                                        "sampler": sampler, "seed": 1, **({"branches": 3} if sampler == "cot" else {})})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
