@@ -195,3 +195,31 @@ def test_server_decodes_with_quantized_weights():
                                                         "sampler": sampler, "seed": 1, **({"branches": 3} if sampler == "cot" else {})})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, gguf_path):
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("q") / "tiny", gguf_path)
+
+
+def test_modes_bench_reports_every_mode_against_fp32_and_transformers(tiny_folder):
+    """The shape of `entropix bench --modes` (figures are not asserted: speed belongs to benchmarks)."""
+    from entropix.bench_modes import run_modes_bench
+    from entropix.loading import load_model
+
+    lm = load_model(str(tiny_folder), device="cpu", progress=False)
+    out = run_modes_bench(lm, ["none", "int8", "int4"], tokens=6, prompt_tokens=8, repeats=1, rss=False)
+    assert out["transformers"]["tps"] > 0 and out["best"] in out["modes"]
+    for mode, row in out["modes"].items():
+        assert row["tps"] > 0 and row["vs_transformers"] > 0 and 0 <= row["argmax_agree"] <= 1
+        assert 0 <= row["greedy_same_prefix"] <= 6
+    assert out["modes"]["none"]["logits_max_err"] == 0 and out["modes"]["int8"]["logits_max_err"] > 0
+    assert out["modes"]["int4"]["weights_mb"] <= out["modes"]["int8"]["weights_mb"] < out["modes"]["none"]["weights_mb"]
+
+
+def test_llama_cpp_peer_needs_a_gguf(tiny_folder, capsys):
+    rc = main(["bench", "--model", str(tiny_folder), "--peer", "llama.cpp", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "entropix: error:" in err and ("GGUF" in err or "llama-cpp-python" in err), err

@@ -89,12 +89,17 @@ def parity(lm: LoadedModel, prompt: list[int], ref_tokens: list[int], ref_logits
 
 
 def weight_mb(lm: LoadedModel) -> float:
-    """Bytes of parameters and buffers (the tied embedding once), in MB."""
+    """Bytes of parameters, buffers and packed copies (the tied embedding once), in MB."""
+    from .backends.torch.model import PackedLinear
+
     seen, total = set(), 0
     for t in [*lm.model.parameters(), *lm.model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    for m in lm.model.modules():  # oneDNN's packed copy is no parameter: fp32, out x in
+        if isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * 4
     return round(total / 1e6, 1)
 
 
@@ -132,6 +137,12 @@ def run_modes_bench(lm: LoadedModel, modes: list[str], peers: list[str] = (), to
     for p in peers:
         if p not in PEERS:
             raise EntropixError(f"bench: unknown peer {p!r} (known: {', '.join(PEERS)})")
+    if "llama.cpp" in peers:
+        from .adapters.llamacpp import _llama_cpp
+
+        if not lm.source.endswith(".gguf"):
+            raise EntropixError(f"--peer llama.cpp reads GGUF files; {lm.source} is not one")
+        _llama_cpp()  # installed, or a one-line error before anything is timed
     threads = torch.get_num_threads()
     prompt = _prompt(lm, prompt_tokens)
     ref = _load(lm.source, "none")
