@@ -31,9 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
-    p.add_argument("--quant", default="auto",
-                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the measured fastest "
-                        "on a CPU, none elsewhere); see README 'Decode speed'")
+    p.add_argument("--quant", default=os.environ.get("ENTROPIX_QUANT", "auto"),
+                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the default, unless "
+                        "ENTROPIX_QUANT says otherwise: the measured fastest on a CPU, none elsewhere); see README "
+                        "'Decode speed'")
     add_parallel_args(p)
 
 

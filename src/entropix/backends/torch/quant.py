@@ -5,7 +5,7 @@ PyTorch's CPU kernels multiply bf16 activations by int8 rows (`_weight_int8pack_
 scale per row) or by packed 4-bit groups (`_weight_int4pack_mm_for_cpu`, a scale and a
 zero per group of 32/64/128/256 inputs, w = (q - 8) * scale + zero for q in 0..15). With
 fp32 activations the same kernels are 3-25x slower (measured on this repo's CI CPU), so a
-quantized projection rounds its input to bf16 and gives its output back in the input's dtype.
+quantized projection rounds its input to bf16 and gives the kernel's bf16 output.
 
 A llama.cpp Q4_1 block (32 weights, w = d * q + m) is such an int4 group with scale d and
 zero m + 8d: `Int4Linear.from_groups` takes the blocks as stored (io.gguf.q4_1_groups).
@@ -47,17 +47,23 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.widen = False
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's bf16 output: the next op promotes it exactly as a cast would (a residual
+        add or RoPE with fp32 operands, a cache write, the logits' .float()), so none is spent;
+        `widen` casts back where the next op would otherwise compute in bf16 (an MLP's gating,
+        which changed greedy text of the embedded model when it did)."""
         x2 = x.reshape(-1, self.in_features)
         y = self._mm(x2 if x2.dtype == _COMPUTE else x2.to(_COMPUTE))
-        y = y.to(x.dtype)
+        if self.widen:
+            y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y = y.to(x.dtype) + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
@@ -232,13 +238,22 @@ def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: 
     done: set[str] = set()
     for fused, members in groups.items():
         biases = [getattr(linears[m], "bias", None) for m in members]
-        setattr(owner, fused, _build([weights[m] for m in members], biases, mode))
+        setattr(owner, fused, _widened(fused, _build([weights[m] for m in members], biases, mode)))
         for m in members:
             delattr(owner, m)
         done.update(members)
     for child, w in weights.items():
         if child not in done:
-            setattr(owner, child, _build([w], [linears[child].bias], mode))
+            setattr(owner, child, _widened(child, _build([w], [linears[child].bias], mode)))
+
+
+_GATING = ("gate_up_proj", "gate_proj", "up_proj")  # their outputs meet in silu(gate) * up
+
+
+def _widened(name: str, module: nn.Module) -> nn.Module:
+    if isinstance(module, QuantLinear) and name in _GATING:
+        module.widen = True
+    return module
 
 
 # The vocabulary projection's mode under each --quant. int4 groups there cost the embedded
@@ -264,7 +279,7 @@ def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.M
         if type(module) in (Attention, MLP):
             for child, lin in list(module.named_children()):
                 if isinstance(lin, nn.Linear):
-                    setattr(module, child, quantize_linear(lin, mode))
+                    setattr(module, child, _widened(child, quantize_linear(lin, mode)))
     quantize_output(model, mode, head)
     return model
 
