@@ -107,6 +107,7 @@ def test_modes_and_devices_are_checked():
     (["generate", "hi", "--quant", "int3", "-n", "1"], "unknown --quant 'int3'"),
     (["generate", "hi", "--quant", "int8", "--tp", "2", "-n", "1"], "tensor parallelism"),
     (["bench", "--modes", "int4,fp8"], "unknown mode 'fp8'"),
+    (["generate", "hi", "--quant", "int4", "--backend", "jax", "-n", "1"], "takes --backend torch"),
 ])
 def test_bad_quant_input_is_one_line(args, needle, capsys):
     rc = main(args)
@@ -224,3 +225,12 @@ def test_llama_cpp_peer_needs_a_gguf(tiny_folder, capsys):
     rc = main(["bench", "--model", str(tiny_folder), "--peer", "llama.cpp", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "entropix: error:" in err and ("GGUF" in err or "llama-cpp-python" in err), err
+
+
+def test_the_cli_default_is_auto(monkeypatch):
+    from entropix.cli import build_parser
+
+    monkeypatch.delenv("ENTROPIX_QUANT", raising=False)
+    assert build_parser().parse_args(["generate", "hi"]).quant == "auto"
+    monkeypatch.setenv("ENTROPIX_QUANT", "int8")
+    assert build_parser().parse_args(["serve"]).quant == "int8"

@@ -95,6 +95,8 @@ def load(args, quiet: bool = False):
         from .backends.torch.quant import check_mode
 
         args.quant = check_mode(args.quant)
+        if backend != "torch" and args.quant not in ("none", "auto"):
+            raise EntropixError(f"--quant {args.quant} takes --backend torch (the {backend} backend keeps its dtype)")
     lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
                                            progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
                                            dp=_given(args, "dp"),  # torch's --tp ranks: load_torch_tp
