@@ -1,9 +1,10 @@
 """A decode step with less Python in it: `torch.compile` of each block's dense parts.
 
-At batch 1 a decode step of the embedded model is ~30 layers x ~25 small ops, and on a CPU
-their dispatch costs as much as the quantized matmuls (benchmarks: `entropix bench --modes
-int4,int4+compile`). Inductor fuses the norms, RoPE, SiLU-gating and residual adds into a
-few kernels around the projections. The KV-cache write and attention stay eager: attention
+At batch 1 a decode step of the embedded model is ~30 layers x ~25 small ops; in a profile of
+the int4 step (one thread) about 40% of the time was outside the matmuls. Inductor fuses the
+norms, RoPE, SiLU-gating and residual adds into a few kernels around the projections. On the
+2-core CI CPU it did not pay (56.0 vs 53.8 ms per int4 step, heavily loaded machine), so it is
+opt-in: `compile_decode(model)`, or the `+compile` modes of `entropix bench --modes`. The KV-cache write and attention stay eager: attention
 reads the valid slots only ([:S], S = longest row + 1), so its shape changes every step,
 while the compiled parts see fixed shapes [B, 1, C] (one graph per batch size; prefill,
 T > 1, runs eager).
