@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-mlx bench-jax clean browser install-llamacpp
+.PHONY: install demo test test-fast bench bench-mlx bench-jax bench-peers clean browser install-llamacpp
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/entropix bench --json
+
+# Our weight modes (--quant none/int8/int4) against transformers and llama.cpp, one run (README "Decode speed").
+bench-peers: install-llamacpp
+	$(BIN)/entropix bench --json --peer llama.cpp
 
 # The MLX backend beside the PyTorch one (mlx comes with the dev extra: mlx[cpu] on Linux).
 bench-mlx: install

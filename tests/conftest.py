@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The CLI's --quant default is auto (int4 on a CPU); many tests compare CLI output with fp32
+# references (transformers, our own fp32 model), so the suite runs the CLI in fp32 unless a
+# test asks for a mode (tests/test_quant.py does).
+os.environ.setdefault("ENTROPIX_QUANT", "none")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -31,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--quant", default=os.environ.get("ENTROPIX_QUANT", "auto"),
+                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the default, unless "
+                        "ENTROPIX_QUANT says otherwise: the measured fastest on a CPU, none elsewhere); see README "
+                        "'Decode speed'")
     add_parallel_args(p)
 
 
@@ -56,6 +60,8 @@ def load_torch_tp(args):
         raise EntropixError(f"--tp must be at least 1, got {tp}")
     if getattr(args, "backend", "torch") != "torch" or not ((tp or 1) > 1 or under_torchrun()):
         return None
+    if getattr(args, "quant", "none") not in ("none", "auto"):  # auto means none there
+        raise EntropixError(f"--quant {args.quant} runs on one device: tensor parallelism (--tp) takes --quant none")
     return start(args.model, tp, device=args.device, dtype=args.dtype)
 
 
@@ -85,9 +91,16 @@ def load(args, quiet: bool = False):
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
     backend = getattr(args, "backend", "torch")
+    if hasattr(args, "quant"):  # a bad --quant fails before anything loads
+        from .backends.torch.quant import check_mode
+
+        args.quant = check_mode(args.quant)
+        if backend != "torch" and args.quant not in ("none", "auto"):
+            raise EntropixError(f"--quant {args.quant} takes --backend torch (the {backend} backend keeps its dtype)")
     lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
                                            progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
-                                           dp=_given(args, "dp"))  # torch's --tp ranks: load_torch_tp
+                                           dp=_given(args, "dp"),  # torch's --tp ranks: load_torch_tp
+                                           **({"quant": args.quant} if backend == "torch" and hasattr(args, "quant") else {}))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
                f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
@@ -266,6 +279,15 @@ def cmd_bench(args) -> int:
 
     for name in args.sampler or []:
         catalog.spec(name)
+    if args.peer or args.modes:  # our weight modes against transformers and llama.cpp (bench_modes.py)
+        from .bench_modes import parse_modes, run_modes_bench
+
+        modes = parse_modes(args.modes)
+        lm = load(args, quiet=True)
+        result = run_modes_bench(lm, modes, args.peer or [], tokens=args.tokens, prompt_tokens=args.prompt_tokens,
+                                 repeats=args.repeats, rss=not args.no_rss)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     lm = load(args, quiet=True)
     result = run_bench(lm, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        samplers=args.sampler or [], branches=args.branches, baseline=not args.no_transformers)
@@ -332,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--branches", type=int, default=None, help="cot: first-token branches (default: the catalogue's)")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--peer", action="append", choices=("llama.cpp",),
+                   help="also time llama.cpp (llama-cpp-python) on the same GGUF; implies --modes")
+    b.add_argument("--modes", default=None,
+                   help="our weight modes to compare, e.g. none,int8,int4,int4+compile (default with --peer: none,int8,int4)")
+    b.add_argument("--no-rss", action="store_true", help="--modes: skip the peak-RSS subprocesses")
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("download", help="download a model from the Hugging Face hub")

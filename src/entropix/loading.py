@@ -21,6 +21,7 @@ class LoadedModel:
     model: Any  # the backend's model object (torch: backends.torch.model.Transformer)
     device: str  # e.g. "cpu", "cuda:0"
     dtype: str  # e.g. "float32", "bfloat16"
+    quant: str = "none"  # torch: weight-only quantized projections, "none" / "int8" / "int4"
 
     def engine(self, capture_layers: tuple[int, ...] = (-1,)):
         """A host engine over a fresh backend for this model."""
@@ -31,10 +32,12 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
-               dtype: str | None = "auto", progress: bool = True, tp: int = 1, dp: int = 1) -> LoadedModel:
+               dtype: str | None = "auto", progress: bool = True, tp: int = 1, dp: int = 1,
+               quant: str = "none") -> LoadedModel:
     """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend.
 
-    tp, dp: the jax backend's device mesh (tensor-parallel and data-parallel devices)."""
+    tp, dp: the jax backend's device mesh (tensor-parallel and data-parallel devices).
+    quant: torch only, none / int8 / int4 / auto (backends/torch/quant.py)."""
     if backend not in (*_LOADERS, "mlx"):
         raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
     if backend != "jax" and (tp, dp) != (1, 1):  # torch's --tp goes through entropix.distributed
@@ -47,18 +50,27 @@ def load_model(spec: str | None = None, *, backend: str = "torch", device: str |
 
         return load_mlx(spec, device=device, dtype=dtype, progress=progress)
     mesh = {"tp": tp, "dp": dp} if backend == "jax" else {}
+    if backend == "torch":
+        mesh = {"quant": quant}
+    elif quant not in (None, "none", "auto"):
+        raise EntropixError(f"--quant {quant} takes --backend torch")
     from .io.source import open_checkpoint
 
     ckpt = open_checkpoint(spec)
     model, config, dev, dt = _LOADERS[backend](ckpt, device, dtype, progress, **mesh)
-    return LoadedModel(name=ckpt.name, config=config, tokenizer=ckpt.tokenizer, source=ckpt.source,
-                       backend=backend, model=model, device=dev, dtype=dt)
+    lm = LoadedModel(name=ckpt.name, config=config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+                     backend=backend, model=model, device=dev, dtype=dt)
+    if backend == "torch":
+        from .backends.torch.quant import quant_mode
+
+        lm.quant = quant_mode(model)
+    return lm
 
 
-def _load_torch(ckpt, device, dtype, progress):
+def _load_torch(ckpt, device, dtype, progress, quant="none"):
     from .backends.torch.loader import load
 
-    model = load(ckpt, device=device, dtype=dtype, progress=progress)
+    model = load(ckpt, device=device, dtype=dtype, progress=progress, quant=quant)
     # the model's config: a .bin folder without lm_head is found to be tied only while loading
     return model, model.config, str(model.device), str(model.dtype).removeprefix("torch.")
 

@@ -204,6 +204,20 @@ class GGUFCheckpoint(Checkpoint):
             arr = gguf.unpermute(arr, n_heads)
         return HostTensor(arr, dtype)
 
+    def read_q4_1(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A Q4_1-stored matrix as its blocks (q, d, m; see gguf.q4_1_groups), rows in Hugging
+        Face's order; None when `name` is stored otherwise."""
+        if name in self._derived:
+            return None
+        theirs, n_heads = self._lookup(name)
+        t = self._tensors.get(theirs)
+        if t is None or t.qtype != gguf.Q4_1 or len(t.shape) != 2:
+            return None
+        parts = gguf.q4_1_groups(t, _read_bytes(self._path, t.offset, t.nbytes))
+        if n_heads is not None:  # the permutation moves whole rows: the same on each part
+            parts = tuple(gguf.unpermute(a, n_heads) for a in parts)
+        return parts
+
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> HostTensor:
         """Rows of a matrix are contiguous (whole quantization blocks): only their bytes are read.
         Q/K rows are un-permuted per head, so their slices must hold whole heads to be read alone."""

@@ -163,3 +163,23 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE -> rotate-half)."""
     out, rest = w.shape[0], w.shape[1:]
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+Q4_1 = 3
+
+
+def q4_1_groups(t: GGUFTensor, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_1 matrix's blocks as stored, without dequantizing: (q uint8 [N, K] in 0..15,
+    d float32 [N, K/32], m float32 [N, K/32]), w = d * q + m.
+
+    A block is fp16 d, fp16 m and 16 bytes of nibbles: low nibbles are weights 0-15, high
+    nibbles weights 16-31."""
+    if t.qtype != Q4_1 or len(t.shape) != 2:
+        raise EntropixError(f"tensor {t.name} is not a Q4_1 matrix")
+    K, N = t.shape
+    blocks = raw.reshape(N, K // 32, 20)
+    d = blocks[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
+    return q, d, m

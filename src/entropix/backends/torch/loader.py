@@ -128,20 +128,29 @@ def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-         fuse: bool | None = None, progress: bool = True) -> Transformer:
+         fuse: bool | None = None, progress: bool = True, quant: str = "none") -> Transformer:
     """The checkpoint's model on `device` in `dtype`, in eval mode.
 
     fuse: q/k/v and gate/up as one matmul each. None means yes on a single device, which
     is what this loads onto (a tensor-parallel load passes False: it slices them apart).
+    quant: "int8" / "int4" weight-only projections (quant.py; CPU), built module by module.
     """
+    from . import quant as q
+
     dev = resolve_device(device)
     src = tensor_source(ckpt)
     dt = resolve_dtype(dtype, dev, src.native_dtype)
     fuse = True if fuse is None else fuse
+    quant = q.resolve(quant, dev)
+    q.check_device(quant, dev)
     with torch.device("meta"):
         model = Transformer(src.config)
     groups = _by_fusable(model, _parameter_names(model, src.config))
     for owner, names in _progress(groups, progress, f"loading {ckpt.name}"):
+        part = model.get_submodule(owner) if owner is not None else None
+        if quant != "none" and q.quantizable(part):
+            q.load_owner(part, owner, names, lambda n: src.get(n).to(device=dev, dtype=dt), src, quant, fuse)
+            continue
         for name in names:
             # MoE routers score in fp32 whatever the weights' dtype, as DeepSeek's code does
             want = torch.float32 if name.endswith("mlp.gate.weight") else dt
@@ -153,7 +162,9 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
             model.get_submodule(owner).fuse()
     freqs = ckpt.rope_freq_factors
     model.finish_setup(torch.from_numpy(freqs) if freqs is not None else None)
-    if fuse:  # a single-device load: the output projection may take the CPU's packed layout too
+    if quant != "none":
+        q.quantize_output(model, quant)
+    elif fuse:  # a single-device load: the output projection may take the CPU's packed layout too
         model.pack_output()
     return model.eval()
 

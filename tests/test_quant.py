@@ -1,0 +1,236 @@
+"""Weight-only quantized projections (backends/torch/quant.py) and the compiled decode step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entropix import EntropixError
+from entropix.backends.torch import quant
+from entropix.backends.torch.quant import Int4Linear, Int8Linear, int4_groups, quantize_model
+from entropix.cli import main
+from entropix.decode.engine import generate
+from entropix.decode.records import Request
+from entropix.sampler.config import SamplerConfig
+from entropix.sampler.policy import Entropix, Greedy
+
+from tinymodel import tiny_lm, tiny_model
+
+pytestmark = pytest.mark.skipif(not (quant.available("int8") and quant.available("int4")),
+                                reason="this PyTorch lacks the CPU int8/int4 kernels")
+
+DEMO = "How many r's are in the word strawberry?"  # the README's demo prompt
+
+
+def test_int8_rows_match_their_dequantized_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(3, 64)
+    lin = Int8Linear.from_float(w)
+    ref = x.bfloat16().float() @ lin.dequantized().t()
+    assert lin(x).dtype == torch.bfloat16  # the kernel's output: the next op promotes it
+    assert torch.allclose(lin(x).float(), ref, atol=0.1, rtol=0.02)
+    # half a step of the row's scale, plus the scale's own bf16 rounding (2^-9 of the row's max)
+    bound = w.abs().amax(1, keepdim=True) * (1 / 254 + 1 / 512)
+    assert ((lin.dequantized() - w).abs() <= bound).all()
+
+
+def test_int4_groups_follow_the_kernel_layout():
+    torch.manual_seed(1)
+    w, x = torch.randn(32, 96), torch.randn(2, 96)
+    lin = Int4Linear.from_float(w)
+    g = int4_groups(w)
+    deq = ((g.q.float() - 8).view(32, 3, 32) * g.scale[..., None] + g.zero[..., None]).view(32, 96)
+    assert (deq - w).abs().max() <= g.scale.max() / 2 + 1e-5  # round to the nearest of 16 levels
+    assert torch.allclose(lin.dequantized(), deq, atol=0.02 * float(w.abs().max()))
+    assert torch.allclose(lin(x).float(), x.bfloat16().float() @ deq.t(), atol=0.15, rtol=0.03)
+
+
+def test_a_dequantized_q4_1_block_comes_back_to_its_own_levels():
+    """Q4_1 stores w = d * q + m with q = 0 and 15 at the block's min and max: requantizing the
+    dequantized weights finds the same q (what makes the int4 load exact)."""
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 16, size=(16, 64)).astype(np.uint8)
+    q[:, 0], q[:, 1], q[:, 32], q[:, 33] = 0, 15, 0, 15
+    d = rng.uniform(0.01, 0.1, size=(16, 2)).astype(np.float32)
+    m = rng.uniform(-1, 0, size=(16, 2)).astype(np.float32)
+    w = (q.reshape(16, 2, 32) * d[..., None] + m[..., None]).reshape(16, 64)
+    g = int4_groups(torch.from_numpy(w))
+    assert torch.equal(g.q, torch.from_numpy(q))
+    assert torch.allclose(g.scale, torch.from_numpy(d), rtol=1e-5)
+
+
+def test_embedded_q4_1_blocks_read_as_stored(gguf_path):
+    from entropix.io.source import open_checkpoint
+
+    ckpt = open_checkpoint(str(gguf_path))
+    name = "layers.0.self_attn.k_proj.weight"  # Q4_1, with llama.cpp's row permutation undone
+    q, d, m = ckpt.read_q4_1(name)
+    n, k = q.shape
+    w = (q.reshape(n, k // 32, 32) * d[..., None] + m[..., None]).reshape(n, k)
+    assert np.array_equal(w, ckpt.read(name).array)
+    assert ckpt.read_q4_1("embed_tokens.weight") is None  # Q8_0: not int4 groups
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_tiny_model_stays_close_and_keeps_attention_metrics(mode):
+    ref, lm = tiny_lm(fuse=True), tiny_lm(fuse=True)
+    quantize_model(lm.model, mode)
+    assert quant.quant_mode(lm.model) == mode
+    ids = torch.tensor([list(b"entropy and varentropy")])
+    with torch.inference_mode():
+        a, _ = ref.model(ids, ref.model.new_cache(1, 32), last_only=False)
+        b, _ = lm.model(ids, lm.model.new_cache(1, 32), last_only=False)
+    corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+    if mode == "int8":
+        assert (a - b).abs().max() < 0.1 * a.abs().max()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+    else:  # 16 levels per group of random normal weights: close, not equal (Q4_1 files load exactly)
+        assert corr > 0.9
+    policy = Entropix(SamplerConfig(), -1)  # reads the captured attention of the newest query
+    recs = list(generate(lm.engine(), [Request(prompt=list(b"abc"), policy=policy, max_tokens=6, seed=3)]))
+    assert recs and all(r.attn is not None and all(math.isfinite(v) for v in r.attn.values()) for r in recs)
+
+
+def test_modes_and_devices_are_checked():
+    assert quant.resolve("auto", torch.device("cpu")) == quant.AUTO_CPU
+    assert quant.resolve("auto", torch.device("meta")) == "none"
+    with pytest.raises(EntropixError, match="unknown --quant 'int3'"):
+        quant.check_mode("int3")
+    with pytest.raises(EntropixError, match="runs on the CPU"):
+        quant.check_device("int8", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "hi", "--quant", "int3", "-n", "1"], "unknown --quant 'int3'"),
+    (["generate", "hi", "--quant", "int8", "--tp", "2", "-n", "1"], "tensor parallelism"),
+    (["bench", "--modes", "int4,fp8"], "unknown mode 'fp8'"),
+    (["generate", "hi", "--quant", "int4", "--backend", "jax", "-n", "1"], "takes --backend torch"),
+])
+def test_bad_quant_input_is_one_line(args, needle, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("entropix: error:")]
+    assert rc != 0 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_auto_keeps_the_demo_prompt_greedy_text(lm):
+    """The README's claim: --quant auto gives fp32's greedy answer to the demo prompt."""
+    from entropix.loading import load_model
+
+    auto = load_model(None, device="cpu", dtype="float32", progress=False, quant="auto")
+    assert auto.quant == quant.AUTO_CPU
+    ids = lm.tokenizer.encode_chat([{"role": "user", "content": DEMO}])
+
+    def text(m):
+        req = Request(prompt=ids, policy=Greedy(), max_tokens=48, stop_ids=m.tokenizer.stop_ids)
+        return [r.token for r in generate(m.engine(()), [req])]
+
+    assert text(auto) == text(lm)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    from entropix.backends.torch import compiled
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    ref, model = tiny_model(fuse=True), tiny_model(fuse=True)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert compiled.compile_decode(model)
+    toks = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        ca, cb = ref.new_cache(1, 16), model.new_cache(1, 16)
+        ref(toks, ca), model(toks, cb)
+        for t in (9, 10):
+            a, _ = ref(torch.tensor([[t]]), ca)
+            b, _ = model(torch.tensor([[t]]), cb)
+            assert torch.equal(a, b)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "torch.compile failed" in ln]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0]
+
+
+def test_no_cxx_compiler_means_eager(monkeypatch, capsys):
+    from entropix.backends.torch import compiled
+
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    assert not compiled.compile_decode(tiny_model(fuse=True))
+    assert "needs a C++ compiler" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens(mode="int4"):
+    """The compiled decode step (inductor) against eager on the tiny model, two rows, with capture."""
+    from entropix.backends.torch.compiled import compile_decode
+
+    eager, comp = tiny_lm(fuse=True), tiny_lm(fuse=True)
+    for m in (eager, comp):
+        quantize_model(m.model, mode)
+    assert compile_decode(comp.model)
+    def tokens(m):
+        reqs = [Request(prompt=list(p), policy=Greedy(), max_tokens=12, seed=0, stop_ids=frozenset())
+                for p in (b"the cat", b"a much longer prompt")]
+        order = {r.id: i for i, r in enumerate(reqs)}
+        return [(order[r.request_id], r.token) for r in generate(m.engine(), reqs)]
+
+    assert tokens(eager) == tokens(comp)
+    assert not comp.model.compiled_state.failed
+
+
+def test_server_decodes_with_quantized_weights():
+    """The server (continuous batching, CoT rows, entropix with attention) over int4 weights."""
+    import httpx
+
+    from entropix.serve import ServerThread, create_app
+
+    lm = tiny_lm(fuse=True, max_position_embeddings=1024)
+    quantize_model(lm.model, "int4")
+    msgs = [{"role": "user", "content": "2 + 3?"}]
+    with ServerThread(create_app(lm, max_rows=8, max_n=4)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        for sampler in ("entropix", "cot"):
+            r = http.post("/v1/chat/completions", json={"model": lm.name, "messages": msgs, "max_tokens": 5,
+                                                        "sampler": sampler, "seed": 1, **({"branches": 3} if sampler == "cot" else {})})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, gguf_path):
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("q") / "tiny", gguf_path)
+
+
+def test_modes_bench_reports_every_mode_against_fp32_and_transformers(tiny_folder):
+    """The shape of `entropix bench --modes` (figures are not asserted: speed belongs to benchmarks)."""
+    from entropix.bench_modes import run_modes_bench
+    from entropix.loading import load_model
+
+    lm = load_model(str(tiny_folder), device="cpu", progress=False)
+    out = run_modes_bench(lm, ["none", "int8", "int4"], tokens=6, prompt_tokens=8, repeats=1, rss=False)
+    assert out["transformers"]["tps"] > 0 and out["best"] in out["modes"]
+    for mode, row in out["modes"].items():
+        assert row["tps"] > 0 and row["vs_transformers"] > 0 and 0 <= row["argmax_agree"] <= 1
+        assert 0 <= row["greedy_same_prefix"] <= 6
+    assert out["modes"]["none"]["logits_max_err"] == 0 and out["modes"]["int8"]["logits_max_err"] > 0
+    assert out["modes"]["int4"]["weights_mb"] <= out["modes"]["int8"]["weights_mb"] < out["modes"]["none"]["weights_mb"]
+
+
+def test_llama_cpp_peer_needs_a_gguf(tiny_folder, capsys):
+    rc = main(["bench", "--model", str(tiny_folder), "--peer", "llama.cpp", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "entropix: error:" in err and ("GGUF" in err or "llama-cpp-python" in err), err
+
+
+def test_the_cli_default_is_auto(monkeypatch):
+    from entropix.cli import build_parser
+
+    monkeypatch.delenv("ENTROPIX_QUANT", raising=False)
+    assert build_parser().parse_args(["generate", "hi"]).quant == "auto"
+    monkeypatch.setenv("ENTROPIX_QUANT", "int8")
+    assert build_parser().parse_args(["serve"]).quant == "int8"
