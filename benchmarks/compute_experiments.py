@@ -32,11 +32,12 @@ DEV_DIR = REPO / "docs" / "results-compute-dev"
 FRESH_DIR = REPO / "docs" / "results-compute"
 DEV_SEED, FRESH_SEED = 1, 7
 DEV_TASKS = ("decimals", "carries", "position", "coinflip", "letters", "compare")
-FRESH_TASKS = ("decimals", "carries", "position", "coinflip", "letters", "compare")
+FRESH_TASKS = ("decimals", "compare", "letters", "carries", "position", "coinflip")  # fixed order: runs stop where time does
 MAX_TOKENS = 48  # every answer of these tasks fits; longer rows only ramble (dev letters/compare used 64)
 
-GRID = {"branches": (5, 10), "aggregate": (False, True), "margin": (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0),
-        "gate_entropy": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}
+GRID = {"branches": (5, 10), "score": ("max", "sum", "votes"),
+        "margin": (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
+        "gate_confidence": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01)}
 MAX_DEV_LOSS = 0.025  # a dev task may lose at most this accuracy against greedy (one problem in 40)
 
 
@@ -137,20 +138,24 @@ def dev_items(lm, task: str) -> list[dict]:
         bs = rows[p.id]["branches"]
         out.append({"id": p.id, "kind": answer_kind(p)[0], "entropy": h,
                     "answers": [b["answer"] for b in bs], "conf": [b["confidence"] for b in bs],
+                    "probe_answered": bs[0]["answer"] is not None and "follow_up" not in bs[0],
                     "correct": [is_correct(p, b["text"])[1] for b in bs],
                     "tokens": [len(lm.tokenizer.encode(b["text"], add_bos=False)) for b in bs]})
     return out
 
 
-def variant_outcome(item: dict, k: int, aggregate: bool, margin: float, gate: float) -> tuple[bool, int]:
-    """(correct, tokens) of the auto variant on one dev problem, read off its CoT branches."""
+def variant_outcome(item: dict, k: int, score: str, margin: float, gate: float) -> tuple[bool, int]:
+    """(correct, tokens) of the auto variant on one dev problem, read off its CoT branches.
+
+    The greedy probe (branch 0 without its follow-up) is charged too: auto decodes it twice."""
     from entropix.decode.auto import guarded_choice
 
-    if item["entropy"] < gate:
-        return item["correct"][0], 1 + item["tokens"][0]
+    probe = item["tokens"][0]
+    if item["probe_answered"] and item["conf"][0] >= gate:
+        return item["correct"][0], 2 * probe
     scored = list(zip(item["answers"][:k], item["conf"][:k]))
-    i, _ = guarded_choice(scored, margin, aggregate, item["kind"])
-    return item["correct"][i], 1 + sum(item["tokens"][:k])
+    i, _ = guarded_choice(scored, margin, score, item["kind"])
+    return item["correct"][i], probe + sum(item["tokens"][:k])
 
 
 def baselines(item: dict) -> dict[str, tuple[bool, int]]:
@@ -164,6 +169,11 @@ def baselines(item: dict) -> dict[str, tuple[bool, int]]:
     _, i, _ = majority_vote(item["answers"], item["kind"])
     out["cot-vote"] = (item["correct"][i], sum(item["tokens"]))
     return out
+
+
+def _mean_h(items, right: bool) -> float:
+    hs = [x["entropy"] for x in items if x["correct"][0] == right]
+    return sum(hs) / len(hs) if hs else float("nan")
 
 
 def _acc(xs) -> float:
@@ -181,26 +191,32 @@ def cmd_analyse(args) -> int:
              "| decoder | " + " | ".join(f"{t} (n={len(v)})" for t, v in items.items()) + " |",
              "|---|" + "---|" * len(items)]
     base = {t: [baselines(x) for x in v] for t, v in items.items()}
+    ent = {t: sum(x["entropy"] for x in v) / len(v) for t, v in items.items()}
+    lines.insert(2, "Mean first-token entropy (bits): " + ", ".join(f"{t} {h:.2f}" for t, h in ent.items()) + "; "
+                 "greedy right vs wrong: " + ", ".join(f"{t} {_mean_h(v, True):.2f}/{_mean_h(v, False):.2f}"
+                                                       for t, v in items.items()) + "\n")
     for name in ("greedy", "cot", "cot-agg", "cot-vote", "oracle-10"):
         cells = [f"{_acc([b[name] for b in bs]):.1%} / {_tpp([b[name] for b in bs]):.0f}" for bs in base.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     greedy = {t: _acc([b["greedy"] for b in bs]) for t, bs in base.items()}
     cot_tpp = sum(_tpp([b["cot"] for b in bs]) for bs in base.values()) / len(base)
     ranked = []
-    for k, agg, m, g in itertools.product(*GRID.values()):
-        res = {t: [variant_outcome(x, k, agg, m, g) for x in v] for t, v in items.items()}
+    for k, sc, m, g in itertools.product(*GRID.values()):
+        if sc == "votes" and m not in (0.0, 1.0, 2.0, 3.0):
+            continue  # votes are whole numbers
+        res = {t: [variant_outcome(x, k, sc, m, g) for x in v] for t, v in items.items()}
         gains = {t: _acc(r) - greedy[t] for t, r in res.items()}
         tpp = sum(_tpp(r) for r in res.values()) / len(res)
         ok = min(gains.values()) >= -MAX_DEV_LOSS - 1e-9 and tpp <= 0.6 * cot_tpp
-        ranked.append((ok, round(sum(gains.values()), 6), -tpp, (k, agg, m, g), res))
+        ranked.append((ok, round(sum(gains.values()), 6), -tpp, (k, sc, m, g), res))
     ranked.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
     lines += ["", f"Grid: {GRID}; admissible: no dev task below greedy by more than {MAX_DEV_LOSS:.1%}, mean tokens "
-              f"at most 0.6x CoT-10's ({0.6 * cot_tpp:.0f}). Best 12 by summed gain over greedy:", "",
-              "| branches | aggregate | margin | gate_entropy | admissible | " + " | ".join(items) + " | tokens/problem |",
+              f"at most 0.6x CoT-10's ({0.6 * cot_tpp:.0f}). Best 15 by summed gain over greedy:", "",
+              "| branches | score | margin | gate_confidence | admissible | " + " | ".join(items) + " | tokens/problem |",
               "|---|---|---|---|---|" + "---|" * len(items) + "---|"]
-    for ok, gain, ntpp, (k, agg, m, g), res in ranked[:12]:
+    for ok, gain, ntpp, (k, sc, m, g), res in ranked[:15]:
         cells = [f"{_acc(r):.1%}" for r in res.values()]
-        lines.append(f"| {k} | {agg} | {m} | {g} | {ok} | " + " | ".join(cells) + f" | {-ntpp:.0f} |")
+        lines.append(f"| {k} | {sc} | {m} | {g} | {ok} | " + " | ".join(cells) + f" | {-ntpp:.0f} |")
     best = ranked[0][3]
     lines += ["", "Chosen: " + json.dumps(dict(zip(GRID, best)))]
     text = "\n".join(lines) + "\n"

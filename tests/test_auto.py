@@ -30,36 +30,40 @@ def _auto(lm, **over):
 
 def test_margin_zero_is_plain_cot_and_a_margin_keeps_greedy():
     pairs = [("72", 0.5), ("72", 0.4), ("80", 0.7), (None, 0.0)]
-    for agg in (False, True):
-        assert guarded_choice(pairs, 0.0, agg) == choose(pairs, agg)
-    assert guarded_choice(pairs, 0.0, False) == (2, "80")  # 0.7 beats greedy's 0.5
-    assert guarded_choice(pairs, 0.25, False) == (0, "72")  # ... but not by 0.25
+    assert guarded_choice(pairs, 0.0, "max") == choose(pairs, False) == (2, "80")  # 0.7 beats greedy's 0.5
+    assert guarded_choice(pairs, 0.0, "sum") == choose(pairs, True)
+    assert guarded_choice(pairs, 0.25, "max") == (0, "72")  # ... but not by 0.25
     other = [("9.11", 0.6), ("9.9", 0.5), ("9.9", 0.4), ("9.9", 0.3)]
-    assert guarded_choice(other, 0.5, True) == (1, "9.9")  # 1.2 summed beats 0.6 by more than 0.5
-    assert guarded_choice(other, 0.7, True) == (0, "9.11")
-    assert guarded_choice([(None, 0.0), ("3", 0.2)], 0.1, False) == (1, "3")  # greedy without an answer scores 0
-    assert guarded_choice([(None, 0.0), ("3", 0.2)], 0.3, True) == (0, None)
-    assert guarded_choice([("5", 0.1)], 0.0, True) == (0, "5") and guarded_choice([], 0.0, False) == (0, None)
+    assert guarded_choice(other, 0.5, "sum") == (1, "9.9")  # 1.2 summed beats 0.6 by more than 0.5
+    assert guarded_choice(other, 0.7, "sum") == (0, "9.11")
+    assert guarded_choice(other, 1.0, "votes") == (1, "9.9")  # 3 votes against 1
+    assert guarded_choice(other, 2.0, "votes") == (0, "9.11")
+    assert guarded_choice([(None, 0.0), ("3", 0.2)], 0.1, "max") == (1, "3")  # greedy without an answer scores 0
+    assert guarded_choice([(None, 0.0), ("3", 0.2)], 0.3, "sum") == (0, None)
+    assert guarded_choice([("5", 0.1)], 0.0, "sum") == (0, "5") and guarded_choice([], 0.0, "max") == (0, None)
 
 
 # -- the strategy on an engine ------------------------------------------------------------------
 
-def test_a_closed_gate_decodes_greedily_and_an_open_one_is_cot(tiny):
+def test_a_sure_greedy_answer_is_kept_and_an_unsure_one_is_cot(tiny):
     prompts = [[65, 66, 67, 68], [70, 71]]
-    task = Task(prompts=prompts, max_tokens=[8, 8], seeds=[0, 1], stop_ids=frozenset({0}), follow_up=False)
-    shut = run(tiny.engine(), decode(_auto(tiny, gate_entropy=1e9), task, tiny.tokenizer, 512))
-    for p, res in zip(prompts, shut):
+    task = Task(prompts=prompts, max_tokens=[8, 8], seeds=[0, 1], stop_ids=frozenset({0}), follow_up=False,
+                kind="pattern", pattern=r"[A-Za-z]")  # the tiny model's bytes: any letter is an answer
+    sure = run(tiny.engine(), decode(_auto(tiny, gate_confidence=0.0), task, tiny.tokenizer, 512))
+    assert any(res["answer"] is not None for res in sure)
+    for p, res in zip(prompts, sure):
         greedy = [r.token for r in generate(tiny.engine(), [Request(p, Greedy(), max_tokens=8, stop_ids=frozenset({0}))])]
+        if res["answer"] is None:
+            continue  # no answer is never sure
         assert len(res["branches"]) == 1 and res["branches"][0]["tokens"] == greedy and res["choice"] == 0
-        assert res["gated"] is False and res["first_entropy"] > 0
-        assert res["tokens_generated"] == len(greedy) + 1  # the one-token probe counts
-    dec = _auto(tiny, gate_entropy=0.0, margin=0.0, aggregate=False, branches=4)
+        assert res["gated"] is False and res["tokens_generated"] == 2 * len(greedy)  # the probe counts
+    dec = _auto(tiny, gate_confidence=2.0, margin=0.0, score="max", branches=4)  # never sure
     opened = run(tiny.engine(), decode(dec, task, tiny.tokenizer, 512))
     cot = run(tiny.engine(), decode(catalog.resolve("cot", tiny, branches=4), task, tiny.tokenizer, 512))
     for a, c in zip(opened, cot):
         assert a["gated"] is True and [b["tokens"] for b in a["branches"]] == [b["tokens"] for b in c["branches"]]
         assert (a["choice"], a["answer"]) == (c["choice"], c["answer"])
-        assert a["tokens_generated"] == c["tokens_generated"] + 1
+        assert a["tokens_generated"] == c["tokens_generated"] + len(c["branches"][0]["tokens"])
 
 
 def test_the_catalogue_entry():
@@ -67,7 +71,7 @@ def test_the_catalogue_entry():
     assert s.strategy == "auto" and s.listed and "auto" in catalog.names(listed_only=True)
     d = catalog.resolve("auto", tiny_lm(), branches=6)
     assert isinstance(d.policy, Ranked) and d.rows_per_prompt == 6
-    assert {"margin", "gate_entropy", "aggregate"} <= set(d.params)
+    assert {"margin", "gate_confidence", "score"} <= set(d.params)
     assert any(x["name"] == "auto" and x["strategy"] == "auto" for x in catalog.describe())
     with pytest.raises(Exception, match="--temperature does not apply"):
         catalog.parameters("auto", strict=True, temperature=0.5)
@@ -85,7 +89,7 @@ def test_eval_runs_auto_and_records_its_gate(tiny, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert s["n"] == 3 and len(rows) == 3
     assert all(r["sampler"] == "auto" and "branches" in r and r["tokens"] >= 1 for r in rows)
-    assert rows[0]["params"]["gate_entropy"] == catalog.parameters("auto")["gate_entropy"]
+    assert rows[0]["params"]["gate_confidence"] == catalog.parameters("auto")["gate_confidence"]
 
 
 def test_the_server_offers_and_runs_auto():

@@ -1,14 +1,15 @@
 """`--sampler auto`: CoT decoding that keeps the greedy answer unless the evidence says otherwise.
 
-1. A one-token greedy probe per prompt reads the entropy (bits) of the first-token
-   distribution. Where it is below `gate_entropy` the model is sure how to start: the
-   prompt decodes greedily (one row) and nothing more is spent.
+1. A greedy probe per prompt (not shown) gives the greedy answer and its confidence (the
+   mean top-1 minus top-2 probability over the answer's tokens). Where that is at least
+   `gate_confidence` the model is sure: the prompt's answer is the greedy one (its row is
+   decoded again as the shown choice, so the server streams it like any other).
 2. Elsewhere the prompt decodes as CoT branches (row c starts with the c-th most likely
    first token, then greedy; row 0 is the greedy path), and branches without an answer are
    asked "So the answer is", as in plain CoT decoding.
-3. The greedy answer is replaced only when another answer's confidence beats it by
-   `margin`: with `aggregate`, an answer's confidence is the sum of its branches'
-   answer-span margins (the agg path); otherwise the best single branch's margin.
+3. The greedy answer is replaced only when another answer's score beats greedy's by
+   `margin`; `score` says how an answer scores: its best branch's confidence ("max"), the
+   sum over its branches ("sum", the agg path) or its number of branches ("votes").
 
 The thresholds come from development data (benchmarks/compute_experiments.py); their
 measured cost and effect are in docs/RESULTS.md.
@@ -25,18 +26,24 @@ from .scoring import Branch, _groups, branch_of
 from .strategies import Phase, Strategy, Task, follow_ups
 
 
-def guarded_choice(scored: Sequence[tuple[str | None, float]], margin: float, aggregate: bool,
+SCORES = ("max", "sum", "votes")
+
+
+def guarded_choice(scored: Sequence[tuple[str | None, float]], margin: float, score: str = "max",
                    kind: str = "number") -> tuple[int, str | None]:
     """(index, answer) from (answer, confidence) pairs whose first is the greedy branch.
 
-    Another answer wins only when its score (aggregate: summed confidence of the branches
-    giving it; else its best single confidence) is above the greedy answer's plus margin, so
-    margin 0 is plain CoT decoding (max or agg path). A greedy branch without an answer scores 0.
+    An answer's score is its best single confidence ("max", CoT's max path), the summed
+    confidence of the branches giving it ("sum", the agg path) or their number ("votes").
+    Another answer wins only when its score is above the greedy answer's plus margin, so
+    margin 0 is plain CoT decoding. A greedy branch without an answer scores 0.
     """
+    if score == "votes":
+        scored = [(a, 1.0) for a, _ in scored]
     answered = [(i, a, c) for i, (a, c) in enumerate(scored) if a is not None]
     if not answered:
         return 0, None
-    if aggregate:
+    if score != "max":
         groups = [[answered[j] for j in g] for g in _groups([a for _, a, _ in answered], kind)]
         scores = [sum(c for _, _, c in g) for g in groups]
         own = next((s for g, s in zip(groups, scores) if g[0][0] == 0), 0.0)
@@ -53,35 +60,32 @@ def guarded_choice(scored: Sequence[tuple[str | None, float]], margin: float, ag
     return (i, a) if c > own + margin else (0, scored[0][0])
 
 
-def _first_entropy(per: dict[int, list]) -> float:
-    recs = per.get(0) or []
-    return float(recs[0].entropy) if recs else float("inf")
-
-
 def guarded_cot(decoder: Decoder, task: Task, tok: Any, max_context: int) -> Strategy:
-    """The auto strategy generator (probe, gated branches, follow-ups, guarded choice)."""
+    """The auto strategy generator (greedy probe, gated branches, follow-ups, guarded choice)."""
     p = decoder.params
-    k, gate, margin, aggregate = p["branches"], float(p["gate_entropy"]), float(p["margin"]), bool(p["aggregate"])
-    probes = [Request(prompt=list(pr), policy=Greedy(), max_tokens=1, stop_ids=task.stop_ids, top_logprobs=1)
-              for pr in task.prompts]
+    k, gate, margin, score = p["branches"], float(p["gate_confidence"]), float(p["margin"]), p["score"]
+    probes = [Request(prompt=list(pr), policy=Greedy(), max_tokens=mt, stop_ids=task.stop_ids,
+                      stop_strings=task.stop_strings, top_logprobs=2)
+              for pr, mt in zip(task.prompts, task.max_tokens)]
     got = yield Phase(probes, False)
-    entropy = [_first_entropy(got[r.id]) for r in probes]
-    spent = [sum(len(v) for v in got[r.id].values()) for r in probes]
-    reqs = [Request(prompt=list(pr), policy=decoder.policy, n=k if h >= gate else 1, max_tokens=mt, seed=s,
-                    stop_ids=task.stop_ids, stop_strings=task.stop_strings, top_logprobs=max(2, task.top_logprobs))
-            for pr, mt, s, h in zip(task.prompts, task.max_tokens, task.seeds, entropy)]
-    got = yield Phase(reqs, True)
+    sure = [branch_of(0, got[r.id][0], task.kind, task.pattern) for r in probes]
+    spent = [len(b.tokens) for b in sure]
+    reqs = [Request(prompt=list(pr), policy=decoder.policy, n=1 if g.answer is not None and g.confidence >= gate else k,
+                    max_tokens=mt, seed=s, stop_ids=task.stop_ids, stop_strings=task.stop_strings,
+                    top_logprobs=max(2, task.top_logprobs))
+            for pr, mt, s, g in zip(task.prompts, task.max_tokens, task.seeds, sure)]
+    got = yield Phase(reqs, True)  # a sure prompt's one row is its probe again: the shown rows are the answer
     branches = [[branch_of(c, got[r.id][c], task.kind, task.pattern) for c in range(r.n)] for r in reqs]
     spent = [s + sum(len(b.tokens) for b in bs) for s, bs in zip(spent, branches)]
     if task.follow_up:
         extra = yield from follow_ups(task, branches, tok, max_context)
         spent = [s + e for s, e in zip(spent, extra)]
-    return [auto_result(bs, margin, aggregate, task.kind, s, h, gate) for bs, s, h in zip(branches, spent, entropy)]
+    return [auto_result(bs, margin, score, task.kind, s) for bs, s in zip(branches, spent)]
 
 
-def auto_result(branches: list[Branch], margin: float, aggregate: bool, kind: str, tokens_generated: int,
-                entropy: float, gate: float) -> dict[str, Any]:
-    i, answer = guarded_choice([(b.answer, b.confidence) for b in branches], margin, aggregate, kind)
+def auto_result(branches: list[Branch], margin: float, score: str, kind: str,
+                tokens_generated: int) -> dict[str, Any]:
+    i, answer = guarded_choice([(b.answer, b.confidence) for b in branches], margin, score, kind)
     return {"branches": [b.to_dict() for b in branches], "choice": i, "answer": answer,
-            "text": branches[i].full_text if branches else "", "aggregate": aggregate,
-            "tokens_generated": tokens_generated, "first_entropy": round(entropy, 4), "gated": entropy >= gate}
+            "text": branches[i].full_text if branches else "", "score": score,
+            "tokens_generated": tokens_generated, "gated": len(branches) > 1}

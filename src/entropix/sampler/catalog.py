@@ -154,7 +154,7 @@ def _ranked(params: Mapping[str, Any], model: Any) -> TokenPolicy:
 
 
 _ENTROPIX_OPTIONS = ("sampler_config",) + FILTERS
-AUTO_DEFAULTS = {"branches": 10, "aggregate": True, "margin": 0.5, "gate_entropy": 1.0}  # placeholder until calibrated
+AUTO_DEFAULTS = {"branches": 10, "score": "sum", "margin": 0.5, "gate_confidence": 1.0}  # placeholder until calibrated
 SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("greedy", "always the most likely token", "single", _greedy, aliases=("argmax",)),
     SamplerSpec("sample", "temperature sampling with top-k, top-p and min-p filters (T={temperature})", "single", _plain,
@@ -179,8 +179,8 @@ SPECS: tuple[SamplerSpec, ...] = (
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
     # calibrated on development data: benchmarks/compute_experiments.py, docs/RESULTS.md
-    SamplerSpec("auto", "CoT branches only where the first token is uncertain (entropy >= {gate_entropy} bits), and the "
-                "greedy answer kept unless another beats its confidence by {margin} ({branches} branches)", "auto",
+    SamplerSpec("auto", "greedy, and CoT branches where the greedy answer's confidence is below {gate_confidence}; "
+                "another answer replaces greedy's only if its confidence beats it by {margin} ({branches} branches)", "auto",
                 _ranked, AUTO_DEFAULTS, ("branches",), Ranked.states),
     SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
