@@ -253,6 +253,30 @@ def cmd_fresh(args) -> int:
     return 0
 
 
+BEGIN, END = "<!-- compute-experiments:begin -->", "<!-- compute-experiments:end -->"
+
+
+def cmd_report(args) -> int:
+    """eval-report over the fresh rows into docs/results-compute/REPORT.md, spliced into RESULTS.md."""
+    from entropix.evaluate.report import eval_report
+
+    pre = (FRESH_DIR / "preamble.md").read_text() if (FRESH_DIR / "preamble.md").exists() else None
+    out = FRESH_DIR / "REPORT.md"
+    text = eval_report(sorted(str(p) for p in FRESH_DIR.glob("*.jsonl")), out, title=args.title, preamble=pre,
+                       compute_plot=REPO / "docs" / "RESULTS_auto_compute.png")
+    body = text.partition("\n")[2].replace("](", "](results-compute/").replace("](results-compute/../", "](")
+    section = f"{BEGIN}\n## {args.title}\n{body.rstrip()}\n{END}\n"
+    res = REPO / "docs" / "RESULTS.md"
+    cur = res.read_text()
+    if BEGIN in cur:
+        cur = cur[:cur.index(BEGIN)] + section + cur[cur.index(END) + len(END) + 1:]
+    else:
+        cur = cur.rstrip() + "\n\n" + section
+    res.write_text(cur)
+    print(out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -275,10 +299,12 @@ def main() -> int:
     f.add_argument("--samplers", default="greedy,auto,self-consistency-10")
     f.add_argument("--limit", type=int, default=100)
     f.add_argument("--batch", type=int, default=1000)
+    r = sub.add_parser("report")
+    r.add_argument("--title", default="Inference-time compute on fresh seeds (issue 18)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     return {"dev": cmd_dev, "calibrate-sampled": cmd_calibrate_sampled, "analyse": cmd_analyse,
-            "fresh": cmd_fresh}[args.cmd](args)
+            "fresh": cmd_fresh, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def _ranked(params: Mapping[str, Any], model: Any) -> TokenPolicy:
 
 
 _ENTROPIX_OPTIONS = ("sampler_config",) + FILTERS
-AUTO_DEFAULTS = {"branches": 10, "score": "sum", "margin": 0.5, "gate_confidence": 1.0}  # placeholder until calibrated
+AUTO_DEFAULTS = {"branches": 5, "score": "votes", "margin": 0.0, "gate_confidence": 0.3}  # dev-calibrated: docs/results-compute-dev/analysis.md
 SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("greedy", "always the most likely token", "single", _greedy, aliases=("argmax",)),
     SamplerSpec("sample", "temperature sampling with top-k, top-p and min-p filters (T={temperature})", "single", _plain,
