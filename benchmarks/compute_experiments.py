@@ -217,6 +217,16 @@ def cmd_analyse(args) -> int:
     for ok, gain, ntpp, (k, sc, m, g), res in ranked[:15]:
         cells = [f"{_acc(r):.1%}" for r in res.values()]
         lines.append(f"| {k} | {sc} | {m} | {g} | {ok} | " + " | ".join(cells) + f" | {-ntpp:.0f} |")
+    lines += ["", "Single-row samplers on the same dev problems (first rows only), against greedy (CoT branch 0) there:", ""]
+    for t, v in items.items():
+        for path in sorted(DEV_DIR.glob(f"{t}_*.jsonl")):
+            label = path.stem[len(t) + 1:]
+            if label == "cot":
+                continue
+            got = {r["id"]: r["correct"] for r in map(json.loads, path.read_text().splitlines())}
+            same = [x for x in v if x["id"] in got]
+            lines.append(f"- {t} / {label}: {sum(got[x['id']] for x in same)}/{len(same)} "
+                         f"(greedy {sum(x['correct'][0] for x in same)}/{len(same)})")
     best = ranked[0][3]
     lines += ["", "Chosen: " + json.dumps(dict(zip(GRID, best)))]
     text = "\n".join(lines) + "\n"
@@ -235,12 +245,10 @@ def cmd_fresh(args) -> int:
     log = FRESH_DIR / "runs.log"
     for name in args.samplers.split(","):
         for task in args.tasks.split(","):
-            label, params = name, sampler_params(name)
+            label, name_ = name, name  # "self-consistency-10": the sampler with 10 samples
             if name == "self-consistency-10":
-                label, params = name, sampler_params("self-consistency", samples=10)
                 name_ = "self-consistency"
-            else:
-                name_ = name
+            params = sampler_params(name_, samples=10) if name != name_ else sampler_params(name_)
             t0 = time.perf_counter()
             s = run_eval(lm, problems(task, args.limit, FRESH_SEED), name_, task=task, params=params, label=label,
                          out=FRESH_DIR / f"{task}_{label}.jsonl", seed=FRESH_SEED, max_tokens=MAX_TOKENS,

@@ -113,3 +113,22 @@ def test_the_server_offers_and_runs_auto():
         r = c.post("/v1/completions", json={"model": lm.name, "prompt": "Once", "max_tokens": 4, "sampler": "auto",
                                             "samples": 3})
         assert r.status_code == 400 and "samples" in r.text
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, gguf_path):
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("auto") / "tiny", gguf_path)
+
+
+def test_generate_with_auto_on_the_command_line(tiny_hf, capsys):
+    from entropix.cli import main
+
+    args = ["generate", "What is 2 + 3?", "--model", str(tiny_hf), "--sampler", "auto", "--branches", "3", "--json",
+            "--max-tokens", "6"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["branches"]) in (1, 3) and res["score"] == "votes" and res["tokens_generated"] >= 2
+    assert main(["generate", "hi", "--model", str(tiny_hf), "--sampler", "auto", "--branches", "0"]) == 2
+    assert "--branches must be between 1 and 64" in capsys.readouterr().err

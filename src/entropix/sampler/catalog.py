@@ -179,8 +179,8 @@ SPECS: tuple[SamplerSpec, ...] = (
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
     # calibrated on development data: benchmarks/compute_experiments.py, docs/RESULTS.md
-    SamplerSpec("auto", "greedy, and CoT branches where the greedy answer's confidence is below {gate_confidence}; "
-                "another answer replaces greedy's only if its confidence beats it by {margin} ({branches} branches)", "auto",
+    SamplerSpec("auto", "greedy, and {branches} CoT branches (greedy's among them) where the greedy answer's confidence is below "
+                "{gate_confidence}; another answer replaces greedy's only if its {score} beat greedy's by more than {margin}", "auto",
                 _ranked, AUTO_DEFAULTS, ("branches",), Ranked.states),
     SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
