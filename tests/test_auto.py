@@ -132,3 +132,39 @@ def test_generate_with_auto_on_the_command_line(tiny_hf, capsys):
     assert len(res["branches"]) in (1, 3) and res["score"] == "votes" and res["tokens_generated"] >= 2
     assert main(["generate", "hi", "--model", str(tiny_hf), "--sampler", "auto", "--branches", "0"]) == 2
     assert "--branches must be between 1 and 64" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_playground_lists_and_runs_auto(tmp_path):
+    """The playground's sampler list comes from the catalogue: auto is there and shows its branches."""
+    import torch
+
+    from browser import close_chromium, launch_chromium
+    from entropix.serve import ServerThread, create_app
+
+    lm = tiny_lm(max_position_embeddings=1024)
+    with torch.no_grad():  # ASCII only, never the end of text
+        lm.model.lm_head.weight[128:] = 0
+        lm.model.lm_head.weight[0] = 0
+    p, browser = launch_chromium()
+    try:
+        with ServerThread(create_app(lm, max_rows=16, max_n=10)) as srv:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url + "/")
+            page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=20_000)
+            assert "auto" in page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)")
+            page.click(".tab[data-mode=prompt]")
+            page.select_option("#sampler", "auto")
+            assert page.locator("#branches").is_visible() and not page.locator("#samples").is_visible()
+            page.fill("#branches", "3")
+            page.fill("#max_tokens", "6")
+            page.fill("#prompt", "Q: What is 3 + 4?\nA:")
+            page.click("#send")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=90_000)
+            assert page.locator(".branch").count() in (1, 3) and page.locator(".branch .tok").count() >= 1
+            assert not errors, errors
+            page.close()
+    finally:
+        close_chromium(p, browser)
