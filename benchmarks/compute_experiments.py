@@ -264,6 +264,33 @@ def cmd_fresh(args) -> int:
 BEGIN, END = "<!-- compute-experiments:begin -->", "<!-- compute-experiments:end -->"
 
 
+def derived_lines() -> list[str]:
+    """Where auto's gain comes from, read off its own fresh rows: branch 0 is greedy's path,
+    with "So the answer is" asked when it stated no answer (graded like every row)."""
+    from entropix.evaluate.stats import mcnemar_exact
+    from entropix.evaluate.tasks import is_correct
+
+    out = ["### Where the gain comes from (derived from the auto rows)", "",
+           "`greedy+ask` = greedy's own path, asked \"So the answer is\" where it stated no answer (auto's branch 0; "
+           "on a sure prompt, greedy itself). b, c: right only in the first, right only in the second.", "",
+           "| task | greedy+ask | vs greedy (b, c, p) | auto vs greedy+ask (b, c, p) | prompts that branched |",
+           "|---|---:|---|---|---:|"]
+    for path in sorted(FRESH_DIR.glob("*_auto.jsonl")):
+        task = path.name[: -len("_auto.jsonl")]
+        auto = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+        greedy = {r["id"]: r for r in map(json.loads, (FRESH_DIR / f"{task}_greedy.jsonl").read_text().splitlines())}
+        probs = {p.id: p for p in problems(task, 100, FRESH_SEED)}
+        ids = [i for i in auto if i in greedy]
+        if not ids:
+            continue
+        ask = {i: is_correct(probs[i], auto[i]["branches"][0]["text"])[1] for i in ids}
+        b, c = sum(ask[i] and not greedy[i]["correct"] for i in ids), sum(greedy[i]["correct"] and not ask[i] for i in ids)
+        ab, ac = sum(auto[i]["correct"] and not ask[i] for i in ids), sum(ask[i] and not auto[i]["correct"] for i in ids)
+        out.append(f"| {task} | {sum(ask.values())}/{len(ids)} | {b}, {c}, {mcnemar_exact(b, c):.3g} | "
+                   f"{ab}, {ac}, {mcnemar_exact(ab, ac):.3g} | {sum(len(auto[i]['branches']) > 1 for i in ids)} |")
+    return out
+
+
 def cmd_report(args) -> int:
     """eval-report over the fresh rows into docs/results-compute/REPORT.md, spliced into RESULTS.md."""
     from entropix.evaluate.report import eval_report
@@ -273,7 +300,8 @@ def cmd_report(args) -> int:
     text = eval_report(sorted(str(p) for p in FRESH_DIR.glob("*.jsonl")), out, title=args.title, preamble=pre,
                        compute_plot=REPO / "docs" / "RESULTS_auto_compute.png")
     body = text.partition("\n")[2].replace("](", "](results-compute/").replace("](results-compute/../", "](")
-    section = f"{BEGIN}\n## {args.title}\n{body.rstrip()}\n{END}\n"
+    body = body.replace("\n## ", "\n### ")  # the tasks are subsections of this section
+    section = f"{BEGIN}\n## {args.title}\n{body.rstrip()}\n\n" + "\n".join(derived_lines()) + f"\n{END}\n"
     res = REPO / "docs" / "RESULTS.md"
     cur = res.read_text()
     if BEGIN in cur:
