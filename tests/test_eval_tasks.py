@@ -372,6 +372,13 @@ def test_is_correct_compare():
     assert is_correct(p, "The answer is 9.9")[1]
     assert is_correct(p, "9.11 is bigger than 9.9") == ("9.11", False)
     assert is_correct(p, "9.9") == ("9.9", True)
+    # "X is <anything> larger/less than Y" with Y the other candidate (real greedy phrasings).
+    assert is_correct(p, "9.9 is approximately 1.49 times larger than 9.11.") == ("9.9", True)
+    assert is_correct(p, "9.11 is approximately 1.31 inches larger than 9.9.") == ("9.11", False)
+    assert is_correct(p, "9.11 is approximately 1.45 grams less than 9.9.") == ("9.9", True)
+    assert is_correct(p, "9.9 is smaller than 9.11") == ("9.11", False)
+    # "than" something else is no comparison of the two: the last mention, as before.
+    assert is_correct(p, "9.11 is larger than 5, and so is 9.9") == ("9.11", False)
 
 
 def test_is_correct_list_and_letters():
@@ -402,6 +409,10 @@ def test_is_correct_carries():
     # The equation on the problem's operands wins over numbers that come later.
     assert is_correct(p, "752 + 578 = 1330.\n\nThis uses 2 carries.") == ("1330", True)
     assert is_correct(p, "So 578 + 752 is 1330, a number with 4 digits") == ("1330", True)
+    # Real greedy output (for 58 + 64): the claim is 122, not the operand mentioned last.
+    q = _carries_problem(58, 64)
+    text = "We need to perform the operation of 58 + 64, which is 122. This is a simple way to calculate 58 + 64, using addition."
+    assert is_correct(q, text) == ("122", True)
     # An answer phrase wins over everything (real greedy output, wrong).
     text = "First, we can add the numbers: 752 + 578 = 223.\n\nSo, 752 + 578 = 1220.\n\nThe answer is 1220."
     assert is_correct(p, text) == ("1220", False)
@@ -426,7 +437,9 @@ def _position_problem(word: str, k: int) -> Problem:
     ("**O**.", "o"),
     ("The fifth letter of window is a consonant: d.", "d"),
     ("The fifth letter of the word window is a.", "a"),
-    ('The letters "w" and "o" are in it.', "o"),  # no claim: the last quoted letter
+    ('Spelled out, the letter "o" comes after "d"; "o" it is.', None),  # two letters quoted, no claim
+    ('The fifth letter of the word window is a combination of the letters "N" and "O".', None),  # real
+    ('The word window ends in a letter that is often confused with "o".', "o"),  # one letter quoted
     ("The fifth letter of the word window is a combination of letters.", None),
     ("I do not know.", None),
 ])
@@ -442,6 +455,9 @@ def test_is_correct_decimals_is_strict():
     assert is_correct(p, f"The larger number is {small}.") == (small, False)
     assert is_correct(p, f"{small} < {p.expected}")[1]
     assert is_correct(p, p.expected) == (p.expected, True)
+    assert is_correct(p, f"**{p.expected}**.") == (p.expected, True)
+    # "X is smaller" names no winner in strict grading; it must not read as "X".
+    assert is_correct(p, f"{small} is smaller.") == (None, False)
     # A mention is no claim: the plain compare task would read the last one.
     assert is_correct(p, f"{small} is approximately 1.31 inches away from {p.expected}.") == (None, False)
     loose = Problem("c", p.prompt, p.expected, "number", {"format": "compare", "candidates": p.extra["candidates"]})

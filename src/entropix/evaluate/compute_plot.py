@@ -104,7 +104,13 @@ def _draw_task(ax, task: str, pts: list[ComputePoint], colours: Mapping[str, str
     for p in pts:
         ax.errorbar(p.tokens, p.accuracy, yerr=[[p.accuracy - p.low], [p.high - p.accuracy]], fmt="o",
                     color=colours.get(p.sampler, "#555"), capsize=3, ms=5, zorder=3)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
+    # Ticks at 1-2-5 steps written plainly ("50", "200"), whatever range the panel spans.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     lo, hi = min(p.tokens for p in pts), max(p.tokens for p in pts)
     ax.set_xlim(lo / 2.0, hi * 3.0)  # room for the labels on either side
     ax.set_ylim(-0.05, 1.05)

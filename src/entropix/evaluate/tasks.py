@@ -512,6 +512,23 @@ def format_prompt(problem: Problem) -> str:
 
 _YESNO_RE = re.compile(r"\b(yes|no)\b", re.I)
 _BIGGER = r"(?:larger|bigger|greater|higher)"
+_THAN_RE = re.compile(
+    rf"\**\s*(?:is|was)\b(?:[^.\n?!]|\.(?=\d)){{0,40}}?\b(?:(?P<big>{_BIGGER})|smaller|less|lower)\s+than\s+\**\s*"
+    r"(?P<other>[-+]?(?:\d+(?:\.\d+)?|\.\d+))",
+    re.I,
+)
+
+
+def _than_winner(after: str, value: str, candidates: list[str]) -> str | None:
+    """ "X is (about 1.5 times) larger than Y" -> X; "X is ... less than Y" -> Y; only when Y is
+    the other candidate, so "1.5 times" and the like are never taken for one."""
+    m = _THAN_RE.match(after)
+    if not m:
+        return None
+    other = normalise_number(m.group("other"))
+    if other is None or answers_equal(other, value) or not any(answers_equal(other, c) for c in candidates):
+        return None
+    return value if m.group("big") else other
 
 
 def _last_yes_no(text: str) -> str | None:
@@ -521,14 +538,17 @@ def _last_yes_no(text: str) -> str | None:
     return last.group(1).lower() if last else None
 
 
+_BARE_NUMBER_RE = re.compile(r"[\s*_`\"']*([-+]?(?:\d+(?:\.\d+)?|\.\d+))[\s*_`\"'.!]*")
+
+
 def _compare_answer(text: str, candidates: list[str], strict: bool = False) -> str | None:
     """Which candidate the output calls larger ("9.9 is larger", "larger is 9.9", "9.9 > 9.11").
 
     strict: a bare reply or a stated winner only; no falling back on the last mention."""
     if strict:
-        bare = normalise_number(text.strip())
-        if bare is not None:
-            return bare
+        bare = _BARE_NUMBER_RE.fullmatch(text)  # the reply is just the number ("9.9.", "**9.9**")
+        if bare:
+            return normalise_number(bare.group(1))
     stated = extract_number(text, last_number=False)
     if stated is not None:
         return stated
@@ -538,8 +558,10 @@ def _compare_answer(text: str, candidates: list[str], strict: bool = False) -> s
         if not any(answers_equal(value, c) for c in candidates):
             continue
         mentions.append(value)
-        before, after = text[max(0, start - 60) : start], text[end : end + 40]
-        if (
+        before, after = text[max(0, start - 60) : start], text[end : end + 80]
+        if (claimed := _than_winner(after, value, candidates)) is not None:
+            winners.append((start, claimed))
+        elif (
             re.match(rf"\**\s*(?:is|was)\s+(?:the\s+)?{_BIGGER}\b", after, re.I)
             or re.match(r"\s*>", after)
             or re.search(rf"\b{_BIGGER}(?:\s+(?:number|one|value))?\s*(?:is|:|=)\s*\**\s*$", before, re.I)
@@ -570,15 +592,16 @@ _QUOTED_LETTER_RE = re.compile(_ONE_LETTER)
 
 def _letter_answer(text: str) -> str | None:
     """The letter an output names: the last "letter ... is X" / "answer: X", else a reply
-    that is just one letter, else the last quoted single letter."""
+    that is just one letter, else the quoted single letter if only one is quoted
+    ("a combination of the letters "N" and "E"" names none)."""
     phrases = list(_LETTER_PHRASE_RE.finditer(text))
     if phrases:
         return phrases[-1].group("c").lower()
     whole = _QUOTED_LETTER_RE.fullmatch(text.strip().rstrip("."))
     if whole:
         return whole.group("c").lower()
-    quoted = [m for m in _QUOTED_LETTER_RE.finditer(text) if m.group("q")]
-    return quoted[-1].group("c").lower() if quoted else None
+    quoted = {m.group("c").lower() for m in _QUOTED_LETTER_RE.finditer(text) if m.group("q")}
+    return quoted.pop() if len(quoted) == 1 else None
 
 
 def _sum_answer(text: str, operands: list[int]) -> str | None:
@@ -588,7 +611,8 @@ def _sum_answer(text: str, operands: list[int]) -> str | None:
     if stated is not None or len(operands) != 2:
         return stated if stated is not None else extract_number(text)
     a, b = (re.escape(str(x)) for x in operands)
-    equation = re.compile(rf"(?<![\d.,])(?:{a}\s*\+\s*{b}|{b}\s*\+\s*{a})\s*\)?\s*(?:=|is\b|equals\b)\s*")
+    equation = re.compile(rf"(?<![\d.,])(?:{a}\s*\+\s*{b}|{b}\s*\+\s*{a})\s*\)?\s*,?\s*(?:which\s+)?"
+                          r"(?:=|is\b|equals\b|gives(?:\s+us)?\b|makes\b)\s*")
     results = [m.end() for m in equation.finditer(text)]
     for start in reversed(results):
         nums = find_numbers(text[start : start + 40])
