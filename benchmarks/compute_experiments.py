@@ -291,9 +291,31 @@ def derived_lines() -> list[str]:
     return out
 
 
+def regrade() -> None:
+    """Grade every stored fresh row again with the current graders (tasks.is_correct), so all
+    samplers are scored alike after a grader fix; outputs are untouched. Run with no run writing."""
+    from entropix.evaluate.tasks import is_correct
+
+    for path in sorted(FRESH_DIR.glob("*.jsonl")):
+        task = path.name.split("_")[0]
+        probs = {p.id: p for p in problems(task, 100, FRESH_SEED)}
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        changed = 0
+        for r in rows:
+            got, ok = is_correct(probs[r["id"]], r["output"])
+            changed += (ok != r["correct"])
+            r["extracted"], r["correct"] = got, ok
+        if changed:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            print(f"regraded {path.name}: {changed} row(s) changed", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     """eval-report over the fresh rows into docs/results-compute/REPORT.md, spliced into RESULTS.md."""
     from entropix.evaluate.report import eval_report
+
+    if args.regrade:
+        regrade()
 
     pre = (FRESH_DIR / "preamble.md").read_text() if (FRESH_DIR / "preamble.md").exists() else None
     out = FRESH_DIR / "REPORT.md"
@@ -337,6 +359,7 @@ def main() -> int:
     f.add_argument("--batch", type=int, default=1000)
     r = sub.add_parser("report")
     r.add_argument("--title", default="Inference-time compute on fresh seeds (issue 18)")
+    r.add_argument("--regrade", action="store_true", help="grade the stored rows again first (after a grader fix)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     return {"dev": cmd_dev, "calibrate-sampled": cmd_calibrate_sampled, "analyse": cmd_analyse,
