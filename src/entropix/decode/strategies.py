@@ -57,6 +57,10 @@ Strategy = Generator[Phase, Records, list[dict[str, Any]]]
 
 def decode(decoder: Decoder, task: Task, tokenizer: Any, max_context: int) -> Strategy:
     """The strategy generator for a decoder."""
+    if decoder.strategy == "auto":  # its own file; it builds on this one
+        from .auto import guarded_cot
+
+        return guarded_cot(decoder, task, tokenizer, max_context)
     run = {"single": _single, "cot": _cot, "self-consistency": _self_consistency, "branching": _branching}
     return run[decoder.strategy](decoder, task, tokenizer, max_context)
 

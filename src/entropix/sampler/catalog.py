@@ -28,7 +28,7 @@ MAX_ROWS_PER_PROMPT = 64
 class SamplerSpec:
     name: str
     help: str
-    strategy: str  # "single", "cot", "self-consistency" or "branching"
+    strategy: str  # "single", "cot", "self-consistency", "branching" or "auto" (decode/auto.py)
     policy: Callable[[Mapping[str, Any], Any], TokenPolicy]  # (params, model or None) -> policy
     defaults: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()  # parameters the user may set
@@ -63,7 +63,7 @@ class Decoder:
     @property
     def rows_per_prompt(self) -> int:
         """Rows one prompt occupies (entropy-triggered branching: a quarter of its cap, as it forks now and then)."""
-        if self.strategy == "cot":
+        if self.strategy in ("cot", "auto"):  # auto: at most (most prompts take one row)
             return self.params["branches"]
         if self.strategy == "self-consistency":
             return self.params["samples"]
@@ -154,6 +154,7 @@ def _ranked(params: Mapping[str, Any], model: Any) -> TokenPolicy:
 
 
 _ENTROPIX_OPTIONS = ("sampler_config",) + FILTERS
+AUTO_DEFAULTS = {"branches": 5, "score": "votes", "margin": 0.0, "gate_confidence": 0.3}  # dev-calibrated: docs/results-compute-dev/analysis.md
 SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("greedy", "always the most likely token", "single", _greedy, aliases=("argmax",)),
     SamplerSpec("sample", "temperature sampling with top-k, top-p and min-p filters (T={temperature})", "single", _plain,
@@ -177,6 +178,10 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
+    # calibrated on development data: benchmarks/compute_experiments.py, docs/RESULTS.md
+    SamplerSpec("auto", "greedy, and {branches} CoT branches (greedy's among them) where the greedy answer's confidence is below "
+                "{gate_confidence}; another answer replaces greedy's only if its {score} beat greedy's by more than {margin}", "auto",
+                _ranked, AUTO_DEFAULTS, ("branches",), Ranked.states),
     SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
                 ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),

@@ -12,7 +12,7 @@ const STATE_COLOURS = {
 // The server's sampler catalogue (/v1/entropix/info): name -> {help, strategy, options, defaults}.
 let SPECS = {};
 const spec = (name) => SPECS[name] || { help: "", strategy: "single", options: [], defaults: {} };
-const isMulti = (name) => ["cot", "self-consistency"].includes(spec(name).strategy);  // scored branches side by side
+const isMulti = (name) => ["cot", "self-consistency", "auto"].includes(spec(name).strategy);  // scored branches side by side
 
 const ui = {
   mode: "chat",
