@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+# Rows under another label: (sampler, parameters). dslider-uncalibrated = the spec's defaults, where
+# `dslider` takes the model's built-in profile (src/entropix/profiles/dslider/).
+VARIANTS = {"dslider-uncalibrated": ("dslider", {"sampler_config": {}})}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -62,8 +67,9 @@ def main() -> int:
         max_tokens = args.gsm8k_max_tokens if gsm else args.max_tokens
         for name in args.samplers.split(","):
             t1 = time.perf_counter()
+            sampler, given = VARIANTS.get(name, (name, {}))
             try:
-                s = run_eval(lm, problems, name, task=task, params=sampler_params(name),
+                s = run_eval(lm, problems, sampler, task=task, params=sampler_params(sampler, **given), label=name,
                              out=outdir / f"{task}_{name}.jsonl", seed=args.seed, max_tokens=max_tokens,
                              batch_size=args.batch, progress=sys.stderr.isatty())
             except Exception as e:  # keep going: the report shows what finished
