@@ -41,15 +41,16 @@ def main() -> int:
     ap.add_argument("--gsm8k", default=str(REPO.parent / "shared" / "data" / "gsm8k_train_400.jsonl"))
     ap.add_argument("--outdir", default=str(REPO / "docs" / "results"))
     ap.add_argument("--report", default=str(REPO / "docs" / "RESULTS.md"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the rows there; decode nothing")
     args = ap.parse_args()
+    if args.report_only:
+        return write_report(Path(args.outdir), args.report)
 
     import torch
 
-    from entropix.evaluate.report import eval_report
     from entropix.evaluate.runner import run_eval, sampler_params
     from entropix.evaluate.tasks import load_task
     from entropix.loading import load_model
-    from results_preamble import preamble
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -81,14 +82,23 @@ def main() -> int:
             with log.open("a") as fh:
                 fh.write(json.dumps(s) + "\n")
             print(json.dumps(s), file=sys.stderr, flush=True)
-    pre = outdir / "preamble.md"
-    pre.write_text(preamble(log))
-    results = sorted(outdir.glob("*.jsonl"))
-    if results:
-        eval_report([str(p) for p in results], args.report, title="Evaluation results", preamble=pre.read_text())
+    write_report(outdir, args.report)
     if failed:
         print("failed runs: " + " ".join(failed), file=sys.stderr)
         return 1
+    return 0
+
+
+def write_report(outdir: Path, report: str) -> int:
+    """The report from every <outdir>/*.jsonl, with the preamble from runs.log (and notes.md)."""
+    from entropix.evaluate.report import eval_report
+    from results_preamble import preamble
+
+    pre = outdir / "preamble.md"
+    pre.write_text(preamble(outdir / "runs.log"))
+    results = sorted(outdir.glob("*.jsonl"))
+    if results:
+        eval_report([str(p) for p in results], report, title="Evaluation results", preamble=pre.read_text())
     return 0
 
 
