@@ -41,10 +41,11 @@ def main() -> int:
     ap.add_argument("--gsm8k", default=str(REPO.parent / "shared" / "data" / "gsm8k_train_400.jsonl"))
     ap.add_argument("--outdir", default=str(REPO / "docs" / "results"))
     ap.add_argument("--report", default=str(REPO / "docs" / "RESULTS.md"))
+    ap.add_argument("--title", default="Evaluation results", help="the report's heading")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the rows there; decode nothing")
     args = ap.parse_args()
     if args.report_only:
-        return write_report(Path(args.outdir), args.report)
+        return write_report(Path(args.outdir), args.report, args.title)
 
     import torch
 
@@ -82,14 +83,14 @@ def main() -> int:
             with log.open("a") as fh:
                 fh.write(json.dumps(s) + "\n")
             print(json.dumps(s), file=sys.stderr, flush=True)
-    write_report(outdir, args.report)
+    write_report(outdir, args.report, args.title)
     if failed:
         print("failed runs: " + " ".join(failed), file=sys.stderr)
         return 1
     return 0
 
 
-def write_report(outdir: Path, report: str) -> int:
+def write_report(outdir: Path, report: str, title: str = "Evaluation results") -> int:
     """The report from every <outdir>/*.jsonl, with the preamble from runs.log (and notes.md)."""
     from entropix.evaluate.report import eval_report
     from results_preamble import preamble
@@ -98,7 +99,7 @@ def write_report(outdir: Path, report: str) -> int:
     pre.write_text(preamble(outdir / "runs.log"))
     results = sorted(outdir.glob("*.jsonl"))
     if results:
-        eval_report([str(p) for p in results], report, title="Evaluation results", preamble=pre.read_text())
+        eval_report([str(p) for p in results], report, title=title, preamble=pre.read_text())
     return 0
 
 
