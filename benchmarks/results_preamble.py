@@ -26,7 +26,9 @@ def preamble(log: Path) -> str:
         "",
         "Samplers: greedy; self-consistency = majority vote over 5 samples at T=0.7; cot = CoT decoding",
         "(Wang & Zhou 2024), 10 first-token branches continued greedily, max-path by answer-token margin;",
-        "entropix = entropy/varentropy-guided sampling with the model's calibrated profile. `tokens/problem` counts every",
+        "entropix = entropy/varentropy-guided sampling with the model's calibrated profile; dslider = entropix v5",
+        "(DSlider) with the model's calibrated profile, dslider-uncalibrated with the spec's defaults; lookahead = a",
+        "small tree search (the 4 most likely tokens each rolled out 3 tokens where the entropy is >= 1 bit). `tokens/problem` counts every",
         "token decoded for a problem over all its rows (plus CoT's \"So the answer is\" follow-ups): the",
         "compute each sampler spent. `seconds total` is the decoding time charged to the problems (each",
         "batched step's time split over the rows in it), so it adds up to the run's decoding time.",
@@ -48,6 +50,9 @@ def preamble(log: Path) -> str:
                       f"{r.get('device_name') or r.get('device', '')} | {r['seconds']:.1f} | {wall[(task, sampler)]:.1f} |")
         total = sum(wall.values())
         md += ["", f"All runs together: {total:.0f} s wall ({_hms(total)}); a resumed run counts each of its sittings.", ""]
+    notes = log.parent / "notes.md"  # hand-written remarks on the runs, kept when the report is rewritten
+    if notes.is_file():
+        md += [notes.read_text(encoding="utf-8").strip(), ""]
     return "\n".join(md).rstrip() + "\n"
 
 

@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+# Rows under another label: (sampler, parameters). dslider-uncalibrated = the spec's defaults, where
+# `dslider` takes the model's built-in profile (src/entropix/profiles/dslider/).
+VARIANTS = {"dslider-uncalibrated": ("dslider", {"sampler_config": {}})}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -36,15 +41,17 @@ def main() -> int:
     ap.add_argument("--gsm8k", default=str(REPO.parent / "shared" / "data" / "gsm8k_train_400.jsonl"))
     ap.add_argument("--outdir", default=str(REPO / "docs" / "results"))
     ap.add_argument("--report", default=str(REPO / "docs" / "RESULTS.md"))
+    ap.add_argument("--title", default="Evaluation results", help="the report's heading")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the rows there; decode nothing")
     args = ap.parse_args()
+    if args.report_only:
+        return write_report(Path(args.outdir), args.report, args.title)
 
     import torch
 
-    from entropix.evaluate.report import eval_report
     from entropix.evaluate.runner import run_eval, sampler_params
     from entropix.evaluate.tasks import load_task
     from entropix.loading import load_model
-    from results_preamble import preamble
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +69,9 @@ def main() -> int:
         max_tokens = args.gsm8k_max_tokens if gsm else args.max_tokens
         for name in args.samplers.split(","):
             t1 = time.perf_counter()
+            sampler, given = VARIANTS.get(name, (name, {}))
             try:
-                s = run_eval(lm, problems, name, task=task, params=sampler_params(name),
+                s = run_eval(lm, problems, sampler, task=task, params=sampler_params(sampler, **given), label=name,
                              out=outdir / f"{task}_{name}.jsonl", seed=args.seed, max_tokens=max_tokens,
                              batch_size=args.batch, progress=sys.stderr.isatty())
             except Exception as e:  # keep going: the report shows what finished
@@ -75,14 +83,23 @@ def main() -> int:
             with log.open("a") as fh:
                 fh.write(json.dumps(s) + "\n")
             print(json.dumps(s), file=sys.stderr, flush=True)
-    pre = outdir / "preamble.md"
-    pre.write_text(preamble(log))
-    results = sorted(outdir.glob("*.jsonl"))
-    if results:
-        eval_report([str(p) for p in results], args.report, title="Evaluation results", preamble=pre.read_text())
+    write_report(outdir, args.report, args.title)
     if failed:
         print("failed runs: " + " ".join(failed), file=sys.stderr)
         return 1
+    return 0
+
+
+def write_report(outdir: Path, report: str, title: str = "Evaluation results") -> int:
+    """The report from every <outdir>/*.jsonl, with the preamble from runs.log (and notes.md)."""
+    from entropix.evaluate.report import eval_report
+    from results_preamble import preamble
+
+    pre = outdir / "preamble.md"
+    pre.write_text(preamble(outdir / "runs.log"))
+    results = sorted(outdir.glob("*.jsonl"))
+    if results:
+        eval_report([str(p) for p in results], report, title=title, preamble=pre.read_text())
     return 0
 
 

@@ -128,14 +128,16 @@ def _entropix_logits(params: Mapping[str, Any], model: Any) -> TokenPolicy:
 
 
 def _dslider(params: Mapping[str, Any], model: Any) -> TokenPolicy:
-    from .dslider import DSlider, DSliderConfig
+    from .dslider import DSlider, DSliderConfig, load_dslider_profile
 
     given = params.get("sampler_config")
     if isinstance(given, DSliderConfig):
         return DSlider(given)
     if isinstance(given, dict):
         return DSlider(DSliderConfig.from_dict(given))
-    return DSlider(DSliderConfig.from_json(given) if given is not None else DSliderConfig())
+    if given is not None:
+        return DSlider(DSliderConfig.from_json(given))
+    return DSlider(load_dslider_profile(getattr(model, "name", None)))  # calibrated for the model, else the spec's
 
 
 def _lookahead(params: Mapping[str, Any], model: Any) -> TokenPolicy:

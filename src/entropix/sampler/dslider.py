@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -57,7 +58,8 @@ STATE_FIELDS = (("alpha", True), ("m", True), ("temp", False), ("ent_n", False),
                 ("tcv_s", False), ("dir_ent", False), ("topk_ent", False))
 # Quantities each record carries (the backend's extra columns).
 EXTRA_KEYS = ("dslider_score", "dslider_temp", "dslider_inlier_temp", "dslider_topk_entropy", "dslider_nll",
-              "dslider_rho")
+              "dslider_rho", "dslider_topk_ent_avg", "dslider_nll_avg")  # the last two: the running averages
+#               the argmax and Dirichlet tests compared with (what `entropix calibrate --sampler dslider` reads)
 T_MIN, T_MAX = 2.0 ** -10, 1.5 ** 10  # TempSolve's reach from T = 1 in 10 halving/1.5x steps
 ALPHA_MIN, ALPHA_MAX = 1e-6, 1e8  # keeps fp32 finite; the MLE of one distribution is at infinity
 
@@ -155,6 +157,19 @@ class DSliderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles" / "dslider"
+
+
+def load_dslider_profile(model_name: str | None) -> DSliderConfig:
+    """The built-in DSlider profile (`entropix calibrate --sampler dslider`) whose name occurs in the
+    model's name, matched as the entropix profiles are; else the spec's defaults."""
+    from .config import _norm
+
+    base = _norm(re.split(r"[\\/]", (model_name or "").rstrip("/\\"))[-1])
+    hits = [(len(_norm(p.stem)), p) for p in sorted(PROFILE_DIR.glob("*.json")) if base and _norm(p.stem) in base]
+    return DSliderConfig.from_json(max(hits)[1]) if hits else DSliderConfig()
 
 
 @dataclass(frozen=True)
@@ -388,5 +403,6 @@ def step(c: DSliderConfig, s: dict, top_logp: np.ndarray, H: float, V: float, u:
         n[f"tce_{side}"] = tce
         n[f"tcv_{side}"] = ema(getattr(c, f"token_cross_var_{'naked' if side == 'n' else 'scaffold'}_coeff"),
                                (tce + lpx) ** 2, s[f"tcv_{side}"])
-    info = {"score": score, "temp": T, "inlier_temp": t_in, "topk_entropy": Hk, "nll": nll, "rho": rho, "gamma": gamma}
+    info = {"score": score, "temp": T, "inlier_temp": t_in, "topk_entropy": Hk, "nll": nll, "rho": rho, "gamma": gamma,
+            "topk_ent_avg": s["topk_ent"], "nll_avg": s["dir_ent"]}
     return pos, code, n, info

@@ -215,7 +215,7 @@ def dslider_step(c: DSliderConfig, s: dict[str, torch.Tensor], top_lp: torch.Ten
         tce = ema(getattr(c, f"token_cross_ent_{name}_coeff"), -lpx, s[f"tce_{side}"])
         n[f"tce_{side}"] = tce
         n[f"tcv_{side}"] = ema(getattr(c, f"token_cross_var_{name}_coeff"), (tce + lpx) ** 2, s[f"tcv_{side}"])
-    extras = dict(zip(EXTRA_KEYS, (score, T, t_in, Hk, nll, rho)))
+    extras = dict(zip(EXTRA_KEYS, (score, T, t_in, Hk, nll, rho, s["topk_ent"], s["dir_ent"])))
     return pos, code, n, extras
 
 

@@ -12,6 +12,18 @@ from .kvcache import KVCache
 from .model import Transformer
 
 
+def _fork(cache: KVCache, picks: list[int], room: int) -> KVCache:
+    """The picked rows (repeats allowed) as a new cache that shares nothing with `cache`, holding only
+    the slots up to the longest pick plus `room`: copying the whole capacity of every rollout row
+    was a sixth of lookahead's time (profiled on the embedded model, CPU, batch 10)."""
+    fork = copy.copy(cache)
+    keep = max(cache.lengths[p] for p in picks) + room
+    if type(cache) is KVCache and keep < cache.capacity:  # other layouts (MLA's latents) copy whole
+        fork.k, fork.v = cache.k[:, :, :, :keep], cache.v[:, :, :, :keep]
+    fork.select(picks)  # index_select gathers into new tensors
+    return fork
+
+
 def lookahead_tokens(model: Transformer, cache: KVCache, policy: Lookahead, rows: Sequence[int], H: torch.Tensor,
                      top_lp: torch.Tensor, top_id: torch.Tensor):
     """(tokens, codes, extras) for a group's rows; H [n] in bits, top_lp / top_id [n, >= candidates].
@@ -29,8 +41,7 @@ def lookahead_tokens(model: Transformer, cache: KVCache, policy: Lookahead, rows
     need = (H >= policy.min_entropy).nonzero()[:, 0] if c > 1 else H.new_zeros(0, dtype=torch.long)
     if need.numel():
         picks = [rows[i] for i in need.tolist() for _ in range(c)]
-        fork = copy.copy(cache)  # shares nothing once select() has gathered the rows into new tensors
-        fork.select(picks)
+        fork = _fork(cache, picks, d)
         cand = top_id.index_select(0, need)[:, :c].reshape(-1)
         lps, ents, feed = [top_lp.index_select(0, need)[:, :c].reshape(-1).float()], [], cand
         for t in range(d):
