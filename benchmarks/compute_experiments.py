@@ -1,4 +1,4 @@
-"""What makes extra inference-time compute pay on the embedded model (issue 18).
+"""What makes extra inference-time compute pay on the embedded model.
 
     python benchmarks/compute_experiments.py dev       # CoT-10 and single-row samplers on the dev seeds
     python benchmarks/compute_experiments.py analyse   # offline variants on the dev rows -> the auto config
@@ -292,22 +292,13 @@ def derived_lines() -> list[str]:
 
 
 def regrade() -> None:
-    """Grade every stored fresh row again with the current graders (tasks.is_correct), so all
-    samplers are scored alike after a grader fix; outputs are untouched. Run with no run writing."""
-    from entropix.evaluate.tasks import is_correct
+    """Grade every stored fresh row again with the current graders, so all samplers are scored
+    alike after a grader fix; outputs are untouched. Run with no run writing."""
+    from entropix.evaluate.regrade import regrade_dir
 
-    for path in sorted(FRESH_DIR.glob("*.jsonl")):
-        task = path.name.split("_")[0]
-        probs = {p.id: p for p in problems(task, 100, FRESH_SEED)}
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        changed = 0
-        for r in rows:
-            got, ok = is_correct(probs[r["id"]], r["output"])
-            changed += (ok != r["correct"])
-            r["extracted"], r["correct"] = got, ok
+    for name, changed in regrade_dir(FRESH_DIR, lambda task: problems(task, 100, FRESH_SEED)).items():
         if changed:
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            print(f"regraded {path.name}: {changed} row(s) changed", file=sys.stderr)
+            print(f"regraded {name}: {changed} row(s) changed", file=sys.stderr)
 
 
 def cmd_report(args) -> int:
@@ -358,7 +349,7 @@ def main() -> int:
     f.add_argument("--limit", type=int, default=100)
     f.add_argument("--batch", type=int, default=1000)
     r = sub.add_parser("report")
-    r.add_argument("--title", default="Inference-time compute on fresh seeds (issue 18)")
+    r.add_argument("--title", default="Inference-time compute on fresh seeds")
     r.add_argument("--regrade", action="store_true", help="grade the stored rows again first (after a grader fix)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))

@@ -26,6 +26,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 VARIANTS = {"dslider-uncalibrated": ("dslider", {"sampler_config": {}})}
 
 
+def regrade(outdir: Path, args: argparse.Namespace) -> None:
+    from entropix.evaluate.regrade import regrade_dir
+    from entropix.evaluate.tasks import load_task
+
+    def problems_of(task: str):
+        return load_task(task, args.limit, args.seed, data=args.gsm8k if task == "gsm8k" else None)
+
+    for name, changed in regrade_dir(outdir, problems_of).items():
+        if changed:
+            print(f"regraded {name}: {changed} row(s) changed", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -43,7 +55,11 @@ def main() -> int:
     ap.add_argument("--report", default=str(REPO / "docs" / "RESULTS.md"))
     ap.add_argument("--title", default="Evaluation results", help="the report's heading")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the rows there; decode nothing")
+    ap.add_argument("--regrade", action="store_true",
+                    help="grade the stored rows again with the current graders first (after a grader fix)")
     args = ap.parse_args()
+    if args.regrade:
+        regrade(Path(args.outdir), args)
     if args.report_only:
         return write_report(Path(args.outdir), args.report, args.title)
 
