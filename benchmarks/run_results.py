@@ -114,8 +114,14 @@ def write_report(outdir: Path, report: str, title: str = "Evaluation results") -
     pre = outdir / "preamble.md"
     pre.write_text(preamble(outdir / "runs.log"))
     results = sorted(outdir.glob("*.jsonl"))
+    # compute_experiments.py splices its own section into the report: keep it across rewrites.
+    begin, end = "<!-- compute-experiments:begin -->", "<!-- compute-experiments:end -->"
+    old = Path(report).read_text() if Path(report).is_file() else ""
+    kept = old[old.index(begin):old.index(end) + len(end)] if begin in old and end in old else ""
     if results:
-        eval_report([str(p) for p in results], report, title=title, preamble=pre.read_text())
+        text = eval_report([str(p) for p in results], report, title=title, preamble=pre.read_text())
+        if kept:
+            Path(report).write_text(text.rstrip() + "\n\n" + kept + "\n")
     return 0
 
 
