@@ -103,8 +103,13 @@ def load(args, quiet: bool = False):
                                            **({"quant": args.quant} if backend == "torch" and hasattr(args, "quant") else {}))
     if not quiet:
         eprint(f"loaded {lm.name} ({lm.config.num_hidden_layers} layers, {lm.backend} on {lm.device}, "
-               f"{lm.dtype}) in {time.perf_counter() - t:.1f}s")
+               f"{lm.dtype}{_quant_note(lm)}) in {time.perf_counter() - t:.1f}s")
     return lm
+
+
+def _quant_note(lm) -> str:
+    quant = getattr(lm, "quant", "none") or "none"
+    return "" if quant == "none" else f", {quant} weights"
 
 
 def decoder_from_args(args, lm=None):
