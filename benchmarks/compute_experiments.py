@@ -252,9 +252,9 @@ def cmd_fresh(args) -> int:
     for name in args.samplers.split(","):
         for task in args.tasks.split(","):
             label, name_ = name, name  # "self-consistency-10": the sampler with 10 samples
-            if name == "self-consistency-10":
+            if name.startswith("self-consistency-"):
                 name_ = "self-consistency"
-            params = sampler_params(name_, samples=10) if name != name_ else sampler_params(name_)
+            params = sampler_params(name_, samples=int(name.rsplit("-", 1)[1])) if name != name_ else sampler_params(name_)
             t0 = time.perf_counter()
             # a limit below n decodes the first problems of the same list (self-consistency's subsets)
             probs = problems(task, n, args.seed)[: args.limit or n]
@@ -272,22 +272,28 @@ def cmd_fresh(args) -> int:
 BEGIN, END = "<!-- compute-experiments:begin -->", "<!-- compute-experiments:end -->"
 
 
-def derived_lines() -> list[str]:
+def _rows(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def derived_lines(seed: int) -> list[str]:
     """Where auto's gain comes from, read off its own fresh rows: branch 0 is greedy's path,
     with "So the answer is" asked when it stated no answer (graded like every row)."""
     from entropix.evaluate.stats import mcnemar_exact
     from entropix.evaluate.tasks import is_correct
 
-    out = ["### Where the gain comes from (derived from the auto rows)", "",
+    folder, n = FRESH[seed]
+    out = [f"### Where the gain comes from (derived from the seed-{seed} auto rows)", "",
            "`greedy+ask` = greedy's own path, asked \"So the answer is\" where it stated no answer (auto's branch 0; "
            "on a sure prompt, greedy itself). b, c: right only in the first, right only in the second.", "",
            "| task | greedy+ask | vs greedy (b, c, p) | auto vs greedy+ask (b, c, p) | prompts that branched |",
            "|---|---:|---|---|---:|"]
-    for path in sorted(FRESH_DIR.glob("*_auto.jsonl")):
+    for path in sorted(folder.glob("*_auto.jsonl")):
         task = path.name[: -len("_auto.jsonl")]
-        auto = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
-        greedy = {r["id"]: r for r in map(json.loads, (FRESH_DIR / f"{task}_greedy.jsonl").read_text().splitlines())}
-        probs = {p.id: p for p in problems(task, 100, FRESH_SEED)}
+        if not (folder / f"{task}_greedy.jsonl").exists():
+            continue
+        auto, greedy = _rows(path), _rows(folder / f"{task}_greedy.jsonl")
+        probs = {p.id: p for p in problems(task, n, seed)}
         ids = [i for i in auto if i in greedy]
         if not ids:
             continue
@@ -299,30 +305,71 @@ def derived_lines() -> list[str]:
     return out
 
 
-def regrade() -> None:
+def seeds_lines() -> list[str]:
+    """auto against greedy on every fresh seed, and pooled (descriptive: the test is per seed)."""
+    from entropix.evaluate.stats import mcnemar_exact, wilson_interval
+
+    cells: dict[str, list] = {}
+    for seed, (folder, _) in sorted(FRESH.items()):
+        for path in sorted(folder.glob("*_auto.jsonl")):
+            task = path.name[: -len("_auto.jsonl")]
+            if (folder / f"{task}_greedy.jsonl").exists():
+                auto, greedy = _rows(path), _rows(folder / f"{task}_greedy.jsonl")
+                ids = [i for i in auto if i in greedy]
+                pairs = [(greedy[i]["correct"], auto[i]["correct"], auto[i]["tokens"]) for i in ids]
+                if pairs:
+                    cells.setdefault(task, []).append((str(seed), pairs))
+    out = ["### auto against greedy on every fresh seed", "",
+           "b: right only with auto; c: right only with greedy; exact McNemar p. The pooled rows add the seeds' "
+           "problems together; they describe, the per-seed rows test.", "",
+           "| task | seed | n | greedy (95% CI) | auto (95% CI) | b, c | p | auto tokens/problem |",
+           "|---|---|---:|---|---|---|---:|---:|"]
+    def fmt(k, n):
+        lo, hi = wilson_interval(k, n)
+        return f"{k / n:.0%} ({lo:.0%}-{hi:.0%})"
+    for task, per in cells.items():
+        if len(per) > 1:
+            per = per + [("pooled", [x for _, ps in per for x in ps])]
+        for seed, ps in per:
+            n, g, a = len(ps), sum(x[0] for x in ps), sum(x[1] for x in ps)
+            b, c = sum(x[1] and not x[0] for x in ps), sum(x[0] and not x[1] for x in ps)
+            out.append(f"| {task} | {seed} | {n} | {fmt(g, n)} | {fmt(a, n)} | {b}, {c} | {mcnemar_exact(b, c):.3g} | "
+                       f"{sum(x[2] for x in ps) / n:.0f} |")
+    return out
+
+
+def regrade(seed: int) -> None:
     """Grade every stored fresh row again with the current graders, so all samplers are scored
     alike after a grader fix; outputs are untouched. Run with no run writing."""
     from entropix.evaluate.regrade import regrade_dir
 
-    for name, changed in regrade_dir(FRESH_DIR, lambda task: problems(task, 100, FRESH_SEED)).items():
+    folder, n = FRESH[seed]
+    for name, changed in regrade_dir(folder, lambda task: problems(task, n, seed)).items():
         if changed:
             print(f"regraded {name}: {changed} row(s) changed", file=sys.stderr)
 
 
 def cmd_report(args) -> int:
-    """eval-report over the fresh rows into docs/results-compute/REPORT.md, spliced into RESULTS.md."""
+    """eval-report over one seed's fresh rows into its REPORT.md; the primary seed's is spliced into RESULTS.md."""
     from entropix.evaluate.report import eval_report
 
+    folder, _ = FRESH[args.seed]
     if args.regrade:
-        regrade()
-
-    pre = (FRESH_DIR / "preamble.md").read_text() if (FRESH_DIR / "preamble.md").exists() else None
-    out = FRESH_DIR / "REPORT.md"
-    text = eval_report(sorted(str(p) for p in FRESH_DIR.glob("*.jsonl")), out, title=args.title, preamble=pre,
-                       compute_plot=REPO / "docs" / "RESULTS_auto_compute.png")
-    body = text.partition("\n")[2].replace("](", "](results-compute/").replace("](results-compute/../", "](")
+        regrade(args.seed)
+    pre = (folder / "preamble.md").read_text() if (folder / "preamble.md").exists() else None
+    out = folder / "REPORT.md"
+    primary = args.seed == FRESH_SEED
+    text = eval_report(sorted(str(p) for p in folder.glob("*.jsonl")), out, title=args.title, preamble=pre,
+                       compute_plot=REPO / "docs" / "RESULTS_auto_compute.png" if primary else None)
+    if not primary:  # its own REPORT.md only, with the derived table
+        out.write_text(text.rstrip() + "\n\n" + "\n".join(derived_lines(args.seed)) + "\n")
+        print(out)
+        return 0
+    link = folder.relative_to(REPO / "docs").as_posix()
+    body = text.partition("\n")[2].replace("](", f"]({link}/").replace(f"]({link}/../", "](")
     body = body.replace("\n## ", "\n### ")  # the tasks are subsections of this section
-    section = f"{BEGIN}\n## {args.title}\n{body.rstrip()}\n\n" + "\n".join(derived_lines()) + f"\n{END}\n"
+    extra = "\n".join(seeds_lines() + [""] + derived_lines(args.seed))
+    section = f"{BEGIN}\n## {args.title}\n{body.rstrip()}\n\n{extra}\n{END}\n"
     res = REPO / "docs" / "RESULTS.md"
     cur = res.read_text()
     if BEGIN in cur:
@@ -358,6 +405,7 @@ def main() -> int:
     f.add_argument("--limit", type=int, default=0, help="the first problems only (default: all of the seed's)")
     f.add_argument("--batch", type=int, default=1000)
     r = sub.add_parser("report")
+    r.add_argument("--seed", type=int, choices=sorted(FRESH), default=FRESH_SEED)
     r.add_argument("--title", default="Inference-time compute on fresh seeds")
     r.add_argument("--regrade", action="store_true", help="grade the stored rows again first (after a grader fix)")
     args = ap.parse_args()
