@@ -8,6 +8,7 @@ server's OpenAI route; nothing is canned on the way. The server wants an API key
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from browser import close_chromium, launch_chromium
+from entropix.io.source import DEFAULT_MODEL
 from entropix.serve import ServerThread, create_app
 from parrot import parrot_lm
 from tinymodel import tiny_lm
@@ -78,6 +80,45 @@ def _send(page, text: str) -> None:
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")
     _wait(page, "done")
+
+
+def _title_is(page, title: str) -> None:
+    """The header names the conversation on screen, as the sidebar does."""
+    assert page.locator("#title").inner_text() == title
+    assert page.locator(".conv.active .conv-title").inner_text() == title
+
+
+# The model menu's layout: its box; its natural width (a copy of it, unconstrained, in the same
+# place: the width that shows the longest name whole); ancestors whose overflow would hide part of
+# it; and whether its left edge, centre and right edge are the menu itself (nothing covers it).
+MENU_LAYOUT = """() => {
+  const m = document.getElementById('model'), box = m.getBoundingClientRect();
+  const copy = m.cloneNode(true);
+  copy.removeAttribute('id');
+  copy.style.cssText = 'position: absolute; visibility: hidden; width: auto; min-width: 0; max-width: none';
+  m.parentNode.append(copy);
+  const natural = copy.getBoundingClientRect().width;
+  copy.remove();
+  const clippers = [];
+  for (let e = m.parentElement; e; e = e.parentElement) {
+    const s = getComputedStyle(e), r = e.getBoundingClientRect();
+    const inside = box.left >= r.left && box.right <= r.right && box.top >= r.top && box.bottom <= r.bottom;
+    if ((s.overflowX !== 'visible' || s.overflowY !== 'visible') && !inside) clippers.push(e.className || e.tagName);
+  }
+  const y = (box.top + box.bottom) / 2;
+  const hits = [box.left + 2, (box.left + box.right) / 2, box.right - 2].map((x) => document.elementFromPoint(x, y) === m);
+  return { left: box.left, top: box.top, right: box.right, bottom: box.bottom, width: box.width, natural, clippers, hits,
+           vw: innerWidth, vh: innerHeight, head: document.querySelector('.chat-head').getBoundingClientRect().right };
+}"""
+
+
+def _model_menu_fits(page) -> None:
+    """The model menu lies wholly on screen, uncovered, wide enough to show the model's name."""
+    got = page.evaluate(MENU_LAYOUT)
+    assert 0 <= got["left"] and got["right"] <= min(got["vw"], got["head"]), got
+    assert 0 <= got["top"] and got["bottom"] <= got["vh"], got
+    assert not got["clippers"] and all(got["hits"]), got
+    assert got["width"] >= got["natural"] - 0.5, got  # the name is not cut off
 
 
 def _shot(page, name: str) -> None:
@@ -174,6 +215,7 @@ def _markdown_answer(page) -> None:
     """Conversation 1: a streamed answer rendered as markdown."""
     page.select_option("#sampler", "greedy")
     _send(page, "md")
+    _title_is(page, "md")  # the first message names the conversation, in the header too
     ans = _answers(page).last
     assert ans.locator("h2").inner_text() == "Summing a list"
     assert ans.locator(".codeblock pre code").inner_text() == "print(sum([1, 2, 3]))"
@@ -226,6 +268,7 @@ def _stop_then_edit(page) -> None:
                            timeout=30_000)
     page.keyboard.press("Escape")
     _wait(page, "stopped", 10_000)
+    _title_is(page, "story")
     ans = _answers(page).last
     assert ans.locator(".body").inner_text().startswith("la la la,")
     assert "stopped" in ans.locator(".stats").inner_text()
@@ -263,7 +306,9 @@ def _third_then_delete(page) -> None:
     page.locator(".conv.active .rename").click()
     page.fill(".rename-input", "Stopped story")
     page.press(".rename-input", "Enter")
+    _title_is(page, "Stopped story")
     page.click("#new-chat")
+    _title_is(page, "New chat")
     page.fill("#system", "Answer in French.")
     page.press("#system", "Tab")
     page.fill("#max-tokens", "4")
@@ -278,6 +323,7 @@ def _third_then_delete(page) -> None:
     body = sent.value.post_data_json
     assert body["messages"] == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour\n?"}]
     assert body["max_tokens"] == 4 and body["sampler"] == "entropix" and body["stream"] is True
+    _title_is(page, "Bonjour ?")
     assert page.locator("#conversations .conv").count() == 3
     page.locator(".conv.active .delete").click()
     page.locator(".conv.active .delete").click()  # "Delete?" confirms
@@ -291,6 +337,7 @@ def _reload_and_phone(page) -> None:
     assert not page.locator("#keydialog").is_visible()
     assert page.locator("#conversations .conv-title").all_inner_texts() == ["Stopped story", "md"]
     page.locator(".conv-title", has_text="md").click()
+    _title_is(page, "md")
     assert page.locator("#sampler").input_value() == "cot"
     assert _answers(page).last.locator(".codeblock pre code").inner_text() == "print(sum([1, 2, 3]))"
 
@@ -298,9 +345,10 @@ def _reload_and_phone(page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # readable, no sideways scroll
     off = "document.getElementById('sidebar').getBoundingClientRect().right <= 0"
     page.wait_for_function(off, timeout=5_000)  # the sidebar is a drawer, off screen until opened
+    _model_menu_fits(page)  # once the drawer has slid away: until then it covers the header
     page.click("#menu")
     page.locator(".conv-title", has_text="Stopped story").click()
-    assert page.locator("#title").inner_text() == "Stopped story"
+    _title_is(page, "Stopped story")
     page.wait_for_function(off, timeout=5_000)  # picking a conversation closes it
     page.click("#menu")
     page.locator(".conv-title", has_text="md").click()
@@ -321,3 +369,20 @@ def test_chat_app(browser, server):
     assert urls and all(u.startswith(server.url + "/") for u in urls), [u for u in urls if not u.startswith(server.url)]
     assert not any(u.endswith("/x") for u in urls)  # the <img src=x> of the answer was never loaded
     page.close()
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_phone_shows_the_whole_model_menu(browser, name):
+    """On a 390 px phone the model menu, with `entropix serve`'s default model or a long
+    organisation/name id, lies on screen, uncovered, and shows the whole name."""
+    lm = dataclasses.replace(tiny_lm(), name=name)
+    with ServerThread(create_app(lm)) as srv:
+        page = browser.new_page(viewport={"width": 390, "height": 844}, bypass_csp=True)
+        try:
+            page.goto(srv.url + "/chat")
+            page.wait_for_function("document.body.dataset.ready === '1'", timeout=10_000)
+            assert page.locator("#model").input_value() == name
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            _model_menu_fits(page)
+        finally:
+            page.close()

@@ -506,6 +506,27 @@ def test_serve_command(capsys):
     assert "entropix: error: --port" in capsys.readouterr().err
 
 
+def test_serve_start_up_line_names_the_chat_app(capsys, monkeypatch, tiny):
+    """The line `entropix serve` prints on start names both web pages, on stderr like other notices."""
+    import socket
+
+    import entropix.cli
+    import entropix.serve.cli as serve_cli
+
+    started = []
+    monkeypatch.setattr(entropix.cli, "load", lambda args: tiny)  # no model load for a print
+    monkeypatch.setattr(serve_cli, "GracefulServer", lambda config, sched, timeout: type(
+        "NoServer", (), {"run": lambda self: started.append(config.port)})())  # ... and no uvicorn loop
+    with socket.socket() as s:  # a port free now, so that the command's own check passes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--port", str(port)]) == 0 and started == [port]
+    out, err = capsys.readouterr()
+    line = next(x for x in err.splitlines() if x.startswith("entropix server for"))
+    assert f"http://127.0.0.1:{port}" in line and "playground at /" in line and "chat at /chat" in line, line
+    assert "/chat" not in out
+
+
 def test_stream_is_server_sent_events(http, model):
     r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1, "stream": True,
                                                 "temperature": 0})

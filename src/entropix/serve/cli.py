@@ -58,7 +58,7 @@ def cmd_serve(args) -> int:
     app = create_app(lm, api_key=key, max_rows=args.max_rows, cors_origins=args.cors_origin or (),
                      allowed_hosts=hosts, prefill_chunk=args.prefill_chunk)
     eprint(f"entropix server for {lm.name} on http://{args.host}:{args.port} "
-           f"(playground at /, API at /v1{', API key required' if key else ''})")
+           f"(playground at /, chat at /chat, API at /v1{', API key required' if key else ''})")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 2)
     GracefulServer(config, app.state.scheduler, args.shutdown_timeout).run()

@@ -94,6 +94,14 @@ function renderSidebar() {
   ul.replaceChildren(...app.data.conversations.map(conversationItem));
 }
 
+/** The header names the conversation on screen: shown again whenever a title may change (the
+ * first message names a conversation, a rename) and on switching, or it keeps an old name. */
+function renderTitle() {
+  const conv = current();
+  $("title").textContent = conv ? conv.title : "";
+  $("title").title = $("title").textContent;  // the whole name where the header cuts it short
+}
+
 function conversationItem(conv) {
   const li = node("li", `conv${conv.id === app.data.current ? " active" : ""}`);
   li.dataset.id = conv.id;
@@ -128,7 +136,7 @@ function startRename(li, conv) {
     done = true;
     if (keep && input.value.trim()) { conv.title = input.value.trim().slice(0, 80); conv.renamed = true; persist(); }
     renderSidebar();
-    if (conv.id === app.data.current) $("title").textContent = conv.title;
+    renderTitle();
   };
   input.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter") { ev.preventDefault(); finish(true); }
@@ -172,7 +180,7 @@ function newChat() {
 function renderAll() {
   renderSidebar();
   const conv = current();
-  $("title").textContent = conv.title;
+  renderTitle();
   if (!app.models.includes(conv.model) && app.models.length) conv.model = app.models[0];
   if (!app.specs[conv.sampler]) conv.sampler = defaultSampler();
   $("model").value = conv.model;
@@ -306,7 +314,11 @@ function answerFooter(conv, msg, i) {
 function send(text) {
   const conv = current();
   if (!text || app.live) return;
-  if (!conv.messages.length && !conv.renamed) conv.title = ChatStore.titleFrom(text);
+  if (!conv.messages.length && !conv.renamed) {
+    conv.title = ChatStore.titleFrom(text);
+    renderSidebar();  // named now, not when the answer ends
+    renderTitle();
+  }
   conv.messages.push({ role: "user", content: text });
   generate(conv);
 }
