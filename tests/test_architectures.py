@@ -272,6 +272,9 @@ def test_bench_compares_with_transformers_on_a_moe_folder(models):
 
     out = run_bench(models["deepseek_v2"], tokens=4, prompt_tokens=8, repeats=1)
     assert out["ratio"] > 0 and out["transformers_tps"] > 0 and out["new_tokens"] == 4
+    # the mode each side was timed in stands beside the figures
+    assert (out["quant"], out["dtype"], out["transformers_mode"]["dtype"]) == ("none", "float32", "float32")
+    assert out["threads"] == out["transformers_mode"]["threads"] >= 1 and out["weights"]["dense"] > 0
 
 
 def test_family_fields_read_from_the_configs(models):
@@ -281,3 +284,47 @@ def test_family_fields_read_from_the_configs(models):
     assert models["qwen3"].config.qk_norm and not models["qwen3"].config.qkv_bias
     assert (ds.rope_type, ds.kv_lora_rank, ds.n_routed_experts, ds.first_k_dense_replace) == ("yarn", 20, 4, 1)
     assert [ds.is_moe_layer(i) for i in range(3)] == [False, True, True]
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory, gguf_path):
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("llama3") / "tiny", gguf_path)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_fp32_folders_keep_their_precision_under_the_defaults(family, folders, llama3_folder, capsys):
+    """No --quant, --dtype or --device: a checkpoint stored in fp32 is computed as stored, so
+    greedy text is transformers' own, token for token."""
+    from entropix.backends.torch.quant import weight_kinds
+
+    folder = llama3_folder if family == "llama3" else folders[family]
+    res = cli_json(["generate", PROMPT, "--model", str(folder), "--raw", "--json", "--max-tokens", "24"], capsys)
+    lm = load_model(str(folder), progress=False)
+    assert lm.quant == "none" and lm.dtype == "float32" and weight_kinds(lm.model)["int4"] == 0
+    ids = lm.tokenizer.encode(PROMPT)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = hf_model(folder).generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, min_new_tokens=24,
+                                        do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    assert res["tokens"] == ref and len(ref) == 24
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "deepseek_v2"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_explicit_quant_modes_load_every_family(family, mode, folders, models):
+    """q/k/v biases (Qwen2), q/k norms (Qwen3), MLA and experts (DeepSeek-V2, which keep their own
+    weights) under an explicit --quant: the logits stay close to fp32, CoT rows decode."""
+    from entropix.sampler import catalog
+    from entropix.decode.strategies import Task, decode, run
+
+    lm, ref = load_model(str(folders[family]), progress=False, quant=mode), models[family]
+    ids, mask = ragged(lm.config.vocab_size, [12, 5])
+    a, _ = prefill(ref.model, ids, mask)
+    b, _ = prefill(lm.model, ids, mask)
+    assert torch.corrcoef(torch.stack([a[:, -1].flatten(), b[:, -1].flatten()]))[0, 1] > 0.95
+    dec = catalog.resolve("cot", lm, branches=3)
+    task = Task([ids[0, -12:].tolist(), ids[1, -5:].tolist()], [6, 6], [0, 0])
+    res = run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, 256))
+    assert all(len(r["branches"]) == 3 and r["tokens_generated"] >= 18 for r in res)

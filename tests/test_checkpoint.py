@@ -58,7 +58,7 @@ IDS = torch.randint(3, 40000, (1, 40), generator=torch.Generator().manual_seed(0
 def test_gguf_matches_hf_folder(tmp_path, tiny_hf, gguf_path, qtype, tol):
     """Same weights through both checkpoints; Q/K un-permutation must be right for this to hold."""
     path = write_gguf_from_hf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", gguf_path, qtype)
-    a = load_model(str(path), device="cpu", dtype="float32", progress=False)
+    a = load_model(str(path), device="cpu", dtype="float32", progress=False, quant="none")  # the file dequantized
     b = load_model(str(tiny_hf), device="cpu", dtype="float32", progress=False)
     assert a.config.num_hidden_layers == 2 and not a.config.tie_word_embeddings
     diff = (logits(a, IDS) - logits(b, IDS)).abs().max().item()
@@ -70,11 +70,31 @@ def test_q8_gguf_matches_transformers_gguf_loader(tmp_path, tiny_hf, gguf_path):
     from transformers import AutoModelForCausalLM
 
     path = write_gguf_from_hf(tiny_hf, tmp_path / "tiny-q8.gguf", gguf_path, "Q8_0")
-    ours = load_model(str(path), device="cpu", dtype="float32", progress=False)
+    ours = load_model(str(path), device="cpu", dtype="float32", progress=False, quant="none")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.inference_mode():
         expected = ref(IDS).logits
     assert (logits(ours, IDS) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("qtype, kind", [("F32", "dense"), ("F16", "dense"), ("Q4_0", "int4"), ("Q4_1", "int4"),
+                                         ("Q5_0", "dense"), ("Q8_0", "int8")])
+def test_the_default_keeps_each_gguf_type_as_stored(tmp_path, tiny_hf, gguf_path, qtype, kind):
+    """No --quant: 4-bit blocks on the int4 kernel, Q8_0 as int8 rows, anything else dense; the
+    logits stay those of the same file dequantized to fp32 (4-bit blocks are int4 groups exactly:
+    only the kernel's bf16 activations differ)."""
+    from entropix.backends.torch.quant import weight_kinds
+
+    path = write_gguf_from_hf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", gguf_path, qtype)
+    auto = load_model(str(path), device="cpu", progress=False)
+    dense = load_model(str(path), device="cpu", progress=False, quant="none")
+    kinds = weight_kinds(auto.model)
+    # 2 layers x (qkv, o, gate_up, down), and the output projection (dense: in oneDNN's packed layout)
+    assert kinds[kind] == (8 if kind == "dense" else 9) == sum(kinds.values())
+    a, b = logits(auto, IDS), logits(dense, IDS)
+    err = (a - b).abs().max().item() / b.abs().max().item()
+    assert err == 0 if kind == "dense" else err < {"int4": 0.02, "int8": 0.03}[kind], err
+    assert set(a[0, -1].topk(5).indices.tolist()) == set(b[0, -1].topk(5).indices.tolist())
 
 
 def test_gguf_names_and_dtypes(tmp_path, tiny_hf, tiny_gguf, gguf_path):

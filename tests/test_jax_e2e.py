@@ -89,7 +89,7 @@ def test_embedded_greedy_64_tokens_equal_torch(capsys):
     args = ["generate", "Write a long story about a cat who learns to sail.", "-n", "64", "--device", "cpu",
             "--dtype", "float32", "--json", "--top-logprobs", "1"]
     jax_out = json.loads(run_cli(capsys, *args, "--backend", "jax"))
-    torch_out = json.loads(run_cli(capsys, *args, "--backend", "torch"))
+    torch_out = json.loads(run_cli(capsys, *args, "--backend", "torch", "--quant", "none"))  # fp32, as jax computes
     assert len(jax_out["tokens"]) == 64
     assert jax_out["tokens"] == torch_out["tokens"]
 

@@ -30,7 +30,7 @@ def test_int8_rows_match_their_dequantized_weight():
     w, x = torch.randn(48, 64), torch.randn(3, 64)
     lin = Int8Linear.from_float(w)
     ref = x.bfloat16().float() @ lin.dequantized().t()
-    assert lin(x).dtype == torch.bfloat16  # the kernel's output: the next op promotes it
+    assert lin(x).dtype == x.dtype  # the model's one activation dtype, whatever the kernel computes in
     assert torch.allclose(lin(x).float(), ref, atol=0.1, rtol=0.02)
     # half a step of the row's scale, plus the scale's own bf16 rounding (2^-9 of the row's max)
     bound = w.abs().amax(1, keepdim=True) * (1 / 254 + 1 / 512)
@@ -67,11 +67,35 @@ def test_embedded_q4_1_blocks_read_as_stored(gguf_path):
 
     ckpt = open_checkpoint(str(gguf_path))
     name = "layers.0.self_attn.k_proj.weight"  # Q4_1, with llama.cpp's row permutation undone
-    q, d, m = ckpt.read_q4_1(name)
+    q, d, m = ckpt.read_int4(name)
     n, k = q.shape
     w = (q.reshape(n, k // 32, 32) * d[..., None] + m[..., None]).reshape(n, k)
     assert np.array_equal(w, ckpt.read(name).array)
-    assert ckpt.read_q4_1("embed_tokens.weight") is None  # Q8_0: not int4 groups
+    assert ckpt.read_int4("embed_tokens.weight") is None  # Q8_0: not int4 groups
+    assert (ckpt.stored_bits(name), ckpt.stored_bits("embed_tokens.weight"), ckpt.stored_bits("norm.weight")) == (4, 8, None)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_every_4bit_block_type_reads_as_the_groups_it_dequantizes_to(qtype):
+    """Random bytes are valid blocks of each type; our groups (w = d * q + m per 32 weights) give
+    exactly what the gguf package's own dequantization gives."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from entropix.io import gguf as g
+
+    t = GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(4)
+    N, K = 16, 512
+    raw = rng.integers(0, 256, size=N * K // block * size, dtype=np.uint8)
+    fields = raw.reshape(-1, size)
+    for at in (0,) if qtype == "Q4_0" else (0, 2):  # finite fp16 scales (random bits can be NaN)
+        fields[:, at:at + 2] = rng.uniform(-1, 1, len(fields)).astype("<f2").view(np.uint8).reshape(-1, 2)
+    q, d, m = g.int4_groups(g.GGUFTensor("w", (K, N), int(t), 0, raw.size), raw)
+    assert q.min() >= 0 and q.max() <= 15 and d.shape == m.shape == (N, K // 32)
+    ours = (q.reshape(N, K // 32, 32) * d[..., None] + m[..., None]).reshape(N, K)
+    assert np.array_equal(ours, dequantize(raw.reshape(N, -1), t).reshape(N, K))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -94,9 +118,13 @@ def test_quantized_tiny_model_stays_close_and_keeps_attention_metrics(mode):
     assert recs and all(r.attn is not None and all(math.isfinite(v) for v in r.attn.values()) for r in recs)
 
 
-def test_modes_and_devices_are_checked():
-    assert quant.resolve("auto", torch.device("cpu")) == quant.AUTO_CPU
-    assert quant.resolve("auto", torch.device("meta")) == "none"
+def test_modes_and_devices_are_checked(gguf_path):
+    from entropix.io.source import open_checkpoint
+
+    blocks = open_checkpoint(str(gguf_path))
+    assert quant.resolve("auto", torch.device("cpu"), blocks) == "auto"  # per tensor, as stored
+    assert quant.resolve("auto", torch.device("meta"), blocks) == "none"  # CUDA, MPS: dense
+    assert quant.resolve("auto", torch.device("cpu")) == "none"
     with pytest.raises(EntropixError, match="unknown --quant 'int3'"):
         quant.check_mode("int3")
     with pytest.raises(EntropixError, match="runs on the CPU"):
@@ -117,11 +145,12 @@ def test_bad_quant_input_is_one_line(args, needle, capsys):
 
 
 def test_auto_keeps_the_demo_prompt_greedy_text(lm):
-    """The README's claim: --quant auto gives fp32's greedy answer to the demo prompt."""
+    """The README's claim: the default (auto: the file's Q4_1 blocks on the int4 kernel, its Q8_0
+    embedding as int8 rows) gives fp32's greedy answer to the demo prompt."""
     from entropix.loading import load_model
 
-    auto = load_model(None, device="cpu", dtype="float32", progress=False, quant="auto")
-    assert auto.quant == quant.AUTO_CPU
+    auto = load_model(None, progress=False)
+    assert auto.quant == "int4" and quant.weight_kinds(auto.model) == {"int4": 120, "int8": 1, "dense": 0}
     ids = lm.tokenizer.encode_chat([{"role": "user", "content": DEMO}])
 
     def text(m):
@@ -230,7 +259,17 @@ def test_llama_cpp_peer_needs_a_gguf(tiny_folder, capsys):
 def test_the_cli_default_is_auto(monkeypatch):
     from entropix.cli import build_parser
 
-    monkeypatch.delenv("ENTROPIX_QUANT", raising=False)
-    assert build_parser().parse_args(["generate", "hi"]).quant == "auto"
-    monkeypatch.setenv("ENTROPIX_QUANT", "int8")
-    assert build_parser().parse_args(["serve"]).quant == "int8"
+    monkeypatch.setenv("ENTROPIX_QUANT", "int8")  # no environment variable changes the default
+    for args in (["generate", "hi"], ["serve"], ["eval", "--task", "arithmetic"], ["calibrate"], ["bench"], ["chat"]):
+        assert build_parser().parse_args(args).quant == "auto"
+
+
+def test_shapes_the_int8_kernel_cannot_take_stay_dense():
+    """The int8 kernel crashes the process on an input width that is not a multiple of 8 (a
+    20-wide DeepSeek expert did): such a layer stays dense, and building one directly refuses."""
+    lin = torch.nn.Linear(20, 48, bias=False)
+    assert quant.quantize_linear(lin, "int8") is lin and quant.quantize_linear(lin, "int4") is lin
+    with pytest.raises(EntropixError, match="in_features % 8"):
+        Int8Linear.from_float(torch.randn(48, 20))
+    assert quant.kind_of(None, "w", (48, 20), "int4") == "dense"
+    assert quant.kind_of(None, "w", (48, 24), "int4") == "int8"  # 48 rows fit int8, not int4's K % 32

@@ -121,11 +121,12 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
         return statistics.median(len(prompt) / r["prefill_s"] for r in rs)
 
     out: dict[str, Any] = {
-        "model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats,
+        "model": lm.name, **timed_mode(lm), "prompt_tokens": len(prompt), "new_tokens": tokens, "repeats": repeats,
         "ours_tps": round(tps(runs["ours"]), 2), "ours_prefill_tps": round(prefill_tps(runs["ours"]), 1),
     }
     if hf is not None:
+        out["transformers_mode"] = {"quant": "none", "dtype": str(hf.dtype).removeprefix("torch."),
+                                    "threads": out["threads"]}
         out["transformers_tps"] = round(tps(runs["hf"]), 2)
         out["transformers_prefill_tps"] = round(prefill_tps(runs["hf"]), 1)
         out["ratio"] = round(out["ours_tps"] / out["transformers_tps"], 3)
@@ -139,6 +140,15 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
             out[f"{name}_time_vs_greedy"] = round(statistics.median(rs) / greedy_wall, 3)
             out[f"{name}_seconds"] = round(statistics.median(rs), 3)
     return out
+
+
+def timed_mode(lm: LoadedModel) -> dict[str, Any]:
+    """What our figures were timed under: device, dtype, weight mode (with how many projections
+    each kind holds) and torch's threads."""
+    from .backends.torch.quant import weight_kinds
+
+    return {"device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "quant": lm.quant, "weights": weight_kinds(lm.model), "threads": torch.get_num_threads()}
 
 
 def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import EntropixError
-from .bench import _prompt, load_transformers, time_transformers
+from .bench import _prompt, load_transformers, time_transformers, timed_mode
 from .decode.records import Request
 from .loading import LoadedModel, load_model
 from .sampler.policy import Greedy
@@ -172,7 +172,8 @@ def run_modes_bench(lm: LoadedModel, modes: list[str], peers: list[str] = (), to
             out[k] = {"tps": round(tps[k], 2), "peak_rss_mb": _rss(lm.source, k, threads) if rss else None}
     out["modes"] = {}
     for m, ml in ours.items():
-        row = {"tps": round(tps[f"ours:{m}"], 2), "weights_mb": weight_mb(ml)}
+        row = {"tps": round(tps[f"ours:{m}"], 2), "weights_mb": weight_mb(ml),
+               **{k: v for k, v in timed_mode(ml).items() if k in ("quant", "weights", "dtype")}}
         for k in ("transformers", "llama.cpp"):
             if k in tps:
                 row[f"vs_{k}"] = round(tps[f"ours:{m}"] / tps[k], 3)

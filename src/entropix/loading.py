@@ -33,11 +33,12 @@ class LoadedModel:
 
 def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
                dtype: str | None = "auto", progress: bool = True, tp: int = 1, dp: int = 1,
-               quant: str = "none") -> LoadedModel:
+               quant: str = "auto") -> LoadedModel:
     """Load a model (embedded default, GGUF file, HF folder or hub id) for a backend.
 
     tp, dp: the jax backend's device mesh (tensor-parallel and data-parallel devices).
-    quant: torch only, none / int8 / int4 / auto (backends/torch/quant.py)."""
+    quant: torch only, none / int8 / int4 / auto (the CLI's default too: each tensor as the
+    checkpoint stores it, see backends/torch/quant.py)."""
     if backend not in (*_LOADERS, "mlx"):
         raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
     if backend != "jax" and (tp, dp) != (1, 1):  # torch's --tp goes through entropix.distributed

@@ -101,6 +101,15 @@ class Checkpoint:
         dim = self._check_slice(name, dim, start, stop)
         return _slice(self.read(name), dim, start, stop)
 
+    def stored_bits(self, name: str) -> int | None:
+        """4 or 8 where `name` is stored in blocks the CPU kernels take (Q4_0/Q4_1/Q4_K, Q8_0),
+        None for anything else (plain floats, other block types)."""
+        return None
+
+    def read_int4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A 4-bit-block matrix as its groups of 32 (q, d, m; see gguf.int4_groups), or None."""
+        return None
+
     def _check_slice(self, name: str, dim: int, start: int, stop: int) -> int:
         shape = self.shape(name)
         if not -len(shape) <= dim < len(shape):
@@ -204,16 +213,24 @@ class GGUFCheckpoint(Checkpoint):
             arr = gguf.unpermute(arr, n_heads)
         return HostTensor(arr, dtype)
 
-    def read_q4_1(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """A Q4_1-stored matrix as its blocks (q, d, m; see gguf.q4_1_groups), rows in Hugging
-        Face's order; None when `name` is stored otherwise."""
+    def _stored(self, name: str) -> tuple[gguf.GGUFTensor | None, int | None]:
         if name in self._derived:
-            return None
+            return None, None
         theirs, n_heads = self._lookup(name)
-        t = self._tensors.get(theirs)
-        if t is None or t.qtype != gguf.Q4_1 or len(t.shape) != 2:
+        return self._tensors.get(theirs), n_heads
+
+    def stored_bits(self, name: str) -> int | None:
+        t, _ = self._stored(name)
+        if t is None or len(t.shape) != 2:
             return None
-        parts = gguf.q4_1_groups(t, _read_bytes(self._path, t.offset, t.nbytes))
+        return 4 if t.qtype in gguf.INT4_TYPES else 8 if t.qtype == gguf.Q8_0 else None
+
+    def read_int4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Rows in Hugging Face's order; None when `name` is not stored in 4-bit blocks."""
+        t, n_heads = self._stored(name)
+        if t is None or self.stored_bits(name) != 4:
+            return None
+        parts = gguf.int4_groups(t, _read_bytes(self._path, t.offset, t.nbytes))
         if n_heads is not None:  # the permutation moves whole rows: the same on each part
             parts = tuple(gguf.unpermute(a, n_heads) for a in parts)
         return parts

@@ -165,21 +165,47 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-Q4_1 = 3
+Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12
+INT4_TYPES = (Q4_0, Q4_1, Q4_K)  # 4-bit blocks that are int4 groups of 32 exactly
 
 
-def q4_1_groups(t: GGUFTensor, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Q4_1 matrix's blocks as stored, without dequantizing: (q uint8 [N, K] in 0..15,
-    d float32 [N, K/32], m float32 [N, K/32]), w = d * q + m.
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 number at byte `at` of every block, as float32."""
+    return blocks[..., at:at + 2].copy().view("<f2")[..., 0].astype(np.float32)
 
-    A block is fp16 d, fp16 m and 16 bytes of nibbles: low nibbles are weights 0-15, high
-    nibbles weights 16-31."""
-    if t.qtype != Q4_1 or len(t.shape) != 2:
-        raise EntropixError(f"tensor {t.name} is not a Q4_1 matrix")
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 weights: low nibbles are weights 0-15, high nibbles 16-31 (Q4_0, Q4_1)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> 6-bit (scale, min) of its 8 sub-blocks, each [..., 8]."""
+    lo, hi = sc[..., 0:4], sc[..., 4:8]
+    rest = sc[..., 8:12]
+    scale = np.concatenate([lo & 63, (rest & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    mins = np.concatenate([hi & 63, (rest >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return scale.astype(np.float32), mins.astype(np.float32)
+
+
+def int4_groups(t: GGUFTensor, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0, Q4_1 or Q4_K matrix as groups of 32 without dequantizing: (q uint8 [N, K] in
+    0..15, d float32 [N, K/32], m float32 [N, K/32]) with w = d * q + m, which is each format's
+    own rule rewritten (Q4_0: m = -8d; Q4_K: d = super-d * scale, m = -super-dmin * min)."""
+    if t.qtype not in INT4_TYPES or len(t.shape) != 2:
+        raise EntropixError(f"tensor {t.name} is not a 4-bit block matrix (Q4_0, Q4_1, Q4_K)")
     K, N = t.shape
+    if t.qtype == Q4_K:
+        blocks = raw.reshape(N, K // 256, 144)
+        sc, mn = _k_scales(blocks[..., 4:16])
+        d = _f16(blocks, 0)[..., None] * sc
+        m = -_f16(blocks, 2)[..., None] * mn
+        qs = blocks[..., 16:].reshape(N, K // 256, 4, 32)  # 4 chunks of 64 weights: low nibbles first
+        q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(N, K)
+        return q, d.reshape(N, K // 32), m.reshape(N, K // 32)
+    if t.qtype == Q4_0:
+        blocks = raw.reshape(N, K // 32, 18)
+        d = _f16(blocks, 0)
+        return _nibbles(blocks[..., 2:]).reshape(N, K), d, -8 * d
     blocks = raw.reshape(N, K // 32, 20)
-    d = blocks[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
-    return q, d, m
+    return _nibbles(blocks[..., 4:]).reshape(N, K), _f16(blocks, 0), _f16(blocks, 2)

@@ -133,7 +133,8 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
 
     fuse: q/k/v and gate/up as one matmul each. None means yes on a single device, which
     is what this loads onto (a tensor-parallel load passes False: it slices them apart).
-    quant: "int8" / "int4" weight-only projections (quant.py; CPU), built module by module.
+    quant: "int8" / "int4" weight-only projections (quant.py; CPU), built module by module;
+    "auto" keeps each tensor as the checkpoint stores it (quant.resolve, quant.kind_of).
     """
     from . import quant as q
 
@@ -141,7 +142,7 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
     src = tensor_source(ckpt)
     dt = resolve_dtype(dtype, dev, src.native_dtype)
     fuse = True if fuse is None else fuse
-    quant = q.resolve(quant, dev)
+    quant = q.resolve(quant, dev, ckpt)
     q.check_device(quant, dev)
     with torch.device("meta"):
         model = Transformer(src.config)
@@ -162,9 +163,8 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
             model.get_submodule(owner).fuse()
     freqs = ckpt.rope_freq_factors
     model.finish_setup(torch.from_numpy(freqs) if freqs is not None else None)
-    if quant != "none":
-        q.quantize_output(model, quant)
-    elif fuse:  # a single-device load: the output projection may take the CPU's packed layout too
+    quantized = quant != "none" and q.quantize_output(model, quant, src=src)
+    if fuse and not quantized:  # a single-device load: the output projection may take the CPU's packed layout
         model.pack_output()
     return model.eval()
 

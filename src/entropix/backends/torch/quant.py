@@ -7,8 +7,9 @@ zero per group of 32/64/128/256 inputs, w = (q - 8) * scale + zero for q in 0..1
 fp32 activations the same kernels are 3-25x slower (measured on this repo's CI CPU), so a
 quantized projection rounds its input to bf16 and gives the kernel's bf16 output.
 
-A llama.cpp Q4_1 block (32 weights, w = d * q + m) is such an int4 group with scale d and
-zero m + 8d: `Int4Linear.from_groups` takes the blocks as stored (io.gguf.q4_1_groups).
+A llama.cpp 4-bit block of 32 weights (Q4_0, Q4_1, a Q4_K sub-block), w = d * q + m, is such
+an int4 group with scale d and zero m + 8d: `Int4Linear.from_groups` takes the blocks as stored
+(io.gguf.int4_groups).
 """
 
 from __future__ import annotations
@@ -47,23 +48,19 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.widen = False
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel's bf16 output: the next op promotes it exactly as a cast would (a residual
-        add or RoPE with fp32 operands, a cache write, the logits' .float()), so none is spent;
-        `widen` casts back where the next op would otherwise compute in bf16 (an MLP's gating,
-        which changed greedy text of the embedded model when it did)."""
+        """x @ W.T (+ b) in x's dtype: the kernel computes in bf16, and its output is widened
+        back so that the KV cache, the residual stream and every consumer see the model's one
+        activation dtype (an indexed cache write, for one, does not promote)."""
         x2 = x.reshape(-1, self.in_features)
-        y = self._mm(x2 if x2.dtype == _COMPUTE else x2.to(_COMPUTE))
-        if self.widen:
-            y = y.to(x.dtype)
+        y = self._mm(x2 if x2.dtype == _COMPUTE else x2.to(_COMPUTE)).to(x.dtype)
         if self.bias is not None:
-            y = y.to(x.dtype) + self.bias.to(x.dtype)
+            y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
@@ -74,10 +71,18 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def fits_int8(out_features: int, in_features: int) -> bool:
+    """The int8 CPU kernel reads the inputs in runs of 8: other widths crash it (a segfault
+    with several rows, found on a 20-wide expert)."""
+    return in_features % 8 == 0
+
+
 class Int8Linear(QuantLinear):
     """int8 weights, one bf16 scale per output row (symmetric, w = q * scale)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if not fits_int8(*q.shape):
+            raise EntropixError(f"int8 needs in_features % 8 == 0, got {q.shape[0]}x{q.shape[1]}")
         super().__init__(q.shape[1], q.shape[0], bias)
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
         self.register_buffer("scales", scales.to(_COMPUTE).contiguous())
@@ -164,11 +169,11 @@ class Int4Linear(QuantLinear):
 
 def quantize_linear(lin: nn.Module, mode: str) -> nn.Module:
     """A quantized copy of an fp32/bf16 linear layer, or the layer itself where the mode's
-    kernel cannot take its shape (int4 falls back to int8 there)."""
+    kernel cannot take its shape (int4 falls back to int8 there, int8 to the dense layer)."""
     w, b = lin.weight, lin.bias
     if mode == "int4" and fits_int4(*w.shape):
         return Int4Linear.from_float(w, b)
-    if mode in ("int4", "int8"):
+    if mode in ("int4", "int8") and fits_int8(*w.shape):
         return Int8Linear.from_float(w, b)
     return lin
 
@@ -177,6 +182,7 @@ def quantize_linear(lin: nn.Module, mode: str) -> nn.Module:
 
 # fused projection -> its parts, in the order model.Attention/MLP.fuse() concatenates them
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+KINDS = ("int4", "int8", "dense")  # what one projection is held as
 
 
 def check_device(mode: str, device: torch.device) -> None:
@@ -187,9 +193,32 @@ def check_device(mode: str, device: torch.device) -> None:
             raise EntropixError(f"--quant {mode}: this PyTorch ({torch.__version__}) lacks the CPU kernel")
 
 
+def _stored_bits(src, name: str) -> int | None:
+    bits = getattr(getattr(src, "ckpt", None), "stored_bits", None)
+    return bits(name) if bits is not None else None
+
+
+def kind_of(src, name: str, shape: tuple[int, int], mode: str) -> str:
+    """What projection `name` [N, K] becomes under `mode`. int4 / int8 quantize every projection
+    (int8 where the int4 kernel cannot take the shape); auto keeps what the checkpoint stores:
+    4-bit blocks on the int4 kernel (exact), Q8_0 on the int8 one, anything else dense."""
+    int8 = "int8" if fits_int8(*shape) else "dense"
+    if mode == "none":
+        return "dense"
+    if mode == "int4":
+        return "int4" if fits_int4(*shape) else int8
+    if mode == "int8":
+        return int8
+    bits = _stored_bits(src, name)
+    if bits == 4 and fits_int4(*shape) and available("int4"):
+        return "int4"
+    return int8 if bits == 8 and available("int8") else "dense"
+
+
 def stored_int4(src, name: str) -> Int4Groups | None:
-    """A Q4_1-stored weight as int4 groups of 32, exactly as stored (no fp32 copy), or None."""
-    read = getattr(getattr(src, "ckpt", None), "read_q4_1", None)
+    """A 4-bit-block weight (Q4_0, Q4_1, Q4_K) as int4 groups of 32, exactly as stored (no fp32
+    copy), or None."""
+    read = getattr(getattr(src, "ckpt", None), "read_int4", None)
     blocks = read(name) if read is not None else None
     if blocks is None:
         return None
@@ -197,75 +226,87 @@ def stored_int4(src, name: str) -> Int4Groups | None:
     return Int4Groups(q, d, m + 8 * d)
 
 
-def _build(parts: list, biases: list, mode: str) -> nn.Module:
-    """One (possibly fused) quantized projection from its parts: Int4Groups or fp32 weights."""
+def _build(parts: list, biases: list, kind: str, dtype: torch.dtype) -> nn.Module:
+    """One (possibly fused) projection of `kind` from its parts: Int4Groups or dense weights."""
     bias = None if any(b is None for b in biases) else torch.cat(biases)
-    if mode == "int4" and all(isinstance(p, Int4Groups) for p in parts):
+    if kind == "int4" and all(isinstance(p, Int4Groups) for p in parts):
         return Int4Linear.from_groups(Int4Groups.cat(parts), bias)
-    w = torch.cat([_dense(p) for p in parts])
+    w = torch.cat([_dense(p, dtype) for p in parts])
+    if kind == "int4":
+        return Int4Linear.from_float(w, bias)
+    if kind == "int8":
+        return Int8Linear.from_float(w, bias)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), bias
-    return quantize_linear(lin, mode)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    lin.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+    return lin
 
 
-def _dense(p) -> torch.Tensor:
+def _dense(p, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(p, Int4Groups):
         g = p.group
         N, K = p.q.shape
         w = (p.q.float() - 8).view(N, K // g, g) * p.scale[..., None] + p.zero[..., None]
-        return w.view(N, K)
-    return p.float()
+        return w.view(N, K).to(dtype)
+    return p.to(dtype)
 
 
 def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: str, fuse: bool) -> None:
-    """Fill an attention or MLP module whose projections are to be quantized: norms and biases
-    are placed by `get(name) -> tensor` as usual, each projection is read (Q4_1 blocks as they
-    are under int4) and built quantized, fused if `fuse`. The fp32 copy, where one is made,
-    is of this module's weights only."""
+    """Fill an attention or MLP module whose projections may be quantized: norms and biases are
+    placed by `get(name) -> tensor` as usual, each projection is read (4-bit blocks as they are
+    where it becomes int4) and built as its kind (kind_of); q/k/v and gate/up are fused where
+    `fuse` and all members are of one kind. A dense copy, where one is made, is of this module
+    only."""
     from .loader import _place
 
     linears = {n: m for n, m in owner.named_children() if isinstance(m, nn.Linear)}
     weights: dict[str, object] = {}
+    kinds: dict[str, str] = {}
     for name in names:
         leaf = name[len(prefix) + 1:]
         child, _, param = leaf.partition(".")
         if child in linears and param == "weight":
-            exact = stored_int4(src, name) if mode == "int4" else None
+            kinds[child] = kind_of(src, name, tuple(linears[child].weight.shape), mode)
+            exact = stored_int4(src, name) if kinds[child] == "int4" else None
             weights[child] = exact if exact is not None else get(name)
         else:
             _place(owner, leaf, get(name))
-    groups = {f: ps for f, ps in _FUSED.items() if fuse and all(p in weights for p in ps)}
+    dtype = next((p.dtype for p in owner.parameters() if p.device.type != "meta"), torch.float32)
+    dtype = next((w.dtype for w in weights.values() if isinstance(w, torch.Tensor)), dtype)
+    groups = {f: ps for f, ps in _FUSED.items()
+              if fuse and all(p in weights for p in ps) and len({kinds[p] for p in ps}) == 1}
     done: set[str] = set()
     for fused, members in groups.items():
         biases = [getattr(linears[m], "bias", None) for m in members]
-        setattr(owner, fused, _widened(fused, _build([weights[m] for m in members], biases, mode)))
+        setattr(owner, fused, _build([weights[m] for m in members], biases, kinds[members[0]], dtype))
         for m in members:
             delattr(owner, m)
         done.update(members)
     for child, w in weights.items():
         if child not in done:
-            setattr(owner, child, _widened(child, _build([w], [linears[child].bias], mode)))
+            setattr(owner, child, _build([w], [linears[child].bias], kinds[child], dtype))
 
 
-_GATING = ("gate_up_proj", "gate_proj", "up_proj")  # their outputs meet in silu(gate) * up
-
-
-def _widened(name: str, module: nn.Module) -> nn.Module:
-    if isinstance(module, QuantLinear) and name in _GATING:
-        module.widen = True
-    return module
-
-
-# The vocabulary projection's mode under each --quant. int4 groups there cost the embedded
-# model ~5 in max logit error (the tied embedding is stored as Q8_0, so nothing maps onto
-# int4 exactly) against ~0.7 for int8 rows, and greedy text changes: it stays int8.
+# The vocabulary projection's mode under an explicit --quant. int4 groups there cost the
+# embedded model ~5 in max logit error (the tied embedding is stored as Q8_0, so nothing maps
+# onto int4 exactly) against ~0.7 for int8 rows, and greedy text changes: it stays int8.
 HEAD = {"int8": "int8", "int4": "int8"}
 
 
-def quantize_output(model: nn.Module, mode: str, head: str | None = None) -> None:
-    """The vocabulary projection quantized too (the embedding lookup keeps its own weights:
-    it reads one row per token); `head` overrides HEAD[mode]."""
+def quantize_output(model: nn.Module, mode: str, head: str | None = None, src=None) -> bool:
+    """The vocabulary projection quantized too (the embedding lookup keeps its own weights: it
+    reads one row per token); `head` overrides HEAD[mode]. Under auto it follows how the
+    checkpoint stores it (the embedding, where tied). False where it stays dense."""
+    if mode == "auto" and head is None:
+        name = "embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+        kind = kind_of(src, name, tuple(model.lm_head.weight.shape), "auto")
+        exact = stored_int4(src, name) if kind == "int4" else None
+        if kind == "dense":
+            return False
+        model.lm_head = Int4Linear.from_groups(exact) if exact is not None else quantize_linear(model.lm_head, kind)
+        return True
     model.lm_head = quantize_linear(model.lm_head, head or HEAD[mode])
+    return True
 
 
 def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.Module:
@@ -279,15 +320,27 @@ def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.M
         if type(module) in (Attention, MLP):
             for child, lin in list(module.named_children()):
                 if isinstance(lin, nn.Linear):
-                    setattr(module, child, _widened(child, quantize_linear(lin, mode)))
+                    setattr(module, child, quantize_linear(lin, mode))
     quantize_output(model, mode, head)
     return model
 
 
+def weight_kinds(model: nn.Module) -> dict[str, int]:
+    """How many projections (the vocabulary one included) are held as each kind."""
+    count = dict.fromkeys(KINDS, 0)
+    for m in model.modules():
+        kind = "int4" if isinstance(m, Int4Linear) else "int8" if isinstance(m, Int8Linear) else \
+            "dense" if isinstance(m, nn.Linear) else None
+        if kind:
+            count[kind] += 1
+    return count
+
+
 def quant_mode(model: nn.Module) -> str:
-    """What a loaded model's projections are: none, int8, int4 (int4 with int8 where shapes forced it)."""
-    kinds = {type(m) for m in model.modules()}
-    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else "none"
+    """What a loaded model's projections are: none, int8, int4 (int4 with int8 or dense ones where
+    shapes or the checkpoint's storage made them so)."""
+    kinds = weight_kinds(model)
+    return "int4" if kinds["int4"] else "int8" if kinds["int8"] else "none"
 
 
 def quantizable(module: nn.Module | None) -> bool:
@@ -297,13 +350,14 @@ def quantizable(module: nn.Module | None) -> bool:
     return type(module) in (Attention, MLP)
 
 
-# What --quant auto means on a CPU: chosen by `entropix bench --modes` (README, "Decode speed").
-AUTO_CPU = "int4"
-
-
-def resolve(mode: str | None, device: torch.device) -> str:
-    """A concrete mode: auto is AUTO_CPU on a CPU that has its kernel, none elsewhere."""
+def resolve(mode: str | None, device: torch.device, ckpt=None) -> str:
+    """A concrete mode. auto means: on a CPU with the kernels, each tensor as the checkpoint
+    stores it ("auto", where anything is stored in 4- or 8-bit blocks); dense ("none") for a
+    checkpoint of plain floats and on CUDA and MPS, where these kernels do not run."""
     mode = check_mode(mode)
-    if mode == "auto":
-        return AUTO_CPU if torch.device(device).type == "cpu" and available(AUTO_CPU) else "none"
-    return mode
+    if mode != "auto":
+        return mode
+    if torch.device(device).type != "cpu" or not available("int8") or ckpt is None:
+        return "none"
+    stored = getattr(ckpt, "stored_bits", lambda name: None)
+    return "auto" if any(stored(n) for n in ckpt.names()) else "none"
