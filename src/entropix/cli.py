@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Iterable
@@ -31,10 +32,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's own, fp32 for GGUF), float32, bfloat16, float16")
-    p.add_argument("--quant", default=os.environ.get("ENTROPIX_QUANT", "auto"),
-                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the default, unless "
-                        "ENTROPIX_QUANT says otherwise: the measured fastest on a CPU, none elsewhere); see README "
-                        "'Decode speed'")
+    p.add_argument("--quant", default="auto",
+                   help="torch on CPU: weight-only int8 / int4 projections, none, or auto (the default: each "
+                        "tensor as its checkpoint stores it, 4-bit blocks on the int4 kernel, Q8_0 on the int8 "
+                        "one, everything else dense; dense on CUDA and MPS); see README 'Decode speed'")
     add_parallel_args(p)
 
 
@@ -178,31 +179,47 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     if entropic:
         eprint(strategy_summary(records, dec.policy.states, colour))
-    eprint(f"[{len(records)} tokens in {secs:.2f}s, {len(records) / max(secs, 1e-9):.1f} tokens/s, finish: {finish}]")
+    eprint(end_line(len(records), secs, finish))
     return 0
+
+
+def end_line(tokens: int, secs: float, finish: str | None) -> str:
+    """The closing line of every generate run (on stderr: stdout is only the answer)."""
+    return f"[{tokens} tokens in {secs:.2f}s, {tokens / max(secs, 1e-9):.1f} tokens/s, finish: {finish}]"
 
 
 def _generate_multi(args, lm, dec, ids: list[int]) -> int:
     from .decode.strategies import Task, decode, run
 
-    task = Task(prompts=[ids], max_tokens=[args.max_tokens], seeds=[args.seed], stop_ids=lm.tokenizer.stop_ids)
+    found = prompt_answer_format(args.prompt)
+    kind, pattern = found or ("number", None)  # the strategies' own default where the prompt names no format
+    task = Task(prompts=[ids], max_tokens=[args.max_tokens], seeds=[args.seed], stop_ids=lm.tokenizer.stop_ids,
+                kind=kind, pattern=pattern)
     on_record = None if args.json else _dot_per_row
+    t0 = time.perf_counter()
     res = run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, lm.config.max_position_embeddings),
               on_record)[0]
+    secs = time.perf_counter() - t0
     if args.json:
         print(json.dumps(res))
-    else:
-        print_branches(res, sys.stdout)
+        return 0
+    # Branching also runs for open-ended text (a story), where an "answer" would be whatever number
+    # the reader stumbled on; CoT, self-consistency and auto exist to find an answer, so they always name one.
+    print_branches(res, sys.stderr, show_answer=found is not None or dec.strategy != "branching")
+    print(res["text"], flush=True)  # the chosen row alone, so the output pipes like greedy's
+    chosen = res["branches"][res["choice"]] if res["branches"] else {}
+    # tokens_generated counts every row the strategy decoded (probes and follow-ups too): the work behind the answer
+    eprint(end_line(int(res.get("tokens_generated", 0)), secs, chosen.get("finish_reason") or "length"))
     return 0
 
 
 def _dot_per_row(rec) -> None:
-    if rec.finish_reason:
-        sys.stdout.write(".")
-        sys.stdout.flush()
+    if rec.finish_reason:  # progress, not output: stdout stays the answer
+        sys.stderr.write(".")
+        sys.stderr.flush()
 
 
-def print_branches(res: dict[str, Any], stream) -> None:
+def print_branches(res: dict[str, Any], stream, show_answer: bool = True) -> None:
     stream.write("\n")
     for b in res["branches"]:
         mark = "=>" if b["choice"] == res["choice"] else "  "
@@ -210,8 +227,35 @@ def print_branches(res: dict[str, Any], stream) -> None:
         if len(text) > 160:
             text = text[:157] + "..."
         stream.write(f"{mark} [{b['choice']:>2}] answer={b['answer']!s:<10} confidence={b['confidence']:.3f}  {text}\n")
-    stream.write(f"answer: {res['answer']}\n")
+    if show_answer:
+        stream.write(f"answer: {res['answer']}\n")
     stream.flush()
+
+
+# What a prompt asks for, read from its wording: (regex, answer kind, eval task format). The first match
+# wins, so the narrower wordings (options, yes/no, comparisons) come before the generic number ones.
+ANSWER_FORMATS = (
+    (r"(?m)\(A\)[\s\S]*\(B\)|^\s*A[.)]\s[\s\S]*^\s*B[.)]\s", "option", None),  # "(A) .. (B)" or "A. .. B." lines
+    (r"(?i)\byes\s*(?:or|/)\s*no\b", "pattern", "yesno"),
+    (r"(?i)\bwhich\b[^?]*\b(?:larger|bigger|greater|higher)\b", "number", "compare"),
+    (r"(?i)\b(?:sort|order|arrange)\b.*\b(?:smallest|largest|ascending|descending)\b", "list", None),
+    (r"(?i)\b\w+ letter of\b", "text", None),
+    (r"(?i)\bhow (?:many|much|long|far|old)\b|\b(?:calculate|compute|solve)\b|\bas a number\b"
+     r"|\d\s*[-+*/\u00d7\u00f7^]\s*\(?\d", "number", None),
+)
+
+
+def prompt_answer_format(prompt: str) -> tuple[str, str | None] | None:
+    """(kind, pattern) of the answer a prompt asks for, as eval's tasks define them; None when the
+    prompt names no answer format (a story, an open question)."""
+    from .evaluate.runner import answer_kind
+    from .evaluate.tasks import Problem
+
+    for rx, kind, fmt in ANSWER_FORMATS:
+        if re.search(rx, prompt):  # the eval tasks' (kind, format) -> what the strategies look for
+            return answer_kind(Problem(id="prompt", prompt=prompt, expected="", kind=kind,
+                                       extra={"format": fmt} if fmt else {}))
+    return None
 
 
 def paint(text: str, state: str, colour: bool) -> str:
