@@ -48,6 +48,29 @@ def test_int4_groups_follow_the_kernel_layout():
     assert torch.allclose(lin(x).float(), x.bfloat16().float() @ deq.t(), atol=0.15, rtol=0.03)
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (576, 1536)])
+def test_wide_products_multiply_the_same_int4_weights_densely(shape):
+    """From WIDE_ROWS rows the packed weights are dequantized onto an fp32 GEMM: exactly
+    (q - 8) * scale + zero with the stored bf16 scales, fp32 inputs; fewer rows take the kernel
+    (bf16 inputs, within its rounding). PyTorch's private packing is read as it really is."""
+    from entropix.backends.torch import int4_wide
+
+    torch.manual_seed(3)
+    N, K = shape
+    g = int4_groups(torch.randn(N, K))
+    lin = Int4Linear(g)
+    assert int4_wide.layout_known() and lin.wide
+    assert torch.equal(int4_wide.unpack(lin.packed, N, K), g.q)
+    s, z = g.scale.bfloat16().float(), g.zero.bfloat16().float()
+    w = ((g.q.float() - 8).view(N, K // 32, 32) * s[..., None] + z[..., None]).view(N, K)
+    wide, narrow = torch.randn(int4_wide.WIDE_ROWS + 3, K), torch.randn(5, K)
+    ref = wide @ w.t()
+    assert (lin(wide) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    ref = narrow @ w.t()
+    err = (lin(narrow) - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.02  # the kernel: bf16 activations
+
+
 def test_a_dequantized_q4_1_block_comes_back_to_its_own_levels():
     """Q4_1 stores w = d * q + m with q = 0 and 15 at the block's min and max: requantizing the
     dequantized weights finds the same q (what makes the int4 load exact)."""

@@ -25,6 +25,7 @@ from tinymodel import tiny_lm
 MODES = ["none", "int8", "int4"]
 PROMPTS = [[65, 66, 67], [70 + i % 40 for i in range(11)], [90 + i % 30 for i in range(23)]]  # ragged
 STOP = frozenset({0})
+LONG = [40 + i % 80 for i in range(150)]  # past int4_wide.WIDE_ROWS: its prefill takes the dense int4 path
 
 pytestmark = pytest.mark.skipif(not (quant.available("int8") and quant.available("int4")),
                                 reason="this PyTorch lacks the CPU int8/int4 kernels")
@@ -73,7 +74,8 @@ def test_rows_that_join_mid_decode_write_the_cache_at_their_own_lengths(lm):
     """A request added while another decodes (the server's continuous batching, CoT follow-ups):
     rows of different lengths in one step, the indexed cache write."""
     eng = lm.engine()
-    reqs = [Request(prompt=p, policy=Greedy(), max_tokens=8, stop_ids=frozenset()) for p in PROMPTS]
+    prompts = PROMPTS + [LONG]
+    reqs = [Request(prompt=p, policy=Greedy(), max_tokens=8, stop_ids=frozenset()) for p in prompts]
     got: dict[str, list[int]] = {r.id: [] for r in reqs}
     for r in reqs:
         eng.add([r])
@@ -83,7 +85,7 @@ def test_rows_that_join_mid_decode_write_the_cache_at_their_own_lengths(lm):
     while eng.active:
         for rec in eng.step():
             got[rec.request_id].append(rec.token)
-    assert [got[r.id] for r in reqs] == [greedy_tokens(lm, [p])[0] for p in PROMPTS]
+    assert [got[r.id] for r in reqs] == [greedy_tokens(lm, [p])[0] for p in prompts]
 
 
 def test_a_ragged_batch_gives_each_rows_own_tokens(lm):

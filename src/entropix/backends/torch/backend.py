@@ -82,11 +82,16 @@ class TorchBackend:
         """New rows at the end of the batch: row picks[j] of `cache` becomes one row (rows share a prefill)."""
         if self.cache is None:
             self._dslider.clear()
-            self.cache = SlotCache(self.model.new_cache, max(4, len(picks)), cache.capacity)
+            if picks == list(range(cache.batch)):  # each prefilled row once, in order: no copy
+                self.cache = SlotCache.adopt(self.model.new_cache, cache)
+            else:
+                self.cache = SlotCache(self.model.new_cache, max(4, len(picks)), cache.capacity)
         self._dslider.add_rows(len(picks))
+        adopted = self.cache.full is cache
         for b in picks:
-            slot = self.cache.alloc()
-            self.cache.put(slot, cache, b)
+            slot = b if adopted else self.cache.alloc()
+            if not adopted:
+                self.cache.put(slot, cache, b)
             self.slot.append(slot)
         idx = torch.tensor(picks, device=self.device)
         valid = torch.full((len(picks),), captured, device=self.device)

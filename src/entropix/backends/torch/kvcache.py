@@ -134,10 +134,16 @@ class SlotCache:
     whose output is ignored. Only growth (more slots, a longer capacity) copies, and it doubles.
     """
 
-    def __init__(self, make: "callable", rows: int, capacity: int) -> None:
+    def __init__(self, make: "callable", rows: int, capacity: int, full: KVCache | None = None) -> None:
         self._make = make  # (rows, capacity) -> KVCache
-        self.full = make(rows, capacity)
-        self.used = [False] * rows
+        self.full = make(rows, capacity) if full is None else full
+        self.used = [full is not None] * rows
+
+    @classmethod
+    def adopt(cls, make: "callable", cache: KVCache) -> "SlotCache":
+        """Slots over a prefill's own cache, every row used: the first rows of a batch take their
+        prefill's tensors instead of zeroing a new cache and copying into it."""
+        return cls(make, cache.batch, cache.capacity, full=cache)
 
     @property
     def top(self) -> int:

@@ -5,7 +5,9 @@ PyTorch's CPU kernels multiply bf16 activations by int8 rows (`_weight_int8pack_
 scale per row) or by packed 4-bit groups (`_weight_int4pack_mm_for_cpu`, a scale and a
 zero per group of 32/64/128/256 inputs, w = (q - 8) * scale + zero for q in 0..15). With
 fp32 activations the same kernels are 3-25x slower (measured on this repo's CI CPU), so a
-quantized projection rounds its input to bf16 and gives the kernel's bf16 output.
+quantized projection rounds its input to bf16 and widens the kernel's output back to the model's
+dtype. The int4 kernel pays its dequantization again for every row: from int4_wide.WIDE_ROWS
+rows on, int4_wide.py multiplies densely instead.
 
 A llama.cpp 4-bit block of 32 weights (Q4_0, Q4_1, a Q4_K sub-block), w = d * q + m, is such
 an int4 group with scale d and zero m + 8d: `Int4Linear.from_groups` takes the blocks as stored
@@ -20,11 +22,17 @@ import torch
 from torch import nn
 
 from ... import EntropixError
+from . import int4_wide
 
 MODES = ("none", "int8", "int4")
 CHOICES = ("auto", *MODES)
 GROUP = 32  # inputs per int4 group: the size of a Q4_1 block
 _COMPUTE = torch.bfloat16
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation dtype."""
+    return x if x.dtype == _COMPUTE else x.to(_COMPUTE)
 
 
 def check_mode(mode: str | None) -> str:
@@ -57,8 +65,7 @@ class QuantLinear(nn.Module):
         """x @ W.T (+ b) in x's dtype: the kernel computes in bf16, and its output is widened
         back so that the KV cache, the residual stream and every consumer see the model's one
         activation dtype (an indexed cache write, for one, does not promote)."""
-        x2 = x.reshape(-1, self.in_features)
-        y = self._mm(x2 if x2.dtype == _COMPUTE else x2.to(_COMPUTE)).to(x.dtype)
+        y = self._mm(x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -95,7 +102,7 @@ class Int8Linear(QuantLinear):
         return cls(q, scale, bias)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        return torch._weight_int8pack_mm(_bf16(x), self.qweight, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -150,6 +157,7 @@ class Int4Linear(QuantLinear):
         # the kernel's layout: [K / group, N, (scale, zero)]
         sz = torch.stack([parts.scale.float(), parts.zero.float()], -1).transpose(0, 1)
         self.register_buffer("scales_zeros", sz.to(_COMPUTE).contiguous())
+        self.wide = int4_wide.usable(N, K, self.group)  # the dense path for many rows (int4_wide.py)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group: int = GROUP) -> "Int4Linear":
@@ -160,11 +168,13 @@ class Int4Linear(QuantLinear):
         return cls(parts, bias)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+        if x.shape[0] >= int4_wide.WIDE_ROWS and self.wide:  # prefill chunks, wide batches
+            return int4_wide.wide_mm(x, self.packed, self.scales_zeros, self.group)
+        return torch._weight_int4pack_mm_for_cpu(_bf16(x), self.packed, self.group, self.scales_zeros)
 
     def dequantized(self) -> torch.Tensor:
         eye = torch.eye(self.in_features, dtype=_COMPUTE)  # the kernel applied to the identity: W.T
-        return self._mm(eye).float().t().contiguous()
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).float().t().contiguous()
 
 
 def quantize_linear(lin: nn.Module, mode: str) -> nn.Module:
