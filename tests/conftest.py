@@ -38,8 +38,8 @@ def hf_model(gguf_path):
 
 
 # GSM8K-shaped data made here: the repository stands alone and never reads files beside it.
-_GSM8K_PEOPLE = [("Natalia", "she", "her"), ("Weng", "she", "her"), ("Tom", "he", "his"), ("Ravi", "he", "his"),
-                 ("Betty", "she", "her"), ("Jamal", "he", "his"), ("Olga", "she", "her"), ("Pedro", "he", "his")]
+_GSM8K_PEOPLE = [("Mira", "she", "her"), ("Ines", "she", "her"), ("Tom", "he", "his"), ("Ravi", "he", "his"),
+                 ("Lena", "she", "her"), ("Jamal", "he", "his"), ("Olga", "she", "her"), ("Pedro", "he", "his")]
 
 
 def _gsm8k_row(rng: random.Random, kind: int) -> dict:
@@ -49,10 +49,10 @@ def _gsm8k_row(rng: random.Random, kind: int) -> dict:
     if kind == 0:  # half as many, then the sum
         a = 2 * rng.randint(10, 60)
         h, v = a // 2, a + a // 2
-        q = (f"{name} sold clips to {a} of {his} friends in April, and then {he} sold half as many clips in May. "
-             f"How many clips did {name} sell altogether in April and May?")
-        a_text = (f"{name} sold {a}/2 = <<{a}/2={h}>>{h} clips in May.\n"
-                  f"{name} sold {a}+{h} = <<{a}+{h}={v}>>{v} clips altogether in April and May.")
+        q = (f"{name} planted {a} tulip bulbs on Saturday and half that number on Sunday. "
+             f"How many bulbs did {name} plant over the weekend?")
+        a_text = (f"On Sunday {he} planted {a}/2 = <<{a}/2={h}>>{h} bulbs.\n"
+                  f"Over the weekend {he} planted {a}+{h} = <<{a}+{h}={v}>>{v} bulbs.")
     elif kind == 1:  # always 1,000 or more: the final line carries a thousands separator, as some of GSM8K's do
         n, price, weeks = rng.randint(20, 90), rng.randint(25, 99), rng.randint(2, 5)
         w, v = n * price, n * price * weeks
