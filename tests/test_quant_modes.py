@@ -174,3 +174,23 @@ def test_quantized_records_stay_finite(lm):
     reqs = [Request(prompt=p, policy=dec.policy, max_tokens=6, seed=1, stop_ids=STOP) for p in PROMPTS]
     recs = list(generate(lm.engine(dec.capture_layers), reqs))
     assert recs and all(math.isfinite(r.entropy) and math.isfinite(r.varentropy) for r in recs)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_bf16_model_keeps_bf16_activations_under_a_quantized_mode(mode):
+    """A bf16 checkpoint asked for --quant int8/int4: the projections hand back bf16 (the model's
+    dtype), so the cache stays bf16 and rows joining mid-decode still match each alone."""
+    lm = tiny_lm(seed=2, fuse=True, dtype=torch.bfloat16)
+    quantize_model(lm.model, mode)
+    assert lm.model.dtype == torch.bfloat16
+    eng = lm.engine()
+    reqs = [Request(prompt=p, policy=Greedy(), max_tokens=6, stop_ids=frozenset()) for p in PROMPTS[:2]]
+    got: dict[str, list[int]] = {r.id: [] for r in reqs}
+    for r in reqs:
+        eng.add([r])
+        for rec in eng.step():
+            got[rec.request_id].append(rec.token)
+    while eng.active:
+        for rec in eng.step():
+            got[rec.request_id].append(rec.token)
+    assert [got[r.id] for r in reqs] == [greedy_tokens(lm, [p], 6)[0] for p in PROMPTS[:2]]

@@ -150,7 +150,7 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
     for owner, names in _progress(groups, progress, f"loading {ckpt.name}"):
         part = model.get_submodule(owner) if owner is not None else None
         if quant != "none" and q.quantizable(part):
-            q.load_owner(part, owner, names, lambda n: src.get(n).to(device=dev, dtype=dt), src, quant, fuse)
+            q.load_owner(part, owner, names, lambda n: src.get(n).to(device=dev, dtype=dt), src, quant, fuse, dt)
             continue
         for name in names:
             # MoE routers score in fp32 whatever the weights' dtype, as DeepSeek's code does

@@ -261,12 +261,13 @@ def _dense(p, dtype: torch.dtype) -> torch.Tensor:
     return p.to(dtype)
 
 
-def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: str, fuse: bool) -> None:
+def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: str, fuse: bool,
+               dtype: torch.dtype) -> None:
     """Fill an attention or MLP module whose projections may be quantized: norms and biases are
     placed by `get(name) -> tensor` as usual, each projection is read (4-bit blocks as they are
     where it becomes int4) and built as its kind (kind_of); q/k/v and gate/up are fused where
-    `fuse` and all members are of one kind. A dense copy, where one is made, is of this module
-    only."""
+    `fuse` and all members are of one kind; dense ones are in `dtype`, the model's. A dense copy,
+    where one is made, is of this module only."""
     from .loader import _place
 
     linears = {n: m for n, m in owner.named_children() if isinstance(m, nn.Linear)}
@@ -281,8 +282,6 @@ def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: 
             weights[child] = exact if exact is not None else get(name)
         else:
             _place(owner, leaf, get(name))
-    dtype = next((p.dtype for p in owner.parameters() if p.device.type != "meta"), torch.float32)
-    dtype = next((w.dtype for w in weights.values() if isinstance(w, torch.Tensor)), dtype)
     groups = {f: ps for f, ps in _FUSED.items()
               if fuse and all(p in weights for p in ps) and len({kinds[p] for p in ps}) == 1}
     done: set[str] = set()
