@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-mlx bench-jax bench-peers clean browser install-llamacpp
+.PHONY: install demo lint test test-fast bench bench-mlx bench-jax bench-peers clean browser install-llamacpp
 
 install: $(STAMP)
 
@@ -57,11 +57,23 @@ demo: install
 	@echo "--- the same question with the entropix sampler (tokens coloured by strategy on a terminal):"
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96 --sampler entropix --seed 11
 
+# The layering contracts (pyproject [tool.importlinter]: no arrow up, no cycle), the linter and the
+# type checker over the host engine, the sampler and the backend seam.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+# Two test processes (pytest-xdist; tests/conftest.py groups them by module and pins one thread each).
+# test-fast leaves out the tests marked slow: the embedded model end to end, subprocesses, the
+# browser, tensor parallelism and the engine adapters.
+PYTEST_XDIST ?= -n 2 --dist loadgroup
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not slow"
 
 bench: install
 	$(BIN)/entropix bench --json

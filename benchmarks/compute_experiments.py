@@ -88,7 +88,7 @@ def cmd_calibrate_sampled(args) -> int:
 
     from entropix.decode.records import Request
     from entropix.evaluate.runner import prompt_tokens
-    from entropix.sampler.calibrate import thresholds_from_metrics
+    from entropix.evaluate.calibrate import thresholds_from_metrics
     from entropix.sampler.config import SamplingParams, load_profile
     from entropix.sampler.policy import Sample
 

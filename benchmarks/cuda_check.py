@@ -22,7 +22,7 @@ def main() -> int:
         print(json.dumps({"error": "no CUDA device"}))
         return 1
 
-    from entropix.bench import run_bench
+    from entropix.bench.speed import run_bench
     from entropix.decode.engine import generate
     from entropix.decode.records import Request
     from entropix.loading import load_model

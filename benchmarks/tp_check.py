@@ -3,10 +3,10 @@
     python benchmarks/tp_check.py --tp 8 [--model M] [--dtype bf16] [--tokens 64]   # one JSON object
     python benchmarks/tp_check.py --tp 2 --device cpu --dtype float32               # the same on the CPU (gloo)
 
-This process is rank 0; the other ranks are spawned (entropix.distributed). TP=1 runs only where
+This process is rank 0; the other ranks are spawned (entropix.backends.torch.ranks). TP=1 runs only where
 the model fits one device (--skip-single otherwise: then only TP=N's speed is reported).
 Figures: max |logit difference| after the prompt, greedy tokens equal (and where they first
-differ), entropix sampler states equal with the same seeds, decode tokens/s at 1 and 8 rows.
+differ), entropix sampler regimes equal with the same seeds, decode tokens/s at 1 and 8 rows.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ def greedy(lm, prompts, n):
     return [got[r.id] for r in reqs]
 
 
-def states(lm, prompt, n):
-    """(token, entropix state) per step with a fixed seed: the host's draws, so both runs see the same."""
+def regimes(lm, prompt, n):
+    """(token, entropix regime) per step with a fixed seed: the host's draws, so both runs see the same."""
     from entropix.decode.engine import generate
     from entropix.decode.records import Request
     from entropix.sampler import catalog
 
     dec = catalog.build("entropix", catalog.parameters("entropix"), lm)
     req = Request(prompt=prompt, policy=dec.policy, max_tokens=n, seed=7, stop_ids=frozenset())
-    return [(r.token, r.state) for r in generate(lm.engine(dec.capture_layers), [req])]
+    return [(r.token, r.regime) for r in generate(lm.engine(dec.capture_layers), [req])]
 
 
 def decode_speed(lm, prompt, rows, n):
@@ -69,8 +69,8 @@ def compare(single, sharded, prompts, tokens, out):
     a, b = greedy(single, prompts, tokens), greedy(sharded, prompts, tokens)
     out["greedy_equal"] = a == b
     out["greedy_first_difference"] = [first_difference(x, y) for x, y in zip(a, b)]
-    sa, sb = states(single, prompts[0], tokens), states(sharded, prompts[0], tokens)
-    out["entropix_states_equal"] = sa == sb
+    sa, sb = regimes(single, prompts[0], tokens), regimes(sharded, prompts[0], tokens)
+    out["entropix_regimes_equal"] = sa == sb
     out["entropix_first_difference"] = first_difference(sa, sb)
 
 
@@ -87,7 +87,7 @@ def main() -> int:
         print(json.dumps({"error": f"--tp {args.tp} needs {args.tp} CUDA GPUs, {torch.cuda.device_count()} visible"}))
         return 1
 
-    from entropix.distributed import start
+    from entropix.loading import load_tensor_parallel as start
     from entropix.loading import load_model
 
     out: dict = {"tp": args.tp, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

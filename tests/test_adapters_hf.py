@@ -18,6 +18,8 @@ from entropix.sampler.config import SamplerConfig, load_profile
 from entropix.sampler.policy import Entropix
 from tinymodel import ByteTokenizer
 
+pytestmark = pytest.mark.slow  # an engine adapter: transformers (make test-fast leaves it out)
+
 # thresholds for a tiny random model's flat distributions: every strategy fires
 TINY_CFG = SamplerConfig(low_ent=3.0, low_vent=5.0, med_ent=3.9, high_ent=4.3, med_vent=6.0, high_vent=6.3,
                          pause_text="~")
@@ -129,23 +131,23 @@ def test_wrapper_rejects_multi_row_samplers(tiny_pair):
 
 # -- the embedded model, loaded by transformers from its GGUF -----------------------------------
 
-@pytest.mark.slow
-def test_processor_gives_the_cli_no_attention_tokens(hf_model, gguf_path, lm, capsys):
+def test_processor_gives_the_cli_no_attention_tokens(hf_model, gguf_path, smol, cli_load_once, capsys):
     """Must-show: transformers + EntropixLogitsProcessor + seed == `entropix generate
     --sampler entropix --no-attention --seed S` token for token, 48 tokens."""
     from entropix import cli
-    from tiny import gguf_tokenizer
+    from tiny import hf_gguf_tokenizer
 
     assert cli.main(["generate", STORY, "--sampler", "entropix", "--no-attention", "--seed", "7",
-                     "--max-tokens", "48", "--json", "--quant", "none"]) == 0  # as transformers computes: fp32
+                     "--max-tokens", "48", "--json", "--quant", "none", "--dtype", "float32",
+                     "--device", "cpu"]) == 0  # as transformers computes: fp32 (the session's smol)
     res = json.loads(capsys.readouterr().out)
     assert res["sampler"] == "entropix-logits" and len(res["tokens"]) == 48
     assert all("attn_entropy" not in r for r in res["records"])
-    cfg = load_profile(lm.name)
-    tok = gguf_tokenizer(gguf_path)
+    cfg = load_profile(smol.name)
+    tok = hf_gguf_tokenizer(gguf_path)
     pid = hf.pause_token_id(tok, cfg)
-    assert pid == lm.tokenizer.find_token(cfg.pause_text)
-    ids = lm.tokenizer.encode_chat([{"role": "user", "content": STORY}])
+    assert pid == smol.tokenizer.find_token(cfg.pause_text)
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": STORY}])
     proc = hf.EntropixLogitsProcessor(cfg, seed=7, pause_id=pid)
     out = hf_model.generate(torch.tensor([ids]), logits_processor=LogitsProcessorList([proc]), do_sample=False,
                             max_new_tokens=48, pad_token_id=tok.eos_token_id)
@@ -153,17 +155,16 @@ def test_processor_gives_the_cli_no_attention_tokens(hf_model, gguf_path, lm, ca
     assert [s for _, s, _, _ in proc.history[0]] == [r["state"] for r in res["records"]]
 
 
-@pytest.mark.slow
-def test_full_wrapper_gives_our_engine_states_on_the_embedded_model(hf_model, gguf_path, lm):
-    from tiny import gguf_tokenizer
+def test_full_wrapper_gives_our_engine_states_on_the_embedded_model(hf_model, gguf_path, smol):
+    from tiny import hf_gguf_tokenizer
 
-    cfg = load_profile(lm.name)
-    ids = lm.tokenizer.encode_chat([{"role": "user", "content": STORY}])
-    policy = Entropix(cfg, lm.tokenizer.find_token(cfg.pause_text))
-    engine = lm.engine(cfg.attention_layers)
+    cfg = load_profile(smol.name)
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": STORY}])
+    policy = Entropix(cfg, smol.tokenizer.find_token(cfg.pause_text))
+    engine = smol.engine(cfg.attention_layers)
     want = list(generate(engine, [Request(prompt=ids, policy=policy, max_tokens=48, seed=7,
-                                          stop_ids=lm.tokenizer.stop_ids)]))
-    got = list(hf.generate(hf_model, gguf_tokenizer(gguf_path), ids, max_tokens=48, seed=7, sampler_config=cfg))
+                                          stop_ids=smol.tokenizer.stop_ids)]))
+    got = list(hf.generate(hf_model, hf_gguf_tokenizer(gguf_path), ids, max_tokens=48, seed=7, sampler_config=cfg))
     assert [r.state for r in got] == [r.state for r in want]
     assert [r.token for r in got] == [r.token for r in want]
     assert all(r.attn is not None for r in got)

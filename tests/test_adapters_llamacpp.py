@@ -16,6 +16,8 @@ from entropix import EntropixError
 from entropix.sampler.config import load_profile
 from entropix.sampler.policy import ENTROPIX_STATES, Entropix, Greedy
 
+pytestmark = pytest.mark.slow  # an engine adapter: llama.cpp (make test-fast leaves it out)
+
 HAVE = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAVE, reason="llama-cpp-python is not installed (make install-llamacpp)")
 PROMPT = "Write a story about a robot who learns to paint."

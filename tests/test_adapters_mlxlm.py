@@ -9,11 +9,13 @@ import pytest
 from entropix.sampler.config import SamplerConfig
 from entropix.sampler.policy import ENTROPIX_STATES, Entropix
 
+pytestmark = pytest.mark.slow  # an engine adapter: mlx-lm (make test-fast leaves it out)
+
 PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, gguf_path):
+def tiny_hf(tmp_path_factory, gguf_path):
     """A random Llama written by transformers (fp32 safetensors + the embedded tokenizer), its
     output layer scaled up so that its distributions range from peaked to flat."""
     from safetensors.numpy import load_file, save_file
@@ -32,10 +34,10 @@ def tiny_folder(tmp_path_factory, gguf_path):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_folder):
+def loaded(tiny_hf):
     import mlx_lm
 
-    return mlx_lm.load(str(tiny_folder))
+    return mlx_lm.load(str(tiny_hf))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_mlx_logits_processor_forces_the_same_choice(loaded, cfg):
     assert got == want and len(want) == 24
 
 
-def test_mlx_lm_tokens_are_our_engine_logits_only_tokens(loaded, tiny_folder, cfg):
+def test_mlx_lm_tokens_are_our_engine_logits_only_tokens(loaded, tiny_hf, cfg):
     """The same checkpoint through mlx-lm + the sampler and through our torch engine with
     logits-only entropix: the same tokens (float ties aside, none with this seed)."""
     from entropix.adapters.mlxlm import entropix_sampler
@@ -92,7 +94,7 @@ def test_mlx_lm_tokens_are_our_engine_logits_only_tokens(loaded, tiny_folder, cf
     s = entropix_sampler(cfg, seed=5)
     _, tokens = _run(loaded, n=20, sampler=s)
     s.sampler.history = s.history[:len(tokens)]  # the emitted steps
-    lm = load_model(str(tiny_folder), device="cpu", dtype="float32", progress=False)
+    lm = load_model(str(tiny_hf), device="cpu", dtype="float32", progress=False)
     ids = loaded[1].encode(PROMPT)
     req = Request(prompt=list(ids), policy=Entropix(cfg, -1, attention=False), max_tokens=len(s.history), seed=5,
                   stop_ids=lm.tokenizer.stop_ids)

@@ -268,7 +268,7 @@ def test_unsupported_gguf_architecture_lists_the_supported(tmp_path):
 def test_bench_compares_with_transformers_on_a_moe_folder(models):
     """`entropix bench` loads the same MoE folder in transformers and reports a ratio from one run
     (a figure, not asserted: speed is measured in benchmarks, not in unit tests)."""
-    from entropix.bench import run_bench
+    from entropix.bench.speed import run_bench
 
     out = run_bench(models["deepseek_v2"], tokens=4, prompt_tokens=8, repeats=1)
     assert out["ratio"] > 0 and out["transformers_tps"] > 0 and out["new_tokens"] == 4

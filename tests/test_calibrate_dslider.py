@@ -14,8 +14,8 @@ from entropix import EntropixError
 from entropix.cli import main
 from entropix.decode.engine import generate
 from entropix.decode.records import Request
-from entropix.sampler import calibrate_dslider as C
-from entropix.sampler.calibrate import collect_metrics
+from entropix.evaluate import calibrate_dslider as C
+from entropix.evaluate.calibrate import collect_metrics
 from entropix.sampler.dslider import DSLIDER_STATES, DSlider, DSliderConfig, load_dslider_profile
 from entropix.sampler.lookahead import Lookahead
 from entropix.sampler.policy import Greedy
@@ -27,33 +27,33 @@ BASE = DSliderConfig(support=16)
 
 
 @pytest.fixture(scope="module")
-def lm():
+def tiny():
     return tiny_lm()
 
 
 @pytest.fixture(scope="module")
-def metrics(lm):
-    return C.collect_dslider(lm, PROMPTS, BASE, max_tokens=24, batch_size=4)
+def metrics(tiny):
+    return C.collect_dslider(tiny, PROMPTS, BASE, max_tokens=24, batch_size=4)
 
 
-def _tokens(lm, policy, max_tokens=24):
-    reqs = [Request(lm.tokenizer.encode_chat([{"role": "user", "content": p}]), policy, max_tokens=max_tokens,
-                    seed=7, stop_ids=lm.tokenizer.stop_ids) for p in PROMPTS]
+def _tokens(tiny, policy, max_tokens=24):
+    reqs = [Request(tiny.tokenizer.encode_chat([{"role": "user", "content": p}]), policy, max_tokens=max_tokens,
+                    seed=7, stop_ids=tiny.tokenizer.stop_ids) for p in PROMPTS]
     out = {r.id: [] for r in reqs}
-    for rec in generate(lm.engine(), reqs):
+    for rec in generate(tiny.engine(), reqs):
         out[rec.request_id].append(rec)
     return [out[r.id] for r in reqs]
 
 
-def test_probe_follows_the_greedy_text(lm, metrics):
-    probe = [[r.token for r in recs] for recs in _tokens(lm, DSlider(C.probe_config(BASE)))]
-    greedy = [[r.token for r in recs] for recs in _tokens(lm, Greedy())]
+def test_probe_follows_the_greedy_text(tiny, metrics):
+    probe = [[r.token for r in recs] for recs in _tokens(tiny, DSlider(C.probe_config(BASE)))]
+    greedy = [[r.token for r in recs] for recs in _tokens(tiny, Greedy())]
     assert probe == greedy
     assert metrics["score"].size == sum(map(len, greedy))
 
 
-def test_raw_scores_do_not_depend_on_the_base_bias(lm, metrics):
-    shifted = C.collect_dslider(lm, PROMPTS, dataclasses.replace(BASE, outlier_bias=-3.0), max_tokens=24, batch_size=4)
+def test_raw_scores_do_not_depend_on_the_base_bias(tiny, metrics):
+    shifted = C.collect_dslider(tiny, PROMPTS, dataclasses.replace(BASE, outlier_bias=-3.0), max_tokens=24, batch_size=4)
     np.testing.assert_allclose(shifted["score"], metrics["score"], atol=0.02)  # fp32 at 1e5: ulp 2^-7
 
 
@@ -76,28 +76,28 @@ def test_calibrated_biases_sit_at_their_quantiles(metrics):
     assert cfg.support == BASE.support and cfg.outlier_topk == BASE.outlier_topk
 
 
-def test_calibrated_profile_decodes_with_every_kind_of_branch(lm):
-    cfg, stats = C.calibrate_dslider(lm, PROMPTS, max_tokens=24, batch_size=6, base=BASE)
-    assert set(stats["state_shares"]) == set(DSLIDER_STATES)
-    assert stats["state_shares_base"]["argmax"] + stats["state_shares_base"]["inlier"] == 0
-    states = {r.state for recs in _tokens(lm, DSlider(cfg)) for r in recs}
+def test_calibrated_profile_decodes_with_every_kind_of_branch(tiny):
+    cfg, stats = C.calibrate_dslider(tiny, PROMPTS, max_tokens=24, batch_size=6, base=BASE)
+    assert set(stats["regime_shares"]) == set(DSLIDER_STATES)
+    assert stats["regime_shares_base"]["argmax"] + stats["regime_shares_base"]["inlier"] == 0
+    states = {r.state for recs in _tokens(tiny, DSlider(cfg)) for r in recs}
     assert states & {"argmax", "inlier"}  # the default never takes them (all outliers)
-    assert {r.state for recs in _tokens(lm, DSlider(BASE)) for r in recs} <= {"dirichlet", "ood"}
+    assert {r.state for recs in _tokens(tiny, DSlider(BASE)) for r in recs} <= {"dirichlet", "ood"}
 
 
-def test_lookahead_min_entropy_is_the_entropy_quantile(lm):
-    cfg, stats = C.calibrate_lookahead(lm, PROMPTS, max_tokens=24, batch_size=4, base=Lookahead(candidates=3))
-    H = collect_metrics(lm, PROMPTS, 24, 4, ())["entropy"]  # greedy entropies, bits
+def test_lookahead_min_entropy_is_the_entropy_quantile(tiny):
+    cfg, stats = C.calibrate_lookahead(tiny, PROMPTS, max_tokens=24, batch_size=4, base=Lookahead(candidates=3))
+    H = collect_metrics(tiny, PROMPTS, 24, 4, ())["entropy"]  # greedy entropies, bits
     assert cfg.min_entropy == pytest.approx(np.quantile(H, C.LOOKAHEAD_QUANTILE), abs=1e-4)
     assert cfg.candidates == 3 and stats["tokens"] == H.size
     assert abs(stats["search_share"] - (1 - C.LOOKAHEAD_QUANTILE)) <= 1.5 / H.size
 
 
-def test_too_few_tokens_is_a_clear_error(lm):
+def test_too_few_tokens_is_a_clear_error(tiny):
     with pytest.raises(EntropixError, match="only"):
-        C.calibrate_dslider(lm, PROMPTS[:1], max_tokens=2, base=BASE)
+        C.calibrate_dslider(tiny, PROMPTS[:1], max_tokens=2, base=BASE)
     with pytest.raises(EntropixError, match="max-tokens"):
-        C.collect_dslider(lm, PROMPTS, BASE, max_tokens=0)
+        C.collect_dslider(tiny, PROMPTS, BASE, max_tokens=0)
 
 
 def test_builtin_dslider_profile_is_picked_by_model_name():

@@ -21,6 +21,8 @@ from entropix.serve import ServerThread, create_app
 from parrot import parrot_lm
 from tinymodel import tiny_lm
 
+pytestmark = pytest.mark.slow  # headless Chromium (make test-fast leaves it out)
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 STATIC = Path(__file__).resolve().parents[1] / "src" / "entropix" / "static"
 KEY = "sesame-test-key"
@@ -293,10 +295,10 @@ def _stop_then_edit(page) -> None:
     assert ans.locator(".body").inner_text() == XSS  # shown as text ...
     assert page.locator("#transcript img, #transcript script").count() == 0  # ... and never markup
     ans.locator(".thinking summary").click()
-    assert "Strategy mix" in ans.locator(".thinking").inner_text()
+    assert "Regime mix" in ans.locator(".thinking").inner_text()
     page.check("#colour")  # tokens coloured by strategy, like the playground
     toks = ans.locator(".tok")
-    assert toks.count() >= 10 and {"flowing", "adaptive"} & set(toks.evaluate_all("ts => ts.map(t => t.dataset.state)"))
+    assert toks.count() >= 10 and {"flowing", "adaptive"} & set(toks.evaluate_all("ts => ts.map(t => t.dataset.regime)"))
     assert "".join(toks.all_text_contents()) == XSS
     page.uncheck("#colour")
 
@@ -357,7 +359,6 @@ def _reload_and_phone(page) -> None:
     _shot(page, "chat-phone-dark.png")
 
 
-@pytest.mark.slow
 def test_chat_app(browser, server):
     page, urls, errors, dialogs = _open(browser, server)
     _markdown_answer(page)

@@ -28,8 +28,22 @@ def tiny_hf(tmp_path_factory, gguf_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, tiny_hf, gguf_path):
-    return write_gguf_from_hf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-F32.gguf", gguf_path, "F32")
+def gguf_of(tmp_path_factory, tiny_hf, gguf_path):
+    """tiny_hf as a GGUF file of a tensor type, written once for the module (a file takes ~1 s to write:
+    the embedded tokenizer's 49k tokens and merges)."""
+    folder, files = tmp_path_factory.mktemp("gguf"), {}
+
+    def write(qtype: str):
+        if qtype not in files:
+            files[qtype] = write_gguf_from_hf(tiny_hf, folder / f"tiny-{qtype}.gguf", gguf_path, qtype)
+        return files[qtype]
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(gguf_of):
+    return gguf_of("F32")
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +68,13 @@ IDS = torch.randint(3, 40000, (1, 40), generator=torch.Generator().manual_seed(0
 
 # -- GGUF against HF, and against transformers -----------------------------------------------
 
-@pytest.mark.parametrize("qtype, tol", [("F32", 1e-5), ("F16", 2e-2), ("Q8_0", 6e-2)])
-def test_gguf_matches_hf_folder(tmp_path, tiny_hf, gguf_path, qtype, tol):
+SLOW = pytest.mark.slow  # each case writes and reads a 49k-vocabulary GGUF file (~2 s): one per test stays quick
+
+@pytest.mark.parametrize("qtype, tol", [("F32", 1e-5), pytest.param("F16", 2e-2, marks=SLOW),
+                                        pytest.param("Q8_0", 6e-2, marks=SLOW)])
+def test_gguf_matches_hf_folder(tiny_hf, gguf_of, qtype, tol):
     """Same weights through both checkpoints; Q/K un-permutation must be right for this to hold."""
-    path = write_gguf_from_hf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", gguf_path, qtype)
+    path = gguf_of(qtype)
     a = load_model(str(path), device="cpu", dtype="float32", progress=False, quant="none")  # the file dequantized
     b = load_model(str(tiny_hf), device="cpu", dtype="float32", progress=False)
     assert a.config.num_hidden_layers == 2 and not a.config.tie_word_embeddings
@@ -66,26 +83,27 @@ def test_gguf_matches_hf_folder(tmp_path, tiny_hf, gguf_path, qtype, tol):
 
 
 @pytest.mark.slow  # transformers' GGUF loader reads the whole vocabulary slowly (~5 s)
-def test_q8_gguf_matches_transformers_gguf_loader(tmp_path, tiny_hf, gguf_path):
+def test_q8_gguf_matches_transformers_gguf_loader(gguf_of):
     from transformers import AutoModelForCausalLM
 
-    path = write_gguf_from_hf(tiny_hf, tmp_path / "tiny-q8.gguf", gguf_path, "Q8_0")
+    path = gguf_of("Q8_0")
     ours = load_model(str(path), device="cpu", dtype="float32", progress=False, quant="none")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.inference_mode():
         expected = ref(IDS).logits
     assert (logits(ours, IDS) - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("qtype, kind", [("F32", "dense"), ("F16", "dense"), ("Q4_0", "int4"), ("Q4_1", "int4"),
-                                         ("Q5_0", "dense"), ("Q8_0", "int8")])
-def test_the_default_keeps_each_gguf_type_as_stored(tmp_path, tiny_hf, gguf_path, qtype, kind):
+@pytest.mark.parametrize("qtype, kind", [pytest.param("F32", "dense", marks=SLOW), pytest.param("F16", "dense", marks=SLOW),
+                                         pytest.param("Q4_0", "int4", marks=SLOW), ("Q4_1", "int4"),
+                                         pytest.param("Q5_0", "dense", marks=SLOW), pytest.param("Q8_0", "int8", marks=SLOW)])
+def test_the_default_keeps_each_gguf_type_as_stored(gguf_of, qtype, kind):
     """No --quant: 4-bit blocks on the int4 kernel, Q8_0 as int8 rows, anything else dense; the
     logits stay those of the same file dequantized to fp32 (4-bit blocks are int4 groups exactly:
     only the kernel's bf16 activations differ)."""
     from entropix.backends.torch.quant import weight_kinds
 
-    path = write_gguf_from_hf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", gguf_path, qtype)
+    path = gguf_of(qtype)
     auto = load_model(str(path), device="cpu", progress=False)
     dense = load_model(str(path), device="cpu", progress=False, quant="none")
     kinds = weight_kinds(auto.model)
@@ -97,12 +115,13 @@ def test_the_default_keeps_each_gguf_type_as_stored(tmp_path, tiny_hf, gguf_path
     assert set(a[0, -1].topk(5).indices.tolist()) == set(b[0, -1].topk(5).indices.tolist())
 
 
-def test_gguf_names_and_dtypes(tmp_path, tiny_hf, tiny_gguf, gguf_path):
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
+def test_gguf_names_and_dtypes(tiny_hf, tiny_gguf, gguf_of):
     g, h = open_checkpoint(str(tiny_gguf)), open_checkpoint(str(tiny_hf))
     assert sorted(g.names()) == sorted(h.names())
     assert g.native_dtype == "float32" and g.read("layers.0.self_attn.q_proj.weight").dtype == "float32"
     assert g.rope_freq_factors is None and g.config.arch == h.config.arch == "llama"
-    f16 = open_checkpoint(str(write_gguf_from_hf(tiny_hf, tmp_path / "tiny-F16.gguf", gguf_path, "F16")))
+    f16 = open_checkpoint(str(gguf_of("F16")))
     assert f16.native_dtype == "float16"  # every matrix F16 (norms stay F32), read as stored
     assert f16.read("layers.0.mlp.up_proj.weight").array.dtype == np.float16
     assert f16.read("norm.weight").dtype == "float32"
@@ -135,6 +154,7 @@ def test_sharded_safetensors_with_index(tmp_path, tiny_hf):
     assert torch.equal(logits(a, IDS), logits(b, IDS))
 
 
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
 def test_bf16_is_available(tiny_hf):
     lm = load_model(str(tiny_hf), device="cpu", dtype="bfloat16", progress=False)
     assert lm.model.dtype == torch.bfloat16 and lm.dtype == "bfloat16" and lm.device == "cpu"
@@ -143,6 +163,7 @@ def test_bf16_is_available(tiny_hf):
     assert diff < 0.5
 
 
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
 def test_bf16_folder_loads_lazily_and_keeps_bf16(tiny_bf16, monkeypatch):
     """Opening reads headers only; loading reads each tensor once, on its own."""
     reads: list[int] = []
@@ -171,6 +192,7 @@ def test_missing_lm_head_means_tied(tmp_path, tiny_hf):
         assert torch.allclose(lm.model.lm_head(x), x @ lm.model.embed_tokens.weight.T, atol=1e-5)
 
 
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
 def test_pytorch_bin_folder(tmp_path, tiny_hf):
     """No safetensors: the torch loader reads pytorch_model.bin (weights_only, mmap)."""
     from safetensors.torch import load_file
@@ -265,6 +287,7 @@ def test_corrupt_safetensors(tmp_path, tiny_hf, data, message):
     one_line_error(e)
 
 
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
 def test_missing_tensor_unsupported_dtype_wrong_shape(tmp_path, tiny_hf):
     folder = write_safetensors_copy(tiny_hf, tmp_path / "partial", drop=("model.layers.1.mlp.down_proj.weight",))
     with pytest.raises(EntropixError, match="lack layers.1.mlp.down_proj.weight") as e:
@@ -331,6 +354,7 @@ def test_bad_load_options(tiny_hf, kw, message):
     one_line_error(e)
 
 
+@pytest.mark.slow  # writes and reads 49k-vocabulary checkpoints (~1 s)
 def test_gguf_name_survives_renaming(tmp_path, gguf_path):
     """Profiles are chosen by model name: a renamed embedded GGUF still reads as smollm2-135m."""
     renamed = tmp_path / "model.gguf"

@@ -102,8 +102,8 @@ def test_generate_json_on_embedded_model(capsys):
 
 
 @pytest.mark.slow
-def test_same_seed_same_text(capsys):
-    args = ["generate", "Tell me a fact about cats.", "--json", "--max-tokens", "20", "--temperature", "0.9",
+def test_same_seed_same_text(cli_load_once, capsys):
+    args = ["generate", "Tell me a fact about cats.", "--json", "--max-tokens", "8", "--temperature", "0.9",
             "--seed", "7"]
     a = json.loads(run_cli(args, capsys)[1])["tokens"]
     b = json.loads(run_cli(args, capsys)[1])["tokens"]

@@ -269,37 +269,37 @@ def test_no_nan_in_10000_random_steps():
 # -- per-row state in the backend, through the engine -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def lm():
+def tiny():
     return tiny_lm()
 
 
 PROMPTS = [[72, 105], [84, 104, 101, 32, 99, 97, 116], [65] * 9]
 
 
-def _texts(lm, prompts, seeds, policy, n=1):
+def _texts(tiny, prompts, seeds, policy, n=1):
     out = {}
     reqs = [Request(prompt=p, policy=policy, max_tokens=12, seed=s, n=n) for p, s in zip(prompts, seeds)]
-    for rec in generate(lm.engine(), reqs):
+    for rec in generate(tiny.engine(), reqs):
         out.setdefault((rec.request_id, rec.choice), []).append(rec)
     return [[[r.token for r in out[(q.id, c)]] for c in range(n)] for q in reqs], out
 
 
-def test_same_seed_same_tokens_alone_or_in_a_batch(lm):
-    pol = catalog.resolve("dslider", lm).policy
-    together, recs = _texts(lm, PROMPTS, [1, 2, 3], pol)
-    alone = [_texts(lm, [p], [s], pol)[0][0] for p, s in zip(PROMPTS, [1, 2, 3])]
+def test_same_seed_same_tokens_alone_or_in_a_batch(tiny):
+    pol = catalog.resolve("dslider", tiny).policy
+    together, recs = _texts(tiny, PROMPTS, [1, 2, 3], pol)
+    alone = [_texts(tiny, [p], [s], pol)[0][0] for p, s in zip(PROMPTS, [1, 2, 3])]
     assert together == alone
-    reversed_ = _texts(lm, PROMPTS[::-1], [3, 2, 1], pol)[0]
+    reversed_ = _texts(tiny, PROMPTS[::-1], [3, 2, 1], pol)[0]
     assert reversed_[::-1] == together  # permuting the batch permutes the outputs
     r = next(iter(recs.values()))[0]
     assert r.state in R.DSLIDER_STATES
     assert set(R.EXTRA_KEYS) <= set(r.to_dict())
 
 
-def test_rows_keep_their_own_state_when_the_batch_changes(lm):
-    pol = catalog.resolve("dslider", lm).policy
-    ref = _texts(lm, [PROMPTS[1]], [5], pol)[0][0]
-    eng = lm.engine()
+def test_rows_keep_their_own_state_when_the_batch_changes(tiny):
+    pol = catalog.resolve("dslider", tiny).policy
+    ref = _texts(tiny, [PROMPTS[1]], [5], pol)[0][0]
+    eng = tiny.engine()
     short = Request(prompt=PROMPTS[0], policy=pol, max_tokens=3, seed=9)
     long = Request(prompt=PROMPTS[1], policy=pol, max_tokens=12, seed=5)
     eng.add([short, long])
@@ -326,11 +326,11 @@ def test_state_store_forks_with_rows():
         assert torch.equal(v[:3], s_before[k][[2, 0, 0]]) and not v[3].any()
 
 
-def test_other_backends_get_a_clear_error(lm):
+def test_other_backends_get_a_clear_error(tiny):
     class OtherBackend:
         name, vocab_size, rows = "jax", 256, 0
 
-    eng = Engine(OtherBackend(), lm.tokenizer, 512)
+    eng = Engine(OtherBackend(), tiny.tokenizer, 512)
     with pytest.raises(EntropixError, match="dslider sampler runs on the torch backend only, not jax"):
         eng.validate(Request(prompt=[1, 2], policy=DSlider()))
 
@@ -366,7 +366,7 @@ def tiny_hf(tmp_path_factory, gguf_path):
     return write_hf_model(tmp_path_factory.mktemp("ds") / "tiny", gguf_path)
 
 
-def test_generate_dslider_seed_json_reproducible(tiny_hf, capsys):
+def test_generate_dslider_seed_json_reproducible(tiny_hf, cli_load_once, capsys):
     args = ["generate", "Tell me a fact about cats.", "--model", str(tiny_hf), "--sampler", "dslider", "--json",
             "--max-tokens", "16", "--seed", "1"]
     runs = []

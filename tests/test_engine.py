@@ -23,31 +23,31 @@ PROMPTS = [[72, 105], [84, 104, 101, 32, 99, 97, 116], [65] * 19, [50, 43, 50, 6
 
 
 @pytest.fixture(scope="module")
-def lm():
+def tiny():
     return tiny_lm()
 
 
-def run(lm, reqs, capture_layers=(-1,)):
+def run(tiny, reqs, capture_layers=(-1,)):
     out = {r.id: {} for r in reqs}
-    for rec in generate(lm.engine(capture_layers), reqs):
+    for rec in generate(tiny.engine(capture_layers), reqs):
         out[rec.request_id].setdefault(rec.choice, []).append(rec)
     return [out[r.id] for r in reqs]
 
 
-def policy(lm, name, **kw):
-    return catalog.resolve(name, lm, **kw).policy
+def policy(tiny, name, **kw):
+    return catalog.resolve(name, tiny, **kw).policy
 
 
 @pytest.mark.parametrize("name", ["greedy", "sample", "entropix"])
-def test_a_batch_of_different_lengths_equals_each_prompt_alone(lm, name):
-    p = policy(lm, name)
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(tiny, name):
+    p = policy(tiny, name)
 
     def reqs(prompts):
         return [Request(prompt=x, policy=p, max_tokens=12, seed=10 + i, n=2) for i, x in enumerate(prompts)]
 
-    together = run(lm, reqs(PROMPTS))
+    together = run(tiny, reqs(PROMPTS))
     for i, x in enumerate(PROMPTS):
-        alone = run(lm, [Request(prompt=x, policy=p, max_tokens=12, seed=10 + i, n=2)])[0]
+        alone = run(tiny, [Request(prompt=x, policy=p, max_tokens=12, seed=10 + i, n=2)])[0]
         for c in (0, 1):
             assert [(r.token, r.state) for r in alone[c]] == [(r.token, r.state) for r in together[i][c]]
             for a, b in zip(alone[c], together[i][c]):
@@ -58,10 +58,10 @@ def test_a_batch_of_different_lengths_equals_each_prompt_alone(lm, name):
         assert [r.token for r in together[0][0]] != [r.token for r in together[0][1]]
 
 
-def test_a_request_admitted_mid_decoding_sees_what_it_would_alone(lm):
+def test_a_request_admitted_mid_decoding_sees_what_it_would_alone(tiny):
     g = Greedy()
     a, b = Request(PROMPTS[1], g, max_tokens=12), Request(PROMPTS[0], g, max_tokens=8)
-    eng = lm.engine()
+    eng = tiny.engine()
     eng.add([a])
     got = {a.id: [], b.id: []}
     for _ in range(3):
@@ -71,15 +71,15 @@ def test_a_request_admitted_mid_decoding_sees_what_it_would_alone(lm):
     while eng.active:
         for rec in eng.step():
             got[rec.request_id].append(rec.token)
-    assert got[a.id] == [r.token for r in run(lm, [Request(PROMPTS[1], g, max_tokens=12)])[0][0]]
-    assert got[b.id] == [r.token for r in run(lm, [Request(PROMPTS[0], g, max_tokens=8)])[0][0]]
+    assert got[a.id] == [r.token for r in run(tiny, [Request(PROMPTS[1], g, max_tokens=12)])[0][0]]
+    assert got[b.id] == [r.token for r in run(tiny, [Request(PROMPTS[0], g, max_tokens=8)])[0][0]]
 
 
-def test_an_entropix_request_joining_plain_rows_keeps_its_prefill_attention(lm):
+def test_an_entropix_request_joining_plain_rows_keeps_its_prefill_attention(tiny):
     """Bug: the attention metrics of its own prefill were dropped and its first token planned with zeros."""
-    ent = policy(lm, "entropix")
-    alone = run(lm, [Request(PROMPTS[2], ent, max_tokens=4, seed=3)])[0][0]
-    eng = lm.engine()
+    ent = policy(tiny, "entropix")
+    alone = run(tiny, [Request(PROMPTS[2], ent, max_tokens=4, seed=3)])[0][0]
+    eng = tiny.engine()
     plain = Request(PROMPTS[1], Greedy(), max_tokens=8)
     eng.add([plain])
     eng.step()
@@ -91,21 +91,21 @@ def test_an_entropix_request_joining_plain_rows_keeps_its_prefill_attention(lm):
     assert (first.token, first.state) == (alone[0].token, alone[0].state)
 
 
-def test_rows_of_equal_policies_are_sampled_in_one_group(lm):
+def test_rows_of_equal_policies_are_sampled_in_one_group(tiny):
     """One sampler call per configuration, not per request."""
-    eng = lm.engine()
+    eng = tiny.engine()
     seen = []
     sample = eng.backend.sample
     eng.backend.sample = lambda groups, k: seen.append([(g.policy, len(g.rows)) for g in groups]) or sample(groups, k)
-    ent = policy(lm, "entropix")
+    ent = policy(tiny, "entropix")
     eng.add([Request(PROMPTS[0], ent, max_tokens=2, seed=1), Request(PROMPTS[1], Greedy(), max_tokens=2),
-             Request(PROMPTS[2], policy(lm, "entropix"), max_tokens=2, seed=2, n=2)])
+             Request(PROMPTS[2], policy(tiny, "entropix"), max_tokens=2, seed=2, n=2)])
     eng.step()
     assert seen == [[(ent, 3), (Greedy(), 1)]]
 
 
-def test_records_carry_logprobs_alternatives_and_finish(lm):
-    recs = run(lm, [Request(PROMPTS[1], Greedy(), max_tokens=6, top_logprobs=3)])[0][0]
+def test_records_carry_logprobs_alternatives_and_finish(tiny):
+    recs = run(tiny, [Request(PROMPTS[1], Greedy(), max_tokens=6, top_logprobs=3)])[0][0]
     assert [r.index for r in recs] == list(range(6)) and recs[-1].finish_reason == "length"
     assert all(r.finish_reason is None for r in recs[:-1])
     for r in recs:
@@ -113,35 +113,35 @@ def test_records_carry_logprobs_alternatives_and_finish(lm):
         assert abs(r.top[0][2] - r.logprob) < 1e-6 and r.entropy >= 0 and r.varentropy >= 0
 
 
-def test_stop_token_and_context_limit(lm):
-    free = run(lm, [Request(PROMPTS[1], Greedy(), max_tokens=20)])[0][0]
+def test_stop_token_and_context_limit(tiny):
+    free = run(tiny, [Request(PROMPTS[1], Greedy(), max_tokens=20)])[0][0]
     stop = free[5].token
     first = next(i for i, r in enumerate(free) if r.token == stop)
-    recs = run(lm, [Request(PROMPTS[1], Greedy(), max_tokens=20, stop_ids=frozenset({stop}))])[0][0]
+    recs = run(tiny, [Request(PROMPTS[1], Greedy(), max_tokens=20, stop_ids=frozenset({stop}))])[0][0]
     assert len(recs) == first + 1 and recs[-1].finish_reason == "stop"
-    short = dataclasses.replace(lm, model=lm.model, config=dataclasses.replace(lm.config, max_position_embeddings=16))
+    short = dataclasses.replace(tiny, model=tiny.model, config=dataclasses.replace(tiny.config, max_position_embeddings=16))
     recs = run(short, [Request(PROMPTS[1], Greedy(), max_tokens=50)])[0][0]
     assert len(PROMPTS[1]) + len(recs) == 16 and recs[-1].finish_reason == "length"
 
 
-def test_stop_strings_hold_back_text_that_might_become_one(lm):
-    free = run(lm, [Request(PROMPTS[3], Greedy(), max_tokens=24)])[0][0]
+def test_stop_strings_hold_back_text_that_might_become_one(tiny):
+    free = run(tiny, [Request(PROMPTS[3], Greedy(), max_tokens=24)])[0][0]
     text = "".join(r.text for r in free)
     cut = len("".join(r.text for r in free[:10]))
     stop = text[cut - 1:cut + 2]  # spans a token boundary
-    recs = run(lm, [Request(PROMPTS[3], Greedy(), max_tokens=24, stop_strings=(stop, "\x00never"))])[0][0]
+    recs = run(tiny, [Request(PROMPTS[3], Greedy(), max_tokens=24, stop_strings=(stop, "\x00never"))])[0][0]
     streamed = [r.text for r in recs]
     assert "".join(streamed) == text[:text.find(stop)] and recs[-1].finish_reason == "stop"
     assert stop not in "".join(streamed)
     # without a match the held text comes out at the end: the same text as with no stop strings
-    recs = run(lm, [Request(PROMPTS[3], Greedy(), max_tokens=24, stop_strings=("\x00never",))])[0][0]
+    recs = run(tiny, [Request(PROMPTS[3], Greedy(), max_tokens=24, stop_strings=("\x00never",))])[0][0]
     assert "".join(r.text for r in recs) == text and recs[-1].finish_reason == "length"
 
 
-def test_cancel_drops_only_that_request(lm):
+def test_cancel_drops_only_that_request(tiny):
     g = Greedy()
     a, b = Request(PROMPTS[0], g, max_tokens=10), Request(PROMPTS[1], g, max_tokens=10)
-    eng = lm.engine()
+    eng = tiny.engine()
     eng.add([a, b])
     eng.step()
     eng.cancel(a.id)
@@ -149,19 +149,19 @@ def test_cancel_drops_only_that_request(lm):
     while eng.active:
         got += [r for r in eng.step()]
     assert {r.request_id for r in got} == {b.id}
-    assert [r.token for r in got] == [r.token for r in run(lm, [Request(PROMPTS[1], g, max_tokens=10)])[0][0]][1:]
+    assert [r.token for r in got] == [r.token for r in run(tiny, [Request(PROMPTS[1], g, max_tokens=10)])[0][0]][1:]
 
 
-def always_branch(lm) -> Entropix:
+def always_branch(tiny) -> Entropix:
     """Every token is a "branch" token: V >= high_vent = 0 and H < med_ent."""
     cfg = SamplerConfig(low_ent=0.0, low_vent=0.0, med_ent=100.0, high_ent=100.0, med_vent=0.0, high_vent=0.0)
     return Entropix(cfg, -1)
 
 
-def test_forks_respect_budgets_and_start_from_their_parent(lm):
+def test_forks_respect_budgets_and_start_from_their_parent(tiny):
     cfg = BranchingConfig(max_rows=5, max_forks=3, width=2, min_prob=0.0)
-    req = Request(PROMPTS[1], always_branch(lm), max_tokens=10, seed=4, branching=cfg, top_logprobs=5)
-    per = run(lm, [req])[0]
+    req = Request(PROMPTS[1], always_branch(tiny), max_tokens=10, seed=4, branching=cfg, top_logprobs=5)
+    per = run(tiny, [req])[0]
     forks = {c: recs[0].parent for c, recs in per.items() if recs[0].parent is not None}
     assert 1 <= len(forks) and len(per) <= cfg.max_rows and sorted(per) == list(range(len(per)))
     assert len({p for p in forks.values()}) <= cfg.max_forks
@@ -173,11 +173,11 @@ def test_forks_respect_budgets_and_start_from_their_parent(lm):
 
 
 @pytest.mark.parametrize("name", ["sample", "entropix"])
-def test_same_seed_same_text_and_another_seed_differs(lm, name):
-    p = policy(lm, name)
-    a = run(lm, [Request(PROMPTS[3], p, max_tokens=16, seed=5)])[0][0]
-    b = run(lm, [Request(PROMPTS[3], p, max_tokens=16, seed=5)])[0][0]
-    c = run(lm, [Request(PROMPTS[3], p, max_tokens=16, seed=6)])[0][0]
+def test_same_seed_same_text_and_another_seed_differs(tiny, name):
+    p = policy(tiny, name)
+    a = run(tiny, [Request(PROMPTS[3], p, max_tokens=16, seed=5)])[0][0]
+    b = run(tiny, [Request(PROMPTS[3], p, max_tokens=16, seed=5)])[0][0]
+    c = run(tiny, [Request(PROMPTS[3], p, max_tokens=16, seed=6)])[0][0]
     assert [r.token for r in a] == [r.token for r in b] != [r.token for r in c]
 
 
@@ -243,6 +243,7 @@ NUMPY_BACKEND = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_host_engine_runs_without_torch():
     src = Path(__file__).resolve().parents[1] / "src"
     p = subprocess.run([sys.executable, "-c", NUMPY_BACKEND], capture_output=True, text=True, timeout=60,
@@ -253,7 +254,7 @@ def test_the_host_engine_runs_without_torch():
 
 # -- the decode-path waste the stage-2 review found, each pinned by a count ---------------------------
 
-def test_one_log_softmax_and_one_draw_per_policy_group_per_step(lm, monkeypatch):
+def test_one_log_softmax_and_one_draw_per_policy_group_per_step(tiny, monkeypatch):
     import torch
 
     from entropix.backends.torch import ops
@@ -262,23 +263,23 @@ def test_one_log_softmax_and_one_draw_per_policy_group_per_step(lm, monkeypatch)
     real_ls, real_draw = torch.log_softmax, ops.draw_sorted
     monkeypatch.setattr(torch, "log_softmax", lambda *a, **k: calls.append("log_softmax") or real_ls(*a, **k))
     monkeypatch.setattr(ops, "draw_sorted", lambda *a, **k: calls.append("draw") or real_draw(*a, **k))
-    p = policy(lm, "sample")
-    eng = lm.engine()
+    p = policy(tiny, "sample")
+    eng = tiny.engine()
     eng.add([Request(PROMPTS[0], p, max_tokens=3, seed=1), Request(PROMPTS[1], p, max_tokens=3, seed=2, n=2)])
     calls.clear()
     eng.step()
     assert sorted(calls) == ["draw", "log_softmax"]  # three rows, two requests: one of each
 
 
-def test_prefill_statistics_use_the_newest_query_only(lm, monkeypatch):
+def test_prefill_statistics_use_the_newest_query_only(tiny, monkeypatch):
     import entropix.backends.torch.model as model_mod
 
     shapes = []
     real = model_mod.newest_query_stats
     monkeypatch.setattr(model_mod, "newest_query_stats", lambda q, k, v: shapes.append(tuple(q.shape)) or real(q, k, v))
-    eng = lm.engine()
-    eng.add([Request(PROMPTS[2], policy(lm, "entropix"), max_tokens=1, seed=1)])  # a 19-token prompt
-    assert shapes == [(1, lm.config.num_attention_heads, lm.config.head_dim)]  # [B, H, D]: never [B, H, T, S]
+    eng = tiny.engine()
+    eng.add([Request(PROMPTS[2], policy(tiny, "entropix"), max_tokens=1, seed=1)])  # a 19-token prompt
+    assert shapes == [(1, tiny.config.num_attention_heads, tiny.config.head_dim)]  # [B, H, D]: never [B, H, T, S]
 
 
 def test_stop_strings_hold_back_little_and_find_stops_across_deltas():

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 
 from entropix import EntropixError
-from entropix.cli import main, strategy_summary
+from entropix.cli import main
+from entropix.cli.common import regime_summary
 from entropix.decode.engine import generate
 from entropix.decode.records import Request
 from entropix.sampler import catalog
-from entropix.sampler.calibrate import thresholds_from_metrics
+from entropix.evaluate.calibrate import thresholds_from_metrics
 from entropix.sampler.config import SamplerConfig, builtin_profiles, load_profile
 from entropix.sampler.policy import ENTROPIX_STATES as STATES
 from entropix.sampler.policy import Entropix
+
+from tinymodel import tiny_lm
 
 CFG = SamplerConfig(model="test", low_ent=1.0, low_vent=1.0, med_ent=3.0, high_ent=5.0, med_vent=4.0, high_vent=8.0)
 QUESTION = "How many times does the letter r appear in strawberry?"
@@ -126,22 +129,28 @@ def test_calibration_thresholds_come_from_quantiles():
 # -- through the engine on the embedded model -------------------------------------------------------
 
 @pytest.mark.slow
-def test_catalogue_uses_the_model_profile_and_tokenizer(lm, tmp_path):
-    dec = catalog.resolve("entropix", lm, branches=10)  # options it does not take are ignored
+def test_catalogue_uses_the_model_profile_and_tokenizer(smol, tmp_path):
+    dec = catalog.resolve("entropix", smol, branches=10)  # options it does not take are ignored
     p = dec.policy
-    assert isinstance(p, Entropix) and p.needs_attention and p.states == STATES
+    assert isinstance(p, Entropix) and p.needs_attention and p.regimes == STATES
     assert p.config.model == "smollm2-135m"
-    assert p.pause_id == lm.tokenizer.find_token(" ...") and lm.tokenizer.token_text(p.pause_id) == " ..."
+    assert p.pause_id == smol.tokenizer.find_token(" ...") and smol.tokenizer.token_text(p.pause_id) == " ..."
     path = tmp_path / "p.json"
     dataclasses.replace(CFG, pause_text=" ...").to_json(path)
-    p2 = catalog.resolve("entropix", lm, sampler_config=str(path), temperature=0.5).policy
+    p2 = catalog.resolve("entropix", smol, sampler_config=str(path), temperature=0.5).policy
     assert p2.config.low_ent == CFG.low_ent and p2.config.temperature == 0.5
     with pytest.raises(EntropixError):
-        catalog.resolve("entropix", lm, sampler_config=str(tmp_path / "nope.json"))
+        catalog.resolve("entropix", smol, sampler_config=str(tmp_path / "nope.json"))
 
 
-def _run(lm, prompts, seeds, max_tokens=24):
-    p = catalog.resolve("entropix", lm).policy
+# thresholds inside the tiny random model's entropy (6-7.3 bits) and varentropy (1.9-6.6): states vary
+TINY_CFG = SamplerConfig(model="tiny", low_ent=6.8, low_vent=2.4, med_ent=6.95, high_ent=7.05, med_vent=2.9,
+                         high_vent=3.5)
+PROMPTS = [QUESTION, "Name a colour.", "Write a short poem about the sea at night.", "What is 7 times 8?"]
+
+
+def _run(lm, prompts, seeds, max_tokens=24, policy=None):
+    p = policy or catalog.resolve("entropix", lm).policy
     tok = lm.tokenizer
     reqs = [Request(tok.encode_chat([{"role": "user", "content": q}]), p, max_tokens=max_tokens, seed=sd,
                     stop_ids=tok.stop_ids, id=f"r{i}") for i, (q, sd) in enumerate(zip(prompts, seeds))]
@@ -151,32 +160,48 @@ def _run(lm, prompts, seeds, max_tokens=24):
     return out
 
 
-@pytest.mark.slow
-def test_same_seed_same_output(lm):
-    a = _run(lm, [QUESTION], [5])["r0"]
-    b = _run(lm, [QUESTION], [5])["r0"]
-    assert [(r.token, r.state) for r in a] == [(r.token, r.state) for r in b]
-
-
-@pytest.mark.slow
-def test_batch_of_four_rows_equals_each_row_alone(lm):
-    prompts = [QUESTION, "Name a colour.", "Write a short poem about the sea at night.", "What is 7 times 8?"]
+def _batch_equals_alone(lm, policy, max_tokens) -> set[str]:
+    """Four chat prompts decoded together and each alone: the same tokens, states and attention metrics."""
     seeds = [100, 101, 102, 103]
-    batched = _run(lm, prompts, seeds)
+    batched = _run(lm, PROMPTS, seeds, max_tokens, policy)
     states = set()
-    for i, (p, sd) in enumerate(zip(prompts, seeds)):
-        alone = _run(lm, [p], [sd])["r0"]
+    for i, (p, sd) in enumerate(zip(PROMPTS, seeds)):
+        alone = _run(lm, [p], [sd], max_tokens, policy)["r0"]
         got = batched[f"r{i}"]
         assert [(r.token, r.state) for r in alone] == [(r.token, r.state) for r in got], p
         for a, b in zip(alone, got):
             for k in a.attn:
                 assert a.attn[k] == pytest.approx(b.attn[k], abs=1e-3, rel=1e-3)
         states |= {r.state for r in got}
+    return states
+
+
+def test_batch_of_four_rows_equals_each_row_alone():
+    lm = tiny_lm()
+    states = _batch_equals_alone(lm, Entropix(TINY_CFG, lm.tokenizer.find_token(TINY_CFG.pause_text)), 24)
     assert len(states) >= 3
 
 
+def test_same_seed_same_output():
+    lm = tiny_lm()
+    p = Entropix(TINY_CFG, lm.tokenizer.find_token(TINY_CFG.pause_text))
+    a = _run(lm, [QUESTION], [5], policy=p)["r0"]
+    b = _run(lm, [QUESTION], [5], policy=p)["r0"]
+    assert [(r.token, r.state) for r in a] == [(r.token, r.state) for r in b]
+    assert len({r.state for r in a}) >= 2
+
+
 @pytest.mark.slow
-def test_cli_generate_json_shows_metrics_and_several_strategies(capsys):
+def test_embedded_model_same_seed_same_output_and_batch_equals_alone(smol):
+    """A smoke test of a few tokens with the model's own profile (the claims at length: the two tests above)."""
+    a = _run(smol, [QUESTION], [5], max_tokens=6)["r0"]
+    b = _run(smol, [QUESTION], [5], max_tokens=6)["r0"]
+    assert [(r.token, r.state) for r in a] == [(r.token, r.state) for r in b]
+    _batch_equals_alone(smol, catalog.resolve("entropix", smol).policy, 4)
+
+
+@pytest.mark.slow
+def test_cli_generate_json_shows_metrics_and_several_strategies(cli_load_once, capsys):
     rc = main(["generate", "--sampler", "entropix", "--seed", "11", "--json", QUESTION])
     out = capsys.readouterr().out
     assert rc == 0
@@ -191,24 +216,24 @@ def test_cli_generate_json_shows_metrics_and_several_strategies(capsys):
 
 
 @pytest.mark.slow
-def test_cli_generate_prints_legend_and_summary_to_stderr(capsys):
+def test_cli_generate_prints_legend_and_summary_to_stderr(cli_load_once, capsys):
     rc = main(["generate", "--sampler", "entropix", "--seed", "11", "--max-tokens", "12", QUESTION])
     cap = capsys.readouterr()
     assert rc == 0
-    assert "legend:" in cap.err and "strategies:" in cap.err and "flowing" in cap.err
+    assert "legend:" in cap.err and "regimes:" in cap.err and "flowing" in cap.err
     assert "legend:" not in cap.out and cap.out.strip()
 
 
 def test_summary_counts_each_strategy():
     recs = [{"state": "flowing"}] * 3 + [{"state": "pause"}]
-    text = strategy_summary(recs, STATES, colour=False)
+    text = regime_summary(recs, STATES, colour=False)
     assert "flowing 3 (75%)" in text and "pause 1 (25%)" in text
     assert all(st in text for st in STATES)  # the legend names every strategy
-    assert "\033[" in strategy_summary(recs, STATES, colour=True)
+    assert "\033[" in regime_summary(recs, STATES, colour=True)
 
 
 @pytest.mark.slow
-def test_cli_calibrate_writes_a_loadable_profile(tmp_path, capsys):
+def test_cli_calibrate_writes_a_loadable_profile(cli_load_once, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [QUESTION, "Name a colour.", "Why is the sky blue?"]))
     out = tmp_path / "profile.json"

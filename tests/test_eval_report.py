@@ -130,6 +130,7 @@ def test_report_rejects_empty(tmp_path):
         build_report([], tmp_path / "r.md")
 
 
+@pytest.mark.slow  # draws PNGs with matplotlib (~1 s)
 def test_eval_report_and_main(tmp_path, capsys):
     f = write_jsonl(tmp_path / "res.jsonl", make_rows())
     out = tmp_path / "eval.md"
@@ -184,7 +185,7 @@ def test_compute_plot_data_averages_tokens_and_keeps_last_row():
 
 
 def test_pareto_front():
-    from entropix.evaluate.compute_plot import ComputePoint, pareto_front
+    from entropix.plots.compute import ComputePoint, pareto_front
 
     def pt(name, tokens, acc):
         return ComputePoint(name, tokens, acc, 0.0, 1.0, 10)
@@ -193,6 +194,7 @@ def test_pareto_front():
     assert [p.sampler for p in pareto_front(pts)] == ["greedy", "cot"]
 
 
+@pytest.mark.slow  # draws PNGs with matplotlib (~1 s)
 def test_report_draws_and_links_compute_plot(tmp_path):
     out = tmp_path / "r.md"
     text = build_report(make_rows(), out)
@@ -208,6 +210,7 @@ def test_report_draws_and_links_compute_plot(tmp_path):
         build_report(make_rows(), out, compute_plot=tmp_path / "c.jpg")
 
 
+@pytest.mark.slow  # draws PNGs with matplotlib (~1 s)
 def test_compute_plot_cli(tmp_path, capsys):
     from entropix.cli import main as cli_main
 

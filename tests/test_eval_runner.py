@@ -21,11 +21,19 @@ ROW_KEYS = {"id", "task", "sampler", "prompt", "output", "extracted", "expected"
 SUMMARY_KEYS = {"task", "sampler", "n", "correct", "accuracy", "ci95", "tokens_per_problem", "seconds"}
 
 
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, gguf_path):
+    """A tiny random checkpoint with the embedded tokenizer: the runner's claims (order, resume,
+    seeds, batching) hold for any model; the embedded one runs `eval` in tests/test_readme_commands.py."""
+    from tiny import write_hf_model
+
+    return write_hf_model(tmp_path_factory.mktemp("eval") / "tiny", gguf_path)
+
+
 @pytest.fixture
-def cli_lm(monkeypatch, lm):
-    """The CLI's model loading returns the session's embedded model (no second load)."""
-    monkeypatch.setattr("entropix.cli.load", lambda args, quiet=False: lm)
-    return lm
+def cli_tiny(cli_load_once, tiny_hf):
+    """`eval` on the tiny checkpoint, loaded once for the module's in-process CLI calls."""
+    return ["--model", str(tiny_hf)]
 
 
 def run_cli(capsys, *argv):
@@ -41,10 +49,9 @@ def read_rows(path):
 # ------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_eval_end_to_end_greedy_and_resume(cli_lm, capsys, tmp_path):
+def test_eval_end_to_end_greedy_and_resume(cli_tiny, capsys, tmp_path):
     out = tmp_path / "res.jsonl"
-    args = ["eval", "--task", "compare", "--sampler", "greedy", "--limit", "5", "--max-tokens", "12",
+    args = ["eval", *cli_tiny, "--task", "compare", "--sampler", "greedy", "--limit", "5", "--max-tokens", "12",
             "--batch-size", "2", "--out", str(out), "--json", "--quiet"]
     code, stdout, _ = run_cli(capsys, *args)
     assert code == 0
@@ -91,10 +98,9 @@ def test_eval_end_to_end_greedy_and_resume(cli_lm, capsys, tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["skipped"] == 3
 
 
-@pytest.mark.slow
-def test_eval_sampling_is_seeded_per_problem(cli_lm, capsys, tmp_path):
+def test_eval_sampling_is_seeded_per_problem(cli_tiny, capsys, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    base = ["eval", "--task", "letters", "--sampler", "min-p", "--limit", "5", "--max-tokens", "10", "--seed", "3",
+    base = ["eval", *cli_tiny, "--task", "letters", "--sampler", "min-p", "--limit", "5", "--max-tokens", "10", "--seed", "3",
             "--json", "--quiet"]
     assert run_cli(capsys, *base, "--batch-size", "5", "--out", str(a))[0] == 0
     assert run_cli(capsys, *base, "--batch-size", "2", "--out", str(b))[0] == 0
@@ -107,10 +113,9 @@ def test_eval_sampling_is_seeded_per_problem(cli_lm, capsys, tmp_path):
     assert len({r["output"] for r in ra}) > 1
 
 
-@pytest.mark.slow
-def test_eval_entropix_sampler(cli_lm, capsys, tmp_path):
+def test_eval_entropix_sampler(cli_tiny, capsys, tmp_path):
     out = tmp_path / "e.jsonl"
-    code, stdout, _ = run_cli(capsys, "eval", "--task", "compare", "--sampler", "entropix", "--limit", "3",
+    code, stdout, _ = run_cli(capsys, "eval", *cli_tiny, "--task", "compare", "--sampler", "entropix", "--limit", "3",
                               "--max-tokens", "10", "--out", str(out), "--json", "--quiet")
     assert code == 0
     rows = read_rows(out)
@@ -118,10 +123,9 @@ def test_eval_entropix_sampler(cli_lm, capsys, tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["n"] == 3
 
 
-@pytest.mark.slow
-def test_eval_cot_through_its_strategy(cli_lm, capsys, tmp_path):
+def test_eval_cot_through_its_strategy(cli_tiny, capsys, tmp_path):
     out = tmp_path / "cot.jsonl"
-    code, stdout, _ = run_cli(capsys, "eval", "--task", "letters", "--sampler", "cot", "--branches", "3", "--limit", "2",
+    code, stdout, _ = run_cli(capsys, "eval", *cli_tiny, "--task", "letters", "--sampler", "cot", "--branches", "3", "--limit", "2",
                               "--max-tokens", "8", "--batch-size", "6", "--out", str(out), "--json", "--quiet")
     assert code == 0
     rows = read_rows(out)
@@ -295,7 +299,7 @@ def test_eval_cli_errors(capsys, monkeypatch, argv, message):
     def no_load(*a, **k):
         raise AssertionError("bad input must fail before the model loads")
 
-    monkeypatch.setattr("entropix.cli.load", no_load)
+    monkeypatch.setattr("entropix.cli.eval.load", no_load)
     code, out, err = run_cli(capsys, "eval", *argv)
     assert code == 2
     assert err.startswith("entropix: error: ") and message in err
@@ -303,17 +307,19 @@ def test_eval_cli_errors(capsys, monkeypatch, argv, message):
 
 
 def test_eval_cli_bad_gsm8k_file(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr("entropix.cli.load", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("entropix.cli.eval.load", lambda *a, **k: pytest.fail("loaded the model"))
     f = tmp_path / "g.jsonl"
     f.write_text('{"question": "Q", "answer": "#### 1"}\n{oops\n')
     code, _, err = run_cli(capsys, "eval", "--task", "gsm8k", "--data", str(f))
     assert code == 2 and f"{f}:2: invalid JSON" in err and err.count("\n") == 1
 
 
-def test_eval_gsm8k_prompts_use_chat_template(lm, gsm8k_path, gsm8k_rows):
+def test_eval_gsm8k_prompts_use_chat_template(tiny_hf, gsm8k_path, gsm8k_rows):
     from entropix.evaluate.runner import prompt_tokens
     from entropix.evaluate.tasks import load_task
+    from entropix.loading import load_model
 
+    lm = load_model(str(tiny_hf), device="cpu", progress=False)  # the embedded model's tokenizer and template
     p = load_task("gsm8k", 1, data=gsm8k_path)[0]
     text = lm.tokenizer.decode(prompt_tokens(lm, p))
     assert f"<|im_start|>user\n{gsm8k_rows[0]['question']}" in text

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # fresh Python processes on 4 forced host devices (make test-fast leaves it out)
+
 
 HERE = Path(__file__).parent
 
@@ -49,7 +51,6 @@ def test_tp4_and_tp2_dp2_equal_one_device_and_split_the_weights():
     assert tp2["cache_k"] == [[2, 256, 2, 8]] * 4
 
 
-@pytest.mark.slow
 def test_cli_tp4_and_tp2_dp2_on_the_embedded_model():
     res = run_check("cli")
     one = res["tp1_dp1"]

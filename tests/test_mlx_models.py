@@ -13,7 +13,7 @@ from entropix.backends import create_backend
 from entropix.cli import main
 from entropix.loading import load_model
 
-from tiny import gguf_tokenizer
+from tiny import save_gguf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def qwen_dir(tmp_path_factory, gguf_path):
                 p.normal_(0, 0.08)
     folder = tmp_path_factory.mktemp("qwen") / "tiny-qwen2"
     model.save_pretrained(folder, safe_serialization=True)
-    gguf_tokenizer(gguf_path).save_pretrained(folder)
+    save_gguf_tokenizer(gguf_path, folder)
     return folder, model
 
 
@@ -116,6 +116,7 @@ def test_llama3_folder_through_mlx_lm_matches_the_torch_backend(llama_dir):
     np.testing.assert_allclose(np.array(bm.attn), bt.attn.numpy(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow  # a bench on both backends
 def test_bench_reports_mlx_and_torch_side_by_side(llama_dir, capsys):
     rc = main(["bench", "--model", str(llama_dir), "--backend", "mlx", "--device", "cpu", "--dtype", "float32",
                "--json", "--tokens", "4", "--repeats", "1", "--sampler", "entropix"])

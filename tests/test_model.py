@@ -13,7 +13,7 @@ from entropix.decode.engine import generate
 from entropix.decode.records import Request
 from entropix.sampler.policy import Greedy
 
-from tinymodel import tiny_model
+from tinymodel import tiny_lm, tiny_model
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based inks and a wooden press adapted from wine making, so that "
@@ -44,16 +44,16 @@ def hf_twin(model):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_net():
     return tiny_model(seed=1)
 
 
-def test_tiny_model_matches_transformers_fused_or_not(tiny):
-    hf = hf_twin(tiny)
+def test_tiny_model_matches_transformers_fused_or_not(tiny_net):
+    hf = hf_twin(tiny_net)
     ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = hf(ids).logits
-    assert (full_logits(tiny, ids) - ref).abs().max().item() < 1e-4
+    assert (full_logits(tiny_net, ids) - ref).abs().max().item() < 1e-4
     fused = tiny_model(seed=1, fuse=True)
     assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].self_attn, "q_proj")
     assert (full_logits(fused, ids) - ref).abs().max().item() < 1e-4
@@ -61,7 +61,7 @@ def test_tiny_model_matches_transformers_fused_or_not(tiny):
 
 def test_cpu_linear_paths_give_the_same_numbers():
     """The chunked decode-batch path is F.linear bit for bit; the packed output projection agrees to rounding."""
-    from entropix.backends.torch.model import Linear, PackedLinear
+    from entropix.backends.torch.layers import Linear, PackedLinear
 
     lin = Linear(64, 1200, bias=False)
     for rows in (1, 4, 10, 12, 13):
@@ -78,19 +78,19 @@ def test_cpu_linear_paths_give_the_same_numbers():
     assert (full_logits(model, ids) - plain).abs().max().item() < 1e-5
 
 
-def test_newest_query_statistics_match_transformers_attentions(tiny):
+def test_newest_query_statistics_match_transformers_attentions(tiny_net):
     """Our in-layer statistics equal those computed from transformers' full attention matrix."""
-    hf = hf_twin(tiny)
+    hf = hf_twin(tiny_net)
     ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         p = hf(ids, output_attentions=True).attentions[-1][:, :, -1].double()  # [1, H, S]
-        cache = tiny.new_cache(1, 30)
-        _, stats = tiny(ids, cache, capture_layers=(-1,))
+        cache = tiny_net.new_cache(1, 30)
+        _, stats = tiny_net(ids, cache, capture_layers=(-1,))
         nxt = torch.tensor([[7]])
         ref_next = hf(torch.cat([ids, nxt], 1)).logits[:, -1]
-        got_next, _ = tiny(nxt, cache, capture_layers=(-1,))  # a decode step takes the explicit path
+        got_next, _ = tiny_net(nxt, cache, capture_layers=(-1,))  # a decode step takes the explicit path
     assert (got_next - ref_next).abs().max().item() < 1e-4
-    s = stats[len(tiny.layers) - 1]
+    s = stats[len(tiny_net.layers) - 1]
     ent = -(p * torch.log2(p.clamp_min(1e-300))).sum(-1)
     dev = (p - p.mean(1, keepdim=True)).abs().sum(-1)
     assert torch.allclose(s.entropy.double(), ent, atol=1e-4)
@@ -98,13 +98,13 @@ def test_newest_query_statistics_match_transformers_attentions(tiny):
     assert s.entropy.max().item() <= math.log2(30) + 1e-4
 
 
-def test_prefill_then_decode_equals_full_forward(tiny):
+def test_prefill_then_decode_equals_full_forward(tiny_net):
     ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(3))
-    full = full_logits(tiny, ids)
-    cache = tiny.new_cache(1, 8)  # small on purpose: the cache must grow
+    full = full_logits(tiny_net, ids)
+    cache = tiny_net.new_cache(1, 8)  # small on purpose: the cache must grow
     with torch.inference_mode():
-        first, _ = tiny(ids[:, :30], cache, last_only=False)
-        steps = [tiny(ids[:, j:j + 1], cache, last_only=False)[0] for j in range(30, 40)]
+        first, _ = tiny_net(ids[:, :30], cache, last_only=False)
+        steps = [tiny_net(ids[:, j:j + 1], cache, last_only=False)[0] for j in range(30, 40)]
     assert cache.lengths == [40]
     assert (torch.cat([first] + steps, dim=1) - full).abs().max().item() < 1e-4
 
@@ -125,11 +125,11 @@ def _prefill_and_step(model, prompts, capacity=None, next_token=28):
     return out
 
 
-def test_attention_metrics_same_alone_padded_or_in_a_bigger_cache(tiny):
+def test_attention_metrics_same_alone_padded_or_in_a_bigger_cache(tiny_net):
     short, long = list(range(40, 50)), list(range(60, 90))
-    alone = _prefill_and_step(tiny, [short])
-    big = _prefill_and_step(tiny, [short], capacity=2048)
-    batch = _prefill_and_step(tiny, [long, short])
+    alone = _prefill_and_step(tiny_net, [short])
+    big = _prefill_and_step(tiny_net, [short], capacity=2048)
+    batch = _prefill_and_step(tiny_net, [long, short])
     for a, b, c in zip(alone, big, batch):
         assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c[1:], atol=1e-5)
     # attention entropy is bounded by the number of valid keys, not the cache size
@@ -138,34 +138,45 @@ def test_attention_metrics_same_alone_padded_or_in_a_bigger_cache(tiny):
 
 
 @pytest.mark.slow
-def test_embedded_gguf_logits_match_transformers(lm, hf_model):
-    ids = torch.tensor([lm.tokenizer.encode(PROMPT)[:50]])
+def test_embedded_gguf_logits_match_transformers(smol, hf_model):
+    ids = torch.tensor([smol.tokenizer.encode(PROMPT)[:50]])
     assert ids.shape[1] == 50
     with torch.inference_mode():
         ref = hf_model(ids).logits
-    assert (full_logits(lm.model, ids) - ref).abs().max().item() < 1e-3
+    assert (full_logits(smol.model, ids) - ref).abs().max().item() < 1e-3
 
 
-@pytest.mark.slow
-def test_greedy_64_tokens_identical_to_transformers(lm, hf_model):
-    ids = lm.tokenizer.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
-    ours = [r.token for r in generate(lm.engine(), [Request(prompt=ids, policy=Greedy(), max_tokens=64)])]
+def _greedy_equals_transformers(lm, hf, ids, n):
+    ours = [r.token for r in generate(lm.engine(), [Request(prompt=ids, policy=Greedy(), max_tokens=n,
+                                                            stop_ids=frozenset())])]
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)
-    assert ours == out[0, len(ids):].tolist()
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)
+    assert len(ours) == n and ours == out[0, len(ids):].tolist()
+
+
+def test_greedy_64_tokens_identical_to_transformers_tiny():
+    lm = tiny_lm(seed=1)
+    _greedy_equals_transformers(lm, hf_twin(lm.model), list(b"Write a short poem about the sea."), 64)
 
 
 @pytest.mark.slow
-def test_embedded_model_batch_of_different_lengths_matches_each_alone(lm):
-    tok = lm.tokenizer
+def test_greedy_identical_to_transformers(smol, hf_model):
+    """A smoke test of 16 tokens on the embedded model (64 on the tiny one, above)."""
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    _greedy_equals_transformers(smol, hf_model, ids, 16)
+
+
+@pytest.mark.slow
+def test_embedded_model_batch_of_different_lengths_matches_each_alone(smol):
+    tok = smol.tokenizer
     prompts = ["Hi!", "Name three colours of the rainbow.", "Explain in one sentence why the sky is blue.", "2+2="]
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
 
     def run(batch):
-        reqs = [Request(prompt=i, policy=Greedy(), max_tokens=16) for i in batch]
+        reqs = [Request(prompt=i, policy=Greedy(), max_tokens=4) for i in batch]  # a smoke test: test_engine.py's at length
         out = {r.id: [] for r in reqs}
-        for rec in generate(lm.engine(), reqs):
+        for rec in generate(smol.engine(), reqs):
             out[rec.request_id].append(rec.token)
         return [out[r.id] for r in reqs]
 

@@ -10,12 +10,14 @@ import pytest
 from browser import close_chromium, launch_chromium
 from entropix.serve import ServerThread, create_app
 
+pytestmark = pytest.mark.slow  # headless Chromium on the embedded model (make test-fast leaves it out)
+
 NOTES_SHOT = Path("/work/notes/playground.png")
 
 
 @pytest.fixture(scope="module")
-def server(lm):
-    with ServerThread(create_app(lm)) as srv:
+def server(smol):
+    with ServerThread(create_app(smol)) as srv:
         yield srv
 
 
@@ -35,7 +37,6 @@ def _open(browser, server):
     return page, errors
 
 
-@pytest.mark.slow
 def test_playground_streams_coloured_tokens_and_scatter(browser, server, tmp_path):
     page, errors = _open(browser, server)
     assert page.title() == "entropix playground"
@@ -56,7 +57,7 @@ def test_playground_streams_coloured_tokens_and_scatter(browser, server, tmp_pat
     assert n >= 6
     colour = toks.first.evaluate("el => getComputedStyle(el).getPropertyValue('--c').trim()")
     assert colour.startswith("#") or colour.startswith("hsl")
-    assert toks.first.get_attribute("data-state")
+    assert toks.first.get_attribute("data-regime")
     assert int(page.locator("#scatter").get_attribute("data-points")) == n
     # the canvas has drawn pixels (points and threshold lines), not a blank image
     inked = page.evaluate("""() => { const c = document.getElementById('scatter');
@@ -83,7 +84,6 @@ def test_playground_streams_coloured_tokens_and_scatter(browser, server, tmp_pat
     page.close()
 
 
-@pytest.mark.slow
 def test_playground_branch_view(browser, server, tmp_path):
     """Self-consistency samples side by side with their answers; the chosen one is marked."""
     page, errors = _open(browser, server)

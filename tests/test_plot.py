@@ -10,7 +10,7 @@ import pytest
 from entropix import EntropixError
 from entropix.cli import main
 from entropix.sampler.config import SamplerConfig
-from entropix.plot import read_run, regions
+from entropix.plots.tokens import read_run, regions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -167,20 +168,21 @@ def test_bad_quant_input_is_one_line(args, needle, capsys):
     assert rc != 0 and len(lines) == 1 and needle in lines[0], err
 
 
-def test_auto_keeps_the_demo_prompt_greedy_text(lm):
+@pytest.mark.slow  # the embedded model, 48 tokens in two weight modes
+def test_auto_keeps_the_demo_prompt_greedy_text(smol):
     """The README's claim: the default (auto: the file's Q4_1 blocks on the int4 kernel, its Q8_0
     embedding as int8 rows) gives fp32's greedy answer to the demo prompt."""
     from entropix.loading import load_model
 
     auto = load_model(None, progress=False)
     assert auto.quant == "int4" and quant.weight_kinds(auto.model) == {"int4": 120, "int8": 1, "dense": 0}
-    ids = lm.tokenizer.encode_chat([{"role": "user", "content": DEMO}])
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": DEMO}])
 
     def text(m):
         req = Request(prompt=ids, policy=Greedy(), max_tokens=48, stop_ids=m.tokenizer.stop_ids)
         return [r.token for r in generate(m.engine(()), [req])]
 
-    assert text(auto) == text(lm)
+    assert text(auto) == text(smol)
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
@@ -252,18 +254,19 @@ def test_server_decodes_with_quantized_weights():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, gguf_path):
+def tiny_hf(tmp_path_factory, gguf_path):
     from tiny import write_hf_model
 
     return write_hf_model(tmp_path_factory.mktemp("q") / "tiny", gguf_path)
 
 
-def test_modes_bench_reports_every_mode_against_fp32_and_transformers(tiny_folder):
+@pytest.mark.slow  # a bench: loads the checkpoint in transformers too
+def test_modes_bench_reports_every_mode_against_fp32_and_transformers(tiny_hf):
     """The shape of `entropix bench --modes` (figures are not asserted: speed belongs to benchmarks)."""
-    from entropix.bench_modes import run_modes_bench
+    from entropix.bench.modes import run_modes_bench
     from entropix.loading import load_model
 
-    lm = load_model(str(tiny_folder), device="cpu", progress=False)
+    lm = load_model(str(tiny_hf), device="cpu", progress=False)
     out = run_modes_bench(lm, ["none", "int8", "int4"], tokens=6, prompt_tokens=8, repeats=1, rss=False)
     assert out["transformers"]["tps"] > 0 and out["best"] in out["modes"]
     for mode, row in out["modes"].items():
@@ -273,8 +276,32 @@ def test_modes_bench_reports_every_mode_against_fp32_and_transformers(tiny_folde
     assert out["modes"]["int4"]["weights_mb"] <= out["modes"]["int8"]["weights_mb"] < out["modes"]["none"]["weights_mb"]
 
 
-def test_llama_cpp_peer_needs_a_gguf(tiny_folder, capsys):
-    rc = main(["bench", "--model", str(tiny_folder), "--peer", "llama.cpp", "--device", "cpu"])
+@pytest.mark.slow  # a process per contender
+def test_modes_bench_measures_each_contenders_peak_rss(tiny_hf, monkeypatch):
+    """`bench --modes/--peer` without --no-rss: each contender loads and decodes in a process of its
+    own, whose peak RSS is reported (tests/test_readme_commands.py runs `--peer` with --no-rss)."""
+    from entropix.bench import modes
+    from entropix.loading import load_model
+
+    monkeypatch.setattr(modes, "load_transformers", lambda lm: None)  # one contender: one process
+    lm = load_model(str(tiny_hf), device="cpu", progress=False)
+    out = modes.run_modes_bench(lm, ["none"], tokens=4, prompt_tokens=8, repeats=1, rss=True)
+    assert "transformers" not in out and out["modes"]["none"]["peak_rss_mb"] > 0
+
+
+@pytest.mark.slow  # transformers loads the checkpoint too
+def test_bench_times_transformers_as_its_baseline(tiny_hf, capsys):
+    """`entropix bench --json` against transformers (tests/test_readme_commands.py runs the README's
+    bench lines with --no-transformers where transformers would read the 49k-token GGUF again)."""
+    assert main(["bench", "--model", str(tiny_hf), "--device", "cpu", "--tokens", "4", "--prompt-tokens", "8",
+                 "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ours_tps"] > 0 and out["transformers_tps"] > 0
+    assert out["ratio"] == pytest.approx(out["ours_tps"] / out["transformers_tps"], rel=0.01)
+
+
+def test_llama_cpp_peer_needs_a_gguf(tiny_hf, capsys):
+    rc = main(["bench", "--model", str(tiny_hf), "--peer", "llama.cpp", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "entropix: error:" in err and ("GGUF" in err or "llama-cpp-python" in err), err
 

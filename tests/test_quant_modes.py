@@ -39,41 +39,41 @@ def quantized(mode: str, **over):
 
 
 @pytest.fixture(scope="module", params=MODES)
-def lm(request):
+def tiny_q(request):
     return quantized(request.param)
 
 
-def greedy_tokens(lm, prompts, max_tokens=8):
+def greedy_tokens(tiny_q, prompts, max_tokens=8):
     reqs = [Request(prompt=p, policy=Greedy(), max_tokens=max_tokens, stop_ids=frozenset()) for p in prompts]
     order = {r.id: i for i, r in enumerate(reqs)}
     out: list[list[int]] = [[] for _ in prompts]
-    for rec in generate(lm.engine(), reqs):
+    for rec in generate(tiny_q.engine(), reqs):
         out[order[rec.request_id]].append(rec.token)
     return out
 
 
-def test_the_modes_are_what_they_say(lm):
-    kinds = quant.weight_kinds(lm.model)
-    want = {"none": "dense", "int8": "int8", "int4": "int4"}[lm.quant]
+def test_the_modes_are_what_they_say(tiny_q):
+    kinds = quant.weight_kinds(tiny_q.model)
+    want = {"none": "dense", "int8": "int8", "int4": "int4"}[tiny_q.quant]
     assert kinds[want] > 0
 
 
-def test_projections_and_the_cache_keep_the_models_activation_dtype(lm):
-    for m in lm.model.modules():
+def test_projections_and_the_cache_keep_the_models_activation_dtype(tiny_q):
+    for m in tiny_q.model.modules():
         if isinstance(m, quant.QuantLinear):
             assert m(torch.randn(2, 5, m.in_features)).dtype == torch.float32
-    cache = lm.model.new_cache(2, 8)
+    cache = tiny_q.model.new_cache(2, 8)
     cache.starts = [3, 0]  # ragged: the indexed write
     with torch.inference_mode():
-        lm.model(torch.tensor([[0, 0, 0, 5], [6, 7, 8, 9]]), cache)
-        lm.model(torch.tensor([[1], [2]]), cache)
+        tiny_q.model(torch.tensor([[0, 0, 0, 5], [6, 7, 8, 9]]), cache)
+        tiny_q.model(torch.tensor([[1], [2]]), cache)
     assert cache.k.dtype == cache.v.dtype == torch.float32 and torch.isfinite(cache.k).all()
 
 
-def test_rows_that_join_mid_decode_write_the_cache_at_their_own_lengths(lm):
+def test_rows_that_join_mid_decode_write_the_cache_at_their_own_lengths(tiny_q):
     """A request added while another decodes (the server's continuous batching, CoT follow-ups):
     rows of different lengths in one step, the indexed cache write."""
-    eng = lm.engine()
+    eng = tiny_q.engine()
     prompts = PROMPTS + [LONG]
     reqs = [Request(prompt=p, policy=Greedy(), max_tokens=8, stop_ids=frozenset()) for p in prompts]
     got: dict[str, list[int]] = {r.id: [] for r in reqs}
@@ -85,12 +85,12 @@ def test_rows_that_join_mid_decode_write_the_cache_at_their_own_lengths(lm):
     while eng.active:
         for rec in eng.step():
             got[rec.request_id].append(rec.token)
-    assert [got[r.id] for r in reqs] == [greedy_tokens(lm, [p])[0] for p in prompts]
+    assert [got[r.id] for r in reqs] == [greedy_tokens(tiny_q, [p])[0] for p in prompts]
 
 
-def test_a_ragged_batch_gives_each_rows_own_tokens(lm):
-    both = greedy_tokens(lm, PROMPTS)
-    assert [greedy_tokens(lm, [p])[0] for p in PROMPTS] == both
+def test_a_ragged_batch_gives_each_rows_own_tokens(tiny_q):
+    both = greedy_tokens(tiny_q, PROMPTS)
+    assert [greedy_tokens(tiny_q, [p])[0] for p in PROMPTS] == both
     assert all(len(t) == 8 for t in both)
 
 
@@ -98,13 +98,13 @@ def test_a_ragged_batch_gives_each_rows_own_tokens(lm):
     ("cot", {"branches": 3}), ("cot-agg", {"branches": 3}), ("self-consistency", {"samples": 3, "temperature": 0.8}),
     ("auto", {"branches": 3}), ("entropix-branching", {}),
 ])
-def test_every_strategy_over_ragged_prompts_matches_each_alone(lm, sampler, given):
-    dec = catalog.resolve(sampler, lm, **given)
+def test_every_strategy_over_ragged_prompts_matches_each_alone(tiny_q, sampler, given):
+    dec = catalog.resolve(sampler, tiny_q, **given)
     seeds = [3, 4, 5]
 
     def results(idx):
         task = Task([PROMPTS[i] for i in idx], [6] * len(idx), [seeds[i] for i in idx], STOP)
-        return run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, 512))
+        return run(tiny_q.engine(dec.capture_layers), decode(dec, task, tiny_q.tokenizer, 512))
 
     together = results([0, 1, 2])
     assert len(together) == 3 and all(r["tokens_generated"] > 0 for r in together)
@@ -115,15 +115,15 @@ def test_every_strategy_over_ragged_prompts_matches_each_alone(lm, sampler, give
 
 
 @pytest.mark.parametrize("sampler", ["entropix", "entropix-logits", "dslider", "lookahead", "min-p"])
-def test_one_row_samplers_over_a_ragged_batch_match_each_alone(lm, sampler):
-    dec = catalog.resolve(sampler, lm)
+def test_one_row_samplers_over_a_ragged_batch_match_each_alone(tiny_q, sampler):
+    dec = catalog.resolve(sampler, tiny_q)
 
     def tokens(idx):
         reqs = [Request(prompt=PROMPTS[i], policy=dec.policy, max_tokens=6, seed=10 + i, stop_ids=frozenset())
                 for i in idx]
         order = {r.id: j for j, r in enumerate(reqs)}
         out: list[list[int]] = [[] for _ in idx]
-        for rec in generate(lm.engine(dec.capture_layers), reqs):
+        for rec in generate(tiny_q.engine(dec.capture_layers), reqs):
             out[order[rec.request_id]].append(rec.token)
         return out
 
@@ -132,14 +132,14 @@ def test_one_row_samplers_over_a_ragged_batch_match_each_alone(lm, sampler):
     assert [tokens([i])[0] for i in range(3)] == together
 
 
-def test_forks_copy_a_rows_cache_under_every_mode(lm):
+def test_forks_copy_a_rows_cache_under_every_mode(tiny_q):
     """n rows of one prompt share its prefill (a fork of the cache): greedy rows stay identical."""
     req = Request(prompt=PROMPTS[1], policy=Greedy(), n=3, max_tokens=6, stop_ids=frozenset())
     rows: dict[int, list[int]] = {}
-    for rec in generate(lm.engine(), [req]):
+    for rec in generate(tiny_q.engine(), [req]):
         rows.setdefault(rec.choice, []).append(rec.token)
     assert len(rows) == 3 and len({tuple(t) for t in rows.values()}) == 1
-    assert rows[0] == greedy_tokens(lm, [PROMPTS[1]], 6)[0]
+    assert rows[0] == greedy_tokens(tiny_q, [PROMPTS[1]], 6)[0]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -169,10 +169,10 @@ def test_the_server_takes_concurrent_ragged_requests_with_chunked_prefill(mode):
         assert r.json()["usage"]["completion_tokens"] > 0
 
 
-def test_quantized_records_stay_finite(lm):
-    dec = catalog.resolve("entropix", lm)
+def test_quantized_records_stay_finite(tiny_q):
+    dec = catalog.resolve("entropix", tiny_q)
     reqs = [Request(prompt=p, policy=dec.policy, max_tokens=6, seed=1, stop_ids=STOP) for p in PROMPTS]
-    recs = list(generate(lm.engine(dec.capture_layers), reqs))
+    recs = list(generate(tiny_q.engine(dec.capture_layers), reqs))
     assert recs and all(math.isfinite(r.entropy) and math.isfinite(r.varentropy) for r in recs)
 
 

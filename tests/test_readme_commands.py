@@ -4,7 +4,7 @@ The lines are parsed from README.md (not copied here), so the README cannot drif
 works. Each runs as a subprocess of the installed `entropix` script on the embedded model,
 with no --quant/--dtype flag and no ENTROPIX_* variable: the default weight mode is what a
 user gets. The only adaptations are small --max-tokens / --limit (bench: --tokens,
---repeats, --prompt-tokens) so the file stays quick, and a temporary working folder so that
+--repeats, --prompt-tokens; --no-transformers, or --no-rss with --peer) so the file stays quick, and a temporary working folder so that
 output files land there. Lines run in README order in one shared folder, so `plot run.json`
 reads what `generate ... --json > run.json` wrote; a line run alone (-k) first runs the lines
 that produce its input files.
@@ -31,9 +31,14 @@ pytestmark = pytest.mark.slow  # end to end on the embedded model (make test-fas
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 MAX_TOKENS = 6  # generate / calibrate / eval: enough to exercise each sampler's decode loop
-LIMIT = 2  # eval: problems per run
+LIMIT = 1  # eval: problems per run
 # bench: one short run instead of 3 x 128 tokens after a 64-token prompt
 BENCH = {"--tokens": "4", "--repeats": "1", "--prompt-tokens": "16"}
+# transformers takes ~20 s to read the GGUF: `bench` skips its baseline (`bench --peer` still runs
+# it), and `--peer` skips the peak-RSS processes, one per contender, each loading its model again
+# (tests/test_quant.py times transformers and measures the processes on a tiny checkpoint)
+BENCH_ONLY_OURS = ("--no-transformers",)
+BENCH_PEER = ("--no-rss",)
 TIMEOUT = 900  # seconds per line: a hang fails the line instead of blocking the suite
 
 OUTPUT_FLAGS = ("-o", "--out", "--compute-plot")  # options whose value is a file the command writes
@@ -114,6 +119,7 @@ def parse(line: str) -> Command:
     if sub == "bench":
         for flag, value in BENCH.items():
             _set(argv, flag, value)
+        argv += [f for f in (BENCH_PEER if "--peer" in argv else BENCH_ONLY_OURS) if f not in argv]
     return Command(line, argv, stdout_file)
 
 
@@ -265,7 +271,27 @@ def check_outputs(res: Result, cwd: Path) -> None:
             assert tasks and all(t in text for t in tasks), f"{name} does not mention the tasks {tasks}"
 
 
-@pytest.mark.parametrize("index", range(len(LINES)), ids=[line_id(i, ln) for i, ln in enumerate(LINES)])
+def xdist_groups() -> list[str]:
+    """One pytest-xdist group per set of lines tied by the files they share (`plot run.json` with
+    the `generate ... > run.json` line before it): such lines run in one process, in README order,
+    so that no line runs twice; the other lines spread over the workers."""
+    root = list(range(len(LINES)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    runner = Runner(Path("."))
+    for i in range(len(LINES)):
+        if skip_reason(parse(LINES[i])) is None:
+            for j in runner.producers(i):
+                root[find(i)] = find(j)
+    return [f"readme-{find(i):02d}" for i in range(len(LINES))]
+
+
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xdist_group(g)) for i, g in enumerate(xdist_groups())],
+                         ids=[line_id(i, ln) for i, ln in enumerate(LINES)])
 def test_readme_command_line(index, runner):
     cmd = parse(LINES[index])
     reason = skip_reason(cmd)

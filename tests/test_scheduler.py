@@ -18,21 +18,21 @@ from tinymodel import tiny_lm
 
 
 @pytest.fixture(scope="module")
-def lm():
+def tiny():
     return tiny_lm(max_position_embeddings=4096)  # room for long requests that get cancelled
 
 
 @pytest.fixture
-def sched(lm):
-    s = Scheduler(lm, max_rows=4)
+def sched(tiny):
+    s = Scheduler(tiny, max_rows=4)
     s.start()
     yield s
     s.stop()
 
 
-def _req(lm, text: str, max_tokens: int = 4, n: int = 1, stop: bool = True, policy=None) -> Request:
-    return Request(prompt=lm.tokenizer.encode(text), policy=policy or Greedy(), max_tokens=max_tokens,
-                   n=n, stop_ids=lm.tokenizer.stop_ids if stop else frozenset())
+def _req(tiny, text: str, max_tokens: int = 4, n: int = 1, stop: bool = True, policy=None) -> Request:
+    return Request(prompt=tiny.tokenizer.encode(text), policy=policy or Greedy(), max_tokens=max_tokens,
+                   n=n, stop_ids=tiny.tokenizer.stop_ids if stop else frozenset())
 
 
 async def _drain(job, timeout: float = 60.0):
@@ -46,9 +46,9 @@ async def _drain(job, timeout: float = 60.0):
             return records, kind, payload
 
 
-def test_concurrent_requests_decode_in_the_same_steps(lm, sched):
+def test_concurrent_requests_decode_in_the_same_steps(tiny, sched):
     async def main():
-        jobs = [sched.submit(_req(lm, f"Count to {i}:", max_tokens=4, stop=False)) for i in range(3)]
+        jobs = [sched.submit(_req(tiny, f"Count to {i}:", max_tokens=4, stop=False)) for i in range(3)]
         return await asyncio.gather(*[_drain(j) for j in jobs])
 
     results = asyncio.run(main())
@@ -61,14 +61,14 @@ def test_concurrent_requests_decode_in_the_same_steps(lm, sched):
     assert sched.stats()["completed"] == 3
 
 
-def test_batched_text_equals_alone(lm, sched):
+def test_batched_text_equals_alone(tiny, sched):
     """Greedy text of a request does not depend on what else is in the batch."""
     async def alone():
-        return await _drain(sched.submit(_req(lm, "The capital of France is", max_tokens=5, stop=False)))
+        return await _drain(sched.submit(_req(tiny, "The capital of France is", max_tokens=5, stop=False)))
 
     async def together():
-        jobs = [sched.submit(_req(lm, "The capital of France is", max_tokens=5, stop=False)),
-                sched.submit(_req(lm, "Write a long poem about the sea and the wind:", max_tokens=5, stop=False))]
+        jobs = [sched.submit(_req(tiny, "The capital of France is", max_tokens=5, stop=False)),
+                sched.submit(_req(tiny, "Write a long poem about the sea and the wind:", max_tokens=5, stop=False))]
         return await asyncio.gather(*[_drain(j) for j in jobs])
 
     solo, _, _ = asyncio.run(alone())
@@ -76,12 +76,12 @@ def test_batched_text_equals_alone(lm, sched):
     assert [r.token for r in mixed] == [r.token for r in solo]
 
 
-def test_row_cap_queues_the_rest(lm):
-    s = Scheduler(lm, max_rows=2)
+def test_row_cap_queues_the_rest(tiny):
+    s = Scheduler(tiny, max_rows=2)
     s.start()
     try:
         async def main():
-            jobs = [s.submit(_req(lm, f"Item {i}:", max_tokens=3, stop=False)) for i in range(3)]
+            jobs = [s.submit(_req(tiny, f"Item {i}:", max_tokens=3, stop=False)) for i in range(3)]
             pending_seen = s.stats()["pending_requests"]
             results = await asyncio.gather(*[_drain(j) for j in jobs])
             return pending_seen, results, jobs
@@ -93,14 +93,14 @@ def test_row_cap_queues_the_rest(lm):
         assert jobs[2].started >= min(jobs[0].finished, jobs[1].finished)
         assert pending_seen >= 1
         with pytest.raises(EntropixError, match="at most 2 rows"):
-            s.validate(_req(lm, "x", n=3))
+            s.validate(_req(tiny, "x", n=3))
     finally:
         s.stop()
 
 
-def test_cancel_stops_generation(lm, sched):
+def test_cancel_stops_generation(tiny, sched):
     async def main():
-        job = sched.submit(_req(lm, "Tell me a very long story:", max_tokens=4000, stop=False))
+        job = sched.submit(_req(tiny, "Tell me a very long story:", max_tokens=4000, stop=False))
         first = []
         while len(first) < 2:  # wait until it is really decoding
             _, kind, payload = await asyncio.wait_for(job.queue.get(), 60)
@@ -122,18 +122,18 @@ def test_cancel_stops_generation(lm, sched):
     sched.cancel(job)  # a second cancel is harmless
 
     async def after():  # and the scheduler keeps serving
-        return await _drain(sched.submit(_req(lm, "Hello", max_tokens=2, stop=False)))
+        return await _drain(sched.submit(_req(tiny, "Hello", max_tokens=2, stop=False)))
 
     assert asyncio.run(after())[1] == "done"
 
 
-def test_cancel_while_waiting(lm):
-    s = Scheduler(lm, max_rows=1)
+def test_cancel_while_waiting(tiny):
+    s = Scheduler(tiny, max_rows=1)
     s.start()
     try:
         async def main():
-            a = s.submit(_req(lm, "First:", max_tokens=3, stop=False))
-            b = s.submit(_req(lm, "Second:", max_tokens=3, stop=False))
+            a = s.submit(_req(tiny, "First:", max_tokens=3, stop=False))
+            b = s.submit(_req(tiny, "Second:", max_tokens=3, stop=False))
             s.cancel(b)  # still queued behind a
             return await asyncio.gather(_drain(a), _drain(b))
 
@@ -152,15 +152,15 @@ class _Broken(TokenPolicy):
         raise RuntimeError("boom")
 
 
-def test_a_failed_step_fails_the_batch_and_starts_a_fresh_engine(lm):
+def test_a_failed_step_fails_the_batch_and_starts_a_fresh_engine(tiny):
     """A policy fails inside the engine step, which the whole batch shares: its running jobs
     fail with the error, a request still waiting is untouched, and a fresh engine goes on."""
-    s = Scheduler(lm, max_rows=2)
+    s = Scheduler(tiny, max_rows=2)
     try:
         async def main():
-            bad = s.submit(_req(lm, "Hi", max_tokens=3, policy=_Broken()))
-            neighbour = s.submit(_req(lm, "Hello there", max_tokens=3, stop=False))
-            waiting = s.submit(_req(lm, "Later", max_tokens=3, stop=False, n=2))  # does not fit beside them
+            bad = s.submit(_req(tiny, "Hi", max_tokens=3, policy=_Broken()))
+            neighbour = s.submit(_req(tiny, "Hello there", max_tokens=3, stop=False))
+            waiting = s.submit(_req(tiny, "Later", max_tokens=3, stop=False, n=2))  # does not fit beside them
             s.start()  # all three queued first: the first two are admitted together
             return await asyncio.gather(_drain(bad), _drain(neighbour), _drain(waiting))
 
@@ -175,23 +175,23 @@ def test_a_failed_step_fails_the_batch_and_starts_a_fresh_engine(lm):
         s.stop()
 
 
-def test_submit_validates(lm, sched):
+def test_submit_validates(tiny, sched):
     async def main():
         with pytest.raises(EntropixError, match="empty"):
             sched.submit(Request(prompt=[], policy=Greedy()))
         with pytest.raises(EntropixError, match="context"):
-            sched.submit(Request(prompt=[1] * lm.config.max_position_embeddings, policy=Greedy()))
+            sched.submit(Request(prompt=[1] * tiny.config.max_position_embeddings, policy=Greedy()))
 
     asyncio.run(main())
     assert sched.stats()["pending_requests"] == 0
 
 
-def test_stop_cancels_unfinished_jobs(lm):
-    s = Scheduler(lm, max_rows=2)
+def test_stop_cancels_unfinished_jobs(tiny):
+    s = Scheduler(tiny, max_rows=2)
     s.start()
 
     async def main():
-        job = s.submit(_req(lm, "Go on forever:", max_tokens=4000, stop=False))
+        job = s.submit(_req(tiny, "Go on forever:", max_tokens=4000, stop=False))
         _, kind, _ = await asyncio.wait_for(job.queue.get(), 60)
         assert kind == "records"
         await asyncio.to_thread(s.stop)

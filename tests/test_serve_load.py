@@ -20,7 +20,7 @@ LONG = [i % 250 + 1 for i in range(300)]
 
 
 @pytest.fixture(scope="module")
-def lm():
+def tiny():
     return tiny_lm(max_position_embeddings=4096)
 
 
@@ -30,8 +30,8 @@ def _requests():
             Request(prompt=list(range(7, 20)), policy=Greedy(), max_tokens=25, id="c")]
 
 
-def _run(lm, chunk, cancel_at=None, on_step=None):
-    engine = lm.engine((-1,))
+def _run(tiny, chunk, cancel_at=None, on_step=None):
+    engine = tiny.engine((-1,))
     engine.prefill_chunk = chunk
     engine.add(_requests())
     out, steps = {}, 0
@@ -47,10 +47,10 @@ def _run(lm, chunk, cancel_at=None, on_step=None):
     return out, engine
 
 
-def test_chunked_prefill_runs_between_decode_steps_and_gives_the_same_tokens(lm):
-    whole, _ = _run(lm, None)
+def test_chunked_prefill_runs_between_decode_steps_and_gives_the_same_tokens(tiny):
+    whole, _ = _run(tiny, None)
     seen = []  # per step while the long prompt is read: did the short rows get their token?
-    chunked, _ = _run(lm, 64, on_step=lambda e, recs: seen.append(
+    chunked, _ = _run(tiny, 64, on_step=lambda e, recs: seen.append(
         (bool(e.prefills), {r.request_id for r in recs})))
     assert chunked == whole
     reading = [ids for pending, ids in seen if pending]
@@ -58,8 +58,8 @@ def test_chunked_prefill_runs_between_decode_steps_and_gives_the_same_tokens(lm)
     assert all({"a", "c"} <= ids for ids in reading)  # ...and the running rows decoded in each of them
 
 
-def test_a_cancelled_prefill_is_dropped(lm):
-    engine = lm.engine((-1,))
+def test_a_cancelled_prefill_is_dropped(tiny):
+    engine = tiny.engine((-1,))
     engine.prefill_chunk = 64
     engine.add([Request(prompt=LONG, policy=Greedy(), max_tokens=4, id="long")])
     engine.step()
@@ -68,7 +68,7 @@ def test_a_cancelled_prefill_is_dropped(lm):
     assert not engine.active and not engine.backend._partial
 
 
-def test_finished_and_cancelled_rows_free_their_slots_without_copying_the_others(lm):
+def test_finished_and_cancelled_rows_free_their_slots_without_copying_the_others(tiny):
     ptrs = []
 
     def watch(engine, recs):
@@ -76,15 +76,15 @@ def test_finished_and_cancelled_rows_free_their_slots_without_copying_the_others
         if cache is not None:
             ptrs.append((cache.full.k.data_ptr(), cache.full.batch))
 
-    alone, _ = _run(lm, None)
-    out, engine = _run(lm, None, cancel_at=3, on_step=watch)
+    alone, _ = _run(tiny, None)
+    out, engine = _run(tiny, None, cancel_at=3, on_step=watch)
     assert all(out[k] == alone[k] for k in out if k[0] != "c") and len(out[("c", 0)]) == 3
     # one cache tensor throughout: rows leaving (c cancelled, then the others finishing) moved no other row
     assert len(set(ptrs)) == 1
 
 
-def test_a_freed_slot_is_taken_by_the_next_row(lm):
-    engine = lm.engine((-1,))
+def test_a_freed_slot_is_taken_by_the_next_row(tiny):
+    engine = tiny.engine((-1,))
     engine.add([Request(prompt=[1, 2, 3], policy=Greedy(), max_tokens=50, id=f"r{i}") for i in range(3)])
     engine.step()
     engine.cancel("r0")
@@ -98,10 +98,10 @@ def test_a_freed_slot_is_taken_by_the_next_row(lm):
 ALWAYS_BRANCH = {"low_ent": 0, "med_ent": 50, "high_ent": 50, "low_vent": 0, "med_vent": 0, "high_vent": 0}
 
 
-def test_branching_requests_stay_under_max_rows(lm):
+def test_branching_requests_stay_under_max_rows(tiny):
     dec = catalog.build("entropix-branching", catalog.parameters("entropix-branching", sampler_config=ALWAYS_BRANCH),
-                        lm)
-    sched = Scheduler(lm, max_rows=12)
+                        tiny)
+    sched = Scheduler(tiny, max_rows=12)
     sched.start()
 
     async def main():
@@ -149,10 +149,10 @@ def test_stop_strings_spanning_tokens_match_a_character_by_character_reference()
         assert (out, hit) == reference(text, stops), (stops, text)
 
 
-def test_drain_refuses_new_requests_and_ends_running_ones_at_the_deadline(lm):
+def test_drain_refuses_new_requests_and_ends_running_ones_at_the_deadline(tiny):
     from entropix.serve.scheduler import SchedulerBusy
 
-    sched = Scheduler(lm, max_rows=4)
+    sched = Scheduler(tiny, max_rows=4)
     sched.start()
 
     async def main():

@@ -510,11 +510,10 @@ def test_serve_start_up_line_names_the_chat_app(capsys, monkeypatch, tiny):
     """The line `entropix serve` prints on start names both web pages, on stderr like other notices."""
     import socket
 
-    import entropix.cli
-    import entropix.serve.cli as serve_cli
+    import entropix.cli.serve as serve_cli
 
     started = []
-    monkeypatch.setattr(entropix.cli, "load", lambda args: tiny)  # no model load for a print
+    monkeypatch.setattr(serve_cli, "load", lambda args: tiny)  # no model load for a print
     monkeypatch.setattr(serve_cli, "GracefulServer", lambda config, sched, timeout: type(
         "NoServer", (), {"run": lambda self: started.append(config.port)})())  # ... and no uvicorn loop
     with socket.socket() as s:  # a port free now, so that the command's own check passes
@@ -557,30 +556,30 @@ def test_sampler_failure_is_an_openai_error(http, client, model, monkeypatch):
 # -- the embedded model, end to end ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def embedded(lm):
-    with ServerThread(create_app(lm, max_rows=16, max_n=8)) as srv:
+def embedded(smol):
+    with ServerThread(create_app(smol, max_rows=16, max_n=8)) as srv:
         yield srv
 
 
 @pytest.mark.slow
-def test_embedded_model_end_to_end(embedded, lm):
+def test_embedded_model_end_to_end(embedded, smol):
     """The real tokenizer and chat template: multi-byte tokens in logprobs, stop strings, CoT, votes."""
     client = openai.OpenAI(base_url=embedded.url + "/v1", api_key="x", max_retries=0, timeout=300)
-    assert client.models.retrieve("default").id == lm.name  # the embedded model's aliases
-    _check_chat_logprobs(client.chat.completions.create(model=lm.name, messages=CHAT, max_tokens=4, temperature=0,
+    assert client.models.retrieve("default").id == smol.name  # the embedded model's aliases
+    _check_chat_logprobs(client.chat.completions.create(model=smol.name, messages=CHAT, max_tokens=4, temperature=0,
                                                         logprobs=True, top_logprobs=3))
-    _check_completion_logprobs(client.completions.create(model=lm.name, prompt="One, two, three,", max_tokens=3,
+    _check_completion_logprobs(client.completions.create(model=smol.name, prompt="One, two, three,", max_tokens=3,
                                                          temperature=0, logprobs=2))
-    full = client.chat.completions.create(model=lm.name, messages=CHAT, max_tokens=8, temperature=0)
+    full = client.chat.completions.create(model=smol.name, messages=CHAT, max_tokens=8, temperature=0)
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=lm.name, messages=CHAT, max_tokens=8, temperature=0, stream=True) if c.choices)
+        model=smol.name, messages=CHAT, max_tokens=8, temperature=0, stream=True) if c.choices)
     assert streamed == full.choices[0].message.content
     with httpx.Client(base_url=embedded.url, timeout=300) as http:
-        r = http.post("/v1/completions", json={"model": lm.name, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
+        r = http.post("/v1/completions", json={"model": smol.name, "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 6,
                                                "sampler": "cot", "branches": 3})
         assert r.status_code == 200, r.text
         _check_cot(r.json())
-        r = http.post("/v1/completions", json={"model": lm.name, "prompt": "Q: What is 2 + 3?\nA: The answer is",
+        r = http.post("/v1/completions", json={"model": smol.name, "prompt": "Q: What is 2 + 3?\nA: The answer is",
                                                "max_tokens": 3, "sampler": "self-consistency", "samples": 3,
                                                "seed": 1})
         assert r.status_code == 200, r.text

@@ -24,7 +24,8 @@ QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?
 
 
 def rec(text, margin, token=0, finish=None):
-    return TokenRecord("r", 0, 0, token, text, -0.1, [], 1.0, 1.0, margin, None, "greedy", finish)
+    return TokenRecord(request_id="r", choice=0, index=0, token=token, text=text, logprob=-0.1, top=[], entropy=1.0,
+                       varentropy=1.0, margin=margin, attn=None, regime="greedy", finish_reason=finish)
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +149,46 @@ def test_many_prompts_in_one_strategy_keep_their_own_results(tiny):
         assert [b["tokens"] for b in alone["branches"]] == [b["tokens"] for b in res["branches"]]
 
 
-@pytest.mark.slow
-def test_cot_on_the_embedded_model_finds_answers(lm):
+def digits_lm(seed: int = 3):
+    """A tiny model whose output layer knows only digits, space and "." (every other logit is 0):
+    its branches write numbers, so CoT finds answers (in the follow-up where a branch ran out)."""
+    lm = tiny_lm(seed=seed)
+    keep = set(b"0123456789 .")
+    with torch.no_grad():
+        for t in range(256):
+            if t not in keep:
+                lm.model.lm_head.weight[t] = 0
+    return lm
+
+
+def test_cot_with_its_follow_up_finds_answers():
+    lm = digits_lm()
     ids = lm.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
-    task = Task(prompts=[ids], max_tokens=[48], seeds=[0], stop_ids=lm.tokenizer.stop_ids)
+    task = Task(prompts=[ids], max_tokens=[12], seeds=[0], stop_ids=lm.tokenizer.stop_ids)
     res = run(lm.engine(), decode(catalog.resolve("cot", lm), task, lm.tokenizer, lm.config.max_position_embeddings))[0]
     assert len(res["branches"]) == 10 and len({b["tokens"][0] for b in res["branches"]}) == 10
     assert sum(b["answer"] is not None for b in res["branches"]) >= 5
+    assert any(b.get("follow_up") for b in res["branches"])  # some answers came from the follow-up
+    assert all(0 <= b["confidence"] <= 1 for b in res["branches"])
+    assert res["answer"] is not None and res["answer"] == res["branches"][res["choice"]]["answer"]
+
+
+@pytest.mark.slow
+def test_cot_on_the_embedded_model(smol):
+    """A smoke test: ten branches of a few tokens on the real tokenizer and chat template (the
+    answers are tests/test_strategies.py::test_cot_with_its_follow_up_finds_answers's)."""
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+    task = Task(prompts=[ids], max_tokens=[4], seeds=[0], stop_ids=smol.tokenizer.stop_ids)
+    res = run(smol.engine(), decode(catalog.resolve("cot", smol), task, smol.tokenizer,
+                                    smol.config.max_position_embeddings))[0]
+    assert len(res["branches"]) == 10 and len({b["tokens"][0] for b in res["branches"]}) == 10
     assert all(0 <= b["confidence"] <= 1 for b in res["branches"])
     assert res["answer"] == res["branches"][res["choice"]]["answer"]
 
 
 @pytest.mark.slow
-def test_cli_cot_json(capsys):
-    rc = main(["generate", QUESTION, "--sampler", "cot", "--branches", "4", "--max-tokens", "32", "--json"])
+def test_cli_cot_json(cli_load_once, capsys):
+    rc = main(["generate", QUESTION, "--sampler", "cot", "--branches", "4", "--max-tokens", "4", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(out["branches"]) == 4
     for b in out["branches"]:

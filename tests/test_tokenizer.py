@@ -10,7 +10,7 @@ import re
 import pytest
 
 from entropix.io.gguf import read_gguf
-from entropix.io.tokenizer import StreamingDetokenizer, Tokenizer
+from entropix.io.tokenizer import StreamingDetokenizer, TextTokenizer
 
 from tiny import gguf_tokenizer
 
@@ -60,7 +60,7 @@ def meta(gguf_path):
 
 @pytest.fixture(scope="module")
 def tok(meta):
-    return Tokenizer.from_gguf_metadata(meta)
+    return TextTokenizer.from_gguf_metadata(meta)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_streaming_skip_special(tok):
 def test_from_tokenizer_json_round_trip(tok, hf_saved):
     cfg_path = hf_saved / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-    tj = Tokenizer.from_tokenizer_json(hf_saved / "tokenizer.json", cfg)
+    tj = TextTokenizer.from_tokenizer_json(hf_saved / "tokenizer.json", cfg)
     assert tj.vocab_size == tok.vocab_size
     assert (tj.bos_id, tj.eos_id, tj.add_bos) == (tok.bos_id, tok.eos_id, tok.add_bos)
     assert tj.stop_ids == tok.stop_ids
@@ -267,7 +267,7 @@ def test_from_tokenizer_json_round_trip(tok, hf_saved):
 
 
 def test_from_dir_tokenizer_json(tok, hf_saved):
-    loaded = Tokenizer.from_dir(hf_saved)
+    loaded = TextTokenizer.from_dir(hf_saved)
     assert loaded.encode(STREAM_TEXT) == tok.encode(STREAM_TEXT)
     # The chat template travels with the folder (in tokenizer_config.json or chat_template.jinja).
     assert loaded.render_chat(CONVERSATION) == tok.render_chat(CONVERSATION)
@@ -275,7 +275,7 @@ def test_from_dir_tokenizer_json(tok, hf_saved):
 
 def test_tokenizer_json_without_template_uses_chatml(hf_saved, tmp_path):
     (tmp_path / "tokenizer.json").write_bytes((hf_saved / "tokenizer.json").read_bytes())
-    loaded = Tokenizer.from_dir(tmp_path)
+    loaded = TextTokenizer.from_dir(tmp_path)
     assert loaded.chat_template is None
     text = loaded.render_chat([{"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -345,7 +345,7 @@ def tiktoken_file(tmp_path):
 
 def test_from_tiktoken_matches_reference_bpe(tiktoken_file):
     ranks = _tiktoken_ranks()
-    tt = Tokenizer.from_tiktoken(tiktoken_file)
+    tt = TextTokenizer.from_tiktoken(tiktoken_file)
     for text in TIKTOKEN_TEXTS:
         expected = [i for piece in _ASCII_SPLIT.findall(text) for i in _reference_bpe(piece.encode(), ranks)]
         assert tt.encode(text, add_bos=False) == expected, text
@@ -360,7 +360,7 @@ def test_from_tiktoken_matches_tiktoken_package(tiktoken_file):
 
     from entropix.io.tokenizer import LLAMA3_PATTERN
 
-    tt = Tokenizer.from_tiktoken(tiktoken_file)
+    tt = TextTokenizer.from_tiktoken(tiktoken_file)
     specials = {"<|begin_of_text|>": tt.bos_id, "<|eot_id|>": tt.find_token("<|eot_id|>")}
     enc = tiktoken.Encoding(
         "test", pat_str=LLAMA3_PATTERN, mergeable_ranks=_tiktoken_ranks(), special_tokens=specials
@@ -371,7 +371,7 @@ def test_from_tiktoken_matches_tiktoken_package(tiktoken_file):
 
 def test_from_tiktoken_specials_and_chat(tiktoken_file):
     n = len(_tiktoken_ranks())
-    tt = Tokenizer.from_tiktoken(tiktoken_file)
+    tt = TextTokenizer.from_tiktoken(tiktoken_file)
     assert tt.vocab_size == n + 256
     assert tt.bos_id == n and tt.eos_id == n + 1  # <|begin_of_text|>, <|end_of_text|>
     assert tt.add_bos
@@ -397,7 +397,7 @@ def test_from_tiktoken_specials_and_chat(tiktoken_file):
 
 def test_from_tiktoken_custom_specials(tiktoken_file):
     n = len(_tiktoken_ranks())
-    tt = Tokenizer.from_tiktoken(tiktoken_file, special_tokens={"<|im_end|>": n, "<|im_start|>": n + 1})
+    tt = TextTokenizer.from_tiktoken(tiktoken_file, special_tokens={"<|im_end|>": n, "<|im_start|>": n + 1})
     assert tt.vocab_size == n + 2
     assert tt.bos_id is None and not tt.add_bos
     assert tt.encode("<|im_start|>hello<|im_end|>") == [n + 1, _tiktoken_ranks()[b"hello"], n]
@@ -409,7 +409,7 @@ def test_chat_template_helpers(tiktoken_file):
         "{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}"
         "{{ strftime_now('%Y') }}|{{ messages[0] | tojson }}"
     )
-    tt = Tokenizer.from_tiktoken(tiktoken_file, chat_template=template)
+    tt = TextTokenizer.from_tiktoken(tiktoken_file, chat_template=template)
     year, payload = tt.render_chat([{"role": "user", "content": "<a & b>"}]).split("|", 1)
     assert year.isdigit() and len(year) == 4
     assert json.loads(payload) == {"role": "user", "content": "<a & b>"}  # not HTML-escaped
@@ -417,8 +417,30 @@ def test_chat_template_helpers(tiktoken_file):
         tt.render_chat([])
 
 
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__.__mro__ }}",
+        "{% for c in ().__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+        "{{ raise_exception.__globals__ }}",
+        "{{ messages.append(1) }}",  # the immutable sandbox: no mutating calls either
+    ],
+)
+def test_chat_template_sandbox_refuses_escapes(tiktoken_file, template):
+    """Chat templates come from model files: the sandbox refuses attribute walks to Python
+    internals, and the refusal is a one-line EntropixError, not a traceback."""
+    from entropix import EntropixError
+
+    tt = TextTokenizer.from_tiktoken(tiktoken_file, chat_template=template)
+    with pytest.raises(EntropixError) as info:
+        tt.render_chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "\n" not in message and "refused" in message
+
 def test_from_dir_tiktoken(tiktoken_file):
-    loaded = Tokenizer.from_dir(tiktoken_file.parent)
+    loaded = TextTokenizer.from_dir(tiktoken_file.parent)
     ranks = _tiktoken_ranks()
     assert loaded.encode("hello world", add_bos=False) == [ranks[b"hello"], ranks[b" world"]]
 
@@ -430,15 +452,15 @@ def test_from_dir_tiktoken(tiktoken_file):
 def test_from_dir_without_tokenizer_raises(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="tokenizer"):
-        Tokenizer.from_dir(tmp_path)
+        TextTokenizer.from_dir(tmp_path)
 
 
 def test_from_dir_sentencepiece_model_raises(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
     with pytest.raises(ValueError, match="tiktoken"):
-        Tokenizer.from_dir(tmp_path)
+        TextTokenizer.from_dir(tmp_path)
 
 
 def test_unsupported_gguf_model_raises():
     with pytest.raises(ValueError, match="gguf|GGUF"):
-        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})
+        TextTokenizer.from_gguf_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})

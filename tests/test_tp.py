@@ -24,6 +24,8 @@ from entropix.sampler.config import SamplerConfig, SamplingParams
 from entropix.sampler.policy import Entropix, Greedy, Sample
 from tiny import write_gguf_from_hf, write_hf_model
 
+pytestmark = pytest.mark.slow  # tensor parallelism spawns gloo ranks (make test-fast leaves it out)
+
 REPO = Path(__file__).resolve().parents[1]
 ENTROPIX = [sys.executable, "-m", "entropix.cli"]
 PROMPTS = [[5, 17, 300, 41, 9, 1200, 77], [8, 6, 2500, 13]]
@@ -117,10 +119,10 @@ def _groups(i: int, rows: int) -> list[SampleGroup]:
             SampleGroup(smp, b, uniforms=rng.random((len(b), smp.draws)))]
 
 
-def _check_parity(one, spec: str | None, world: int, prompts) -> None:
+def _check_parity(one, spec: str | None, world: int, prompts, tokens: int = 12) -> None:
     """Rank 0 here, the other ranks spawned: logits, attention statistics, sampled tokens and
     entropix states per step as on one device, then the same greedy text."""
-    from entropix.distributed import start
+    from entropix.loading import load_tensor_parallel as start
 
     lm = start(spec, world, device="cpu", dtype="float32", exit_on_lost=False)
     try:
@@ -132,15 +134,15 @@ def _check_parity(one, spec: str | None, world: int, prompts) -> None:
             assert np.array_equal(h1.token, h2.token) and np.array_equal(h1.code, h2.code)
             np.testing.assert_allclose(h1.entropy, h2.entropy, atol=1e-4)
             states |= set(h1.code[::2].tolist())
-        reqs = [Request(prompt=p, policy=Greedy(), max_tokens=12, stop_ids=frozenset()) for p in prompts]
+        reqs = [Request(prompt=p, policy=Greedy(), max_tokens=tokens, stop_ids=frozenset()) for p in prompts]
         toks = [[r.token for r in generate(x.engine(), reqs)] for x in (one, lm)]
-        assert toks[0] == toks[1] and len(toks[0]) == 12 * len(prompts)
+        assert toks[0] == toks[1] and len(toks[0]) == tokens * len(prompts)
         return states
     finally:
         lm.close()
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_tp_matches_one_device(gqa_folder, world):
     from entropix.loading import load_model
 
@@ -152,7 +154,7 @@ def test_tp_matches_one_device(gqa_folder, world):
 def test_dropped_backends_are_dropped_on_every_rank(gqa_folder):
     import gc
 
-    from entropix.distributed import start
+    from entropix.loading import load_tensor_parallel as start
 
     lm = start(str(gqa_folder), 2, device="cpu", dtype="float32", exit_on_lost=False)
     try:
@@ -168,44 +170,58 @@ def test_dropped_backends_are_dropped_on_every_rank(gqa_folder):
         lm.close()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_tp_matches_one_device_embedded(lm, world):
-    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": q}])
+def test_tp_matches_one_device_embedded(smol, world=2):
+    """The embedded model over two ranks (worlds 2, 3 and 4: test_tp_matches_one_device on a tiny checkpoint)."""
+    prompts = [smol.tokenizer.encode_chat([{"role": "user", "content": q}])
                for q in ("What is 7 times 6?", "Name a colour.")]
-    _check_parity(lm, None, world, prompts)
+    _check_parity(smol, None, world, prompts, tokens=4)
 
 
-def test_tp_errors_are_one_line(gqa_folder):
-    r = subprocess.run(ENTROPIX + ["generate", "hi", "--model", str(gqa_folder), "--tp", "9"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "more than the model's 8 attention heads" in r.stderr.strip().splitlines()[-1]
-    r = subprocess.run(ENTROPIX + ["generate", "hi", "--model", str(gqa_folder), "--tp", "0"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--tp must be at least 1" in r.stderr
+def test_tp_errors_are_one_line(gqa_folder, capsys):
+    """Both fail before any rank starts (in this process: tests/test_cli.py runs the script's own exit)."""
+    from entropix.cli import main
+
+    assert main(["generate", "hi", "--model", str(gqa_folder), "--tp", "9"]) == 2
+    assert "more than the model's 8 attention heads" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["generate", "hi", "--model", str(gqa_folder), "--tp", "0"]) == 2
+    assert "--tp must be at least 1" in capsys.readouterr().err
 
 
 # -- the command line --------------------------------------------------------------------------
 
+GENERATE = ["generate", "What is 7 times 6?", "--json", "--device", "cpu", "--dtype", "float32"]
+
+
 def _generate(model: str, tp: int, extra=()) -> list[int]:
-    r = subprocess.run(ENTROPIX + ["generate", "What is 7 times 6?", "--model", model, "--tp", str(tp), "--json",
-                                   "--device", "cpu", "--dtype", "float32", *extra],
+    r = subprocess.run(ENTROPIX + GENERATE + ["--model", model, "--tp", str(tp), *extra],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["tokens"]
 
 
-@pytest.mark.slow
-def test_cli_generate_same_tokens_tiny(gqa_folder):
-    one = _generate(str(gqa_folder), 1, ["--max-tokens", "16"])
+@pytest.fixture
+def one_device(cli_load_once, capsys):
+    """`entropix generate ... --tp 1` run here (the model loaded once per test process): its tokens."""
+    from entropix.cli import main
+
+    def run(model: str, extra=()) -> list[int]:
+        rc = main(GENERATE + ["--model", model, "--tp", "1", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return json.loads(out)["tokens"]
+
+    return run
+
+
+def test_cli_generate_same_tokens_tiny(gqa_folder, one_device):
+    one = one_device(str(gqa_folder), ["--max-tokens", "16"])
     assert len(one) == 16
     assert _generate(str(gqa_folder), 2, ["--max-tokens", "16"]) == one
     assert _generate(str(gqa_folder), 4, ["--max-tokens", "16"]) == one
 
 
-@pytest.mark.slow
-def test_cli_generate_same_tokens_embedded():
-    assert _generate("default", 2, ["--max-tokens", "24"]) == _generate("default", 1, ["--max-tokens", "24"])
+def test_cli_generate_same_tokens_embedded(one_device):
+    assert _generate("default", 2, ["--max-tokens", "8"]) == one_device("default", ["--max-tokens", "8"])
 
 
 # -- memory per rank ---------------------------------------------------------------------------
@@ -253,7 +269,6 @@ def _write_big(folder: Path, src: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_peak_memory_per_rank_is_its_share(gqa_folder, tmp_path):
     big = _write_big(tmp_path / "big", gqa_folder)
     assert 250e6 < (big / "model.safetensors").stat().st_size < 400e6
@@ -294,7 +309,6 @@ def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-@pytest.mark.slow
 def test_serve_tp2_answers_and_stops_with_503_when_a_rank_dies(gqa_folder):
     import socket
     import urllib.request
@@ -336,14 +350,13 @@ def test_serve_tp2_answers_and_stops_with_503_when_a_rank_dies(gqa_folder):
             server.kill()
 
 
-@pytest.mark.slow
-def test_torchrun_ranks_follow_rank_0(gqa_folder):
+def test_torchrun_ranks_follow_rank_0(gqa_folder, one_device):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "entropix.cli", "generate", "What is 7 times 6?", "--model", str(gqa_folder), "--json",
            "--device", "cpu", "--dtype", "float32", "--max-tokens", "16"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["tokens"] == _generate(str(gqa_folder), 1, ["--max-tokens", "16"])
+    assert json.loads(r.stdout)["tokens"] == one_device(str(gqa_folder), ["--max-tokens", "16"])
 
 
 @pytest.mark.parametrize("field, value, what", [("qkv_bias", True, "biases"), ("qk_norm", True, "q/k norms"),

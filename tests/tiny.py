@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def write_hf_model(folder: Path, gguf_path: Path, seed: int = 0, **over) -> Path
                 p.normal_(0, 0.08)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    gguf_tokenizer(gguf_path).save_pretrained(folder)
+    save_gguf_tokenizer(gguf_path, folder)
     return folder
 
 
@@ -48,6 +49,54 @@ def gguf_tokenizer(gguf_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+# Set by tests/conftest.py: a cache folder that test processes share, this run's and later ones'
+# (pytest-xdist's workers too). transformers takes ~10 s to build a GGUF file's tokenizer; the files
+# of the first build are copied from there (keyed by the GGUF file and the transformers version).
+SHARED_DIR: Path | None = None
+
+
+def _saved_gguf_tokenizer(gguf_path: Path) -> Path | None:
+    """transformers' tokenizer of `gguf_path` saved in SHARED_DIR (built there by the first process
+    that asks, under a file lock); None without a usable SHARED_DIR."""
+    if SHARED_DIR is None:
+        return None
+    import transformers
+    from filelock import FileLock
+
+    try:
+        SHARED_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    st = gguf_path.stat()
+    saved = SHARED_DIR / f"tokenizer-{gguf_path.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    with FileLock(str(saved) + ".lock"):
+        if not saved.is_dir():
+            part = saved.with_name(saved.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            gguf_tokenizer(gguf_path).save_pretrained(part)
+            part.rename(saved)
+    return saved
+
+
+def save_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:
+    """transformers' tokenizer of `gguf_path` saved into `folder` (what gguf_tokenizer(...).save_pretrained writes)."""
+    saved = _saved_gguf_tokenizer(gguf_path)
+    if saved is None:
+        gguf_tokenizer(gguf_path).save_pretrained(folder)
+        return
+    for f in saved.iterdir():
+        shutil.copy(f, folder / f.name)
+
+
+def hf_gguf_tokenizer(gguf_path: Path):
+    """transformers' tokenizer of `gguf_path`, read back from its saved files (fast after the first
+    build of the run); gguf_tokenizer is transformers' own GGUF reading, for tests of that."""
+    from transformers import AutoTokenizer
+
+    saved = _saved_gguf_tokenizer(gguf_path)
+    return gguf_tokenizer(gguf_path) if saved is None else AutoTokenizer.from_pretrained(saved)
 
 
 def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:

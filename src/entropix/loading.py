@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import EntropixError
+from .backends import create_backend
 from .config import ModelConfig
+from .decode.engine import Engine
+
+if TYPE_CHECKING:
+    from .io.tokenizer import Tokenizer
 
 
 @dataclass
@@ -15,20 +20,30 @@ class LoadedModel:
 
     name: str  # what profiles and the server call it
     config: ModelConfig
-    tokenizer: Any  # entropix.io.tokenizer.Tokenizer
+    tokenizer: Tokenizer  # entropix.io.tokenizer.Tokenizer (a protocol)
     source: str  # the file or folder the weights came from
     backend: str  # "torch", later "jax", "mlx"
     model: Any  # the backend's model object (torch: backends.torch.model.Transformer)
     device: str  # e.g. "cpu", "cuda:0"
     dtype: str  # e.g. "float32", "bfloat16"
     quant: str = "none"  # torch: weight-only quantized projections, "none" / "int8" / "int4"
+    # torch tensor parallelism (backends.torch.ranks.Session): engines run on every rank
+    session: Any = None
 
-    def engine(self, capture_layers: tuple[int, ...] = (-1,)):
+    def engine(self, capture_layers: tuple[int, ...] = (-1,)) -> Engine:
         """A host engine over a fresh backend for this model."""
-        from .backends import create_backend
-        from .decode.engine import Engine
+        backend = self.session.backend(capture_layers) if self.session else create_backend(self, capture_layers)
+        return Engine(backend, self.tokenizer, self.config.max_position_embeddings)
 
-        return Engine(create_backend(self, capture_layers), self.tokenizer, self.config.max_position_embeddings)
+    @property
+    def unavailable(self) -> str | None:
+        """Why this model can no longer compute (a tensor-parallel rank died), or None."""
+        return self.session.dead if self.session else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any."""
+        if self.session:
+            self.session.close()
 
 
 def load_model(spec: str | None = None, *, backend: str = "torch", device: str | None = "auto",
@@ -41,15 +56,15 @@ def load_model(spec: str | None = None, *, backend: str = "torch", device: str |
     checkpoint stores it, see backends/torch/quant.py)."""
     if backend not in (*_LOADERS, "mlx"):
         raise EntropixError(f"unknown backend {backend!r} (known: {', '.join([*_LOADERS, 'mlx'])})")
-    if backend != "jax" and (tp, dp) != (1, 1):  # torch's --tp goes through entropix.distributed
+    if backend != "jax" and (tp, dp) != (1, 1):  # torch's --tp: load_tensor_parallel
         raise EntropixError(f"--dp takes --backend jax, and --tp jax or torch (the {backend} backend runs on "
                             "one device)" if backend == "mlx" or dp != 1 else
                             "load_model runs the torch backend on one device: tensor parallelism goes through "
-                            "entropix.distributed (entropix ... --tp N)")
+                            "load_tensor_parallel (entropix ... --tp N)")
     if backend == "mlx":  # reads folders through mlx-lm (more architectures, MLX quantized folders)
         from .backends.mlx.loader import load as load_mlx
 
-        return load_mlx(spec, device=device, dtype=dtype, progress=progress)
+        return LoadedModel(backend="mlx", **load_mlx(spec, device=device, dtype=dtype, progress=progress))
     mesh = {"tp": tp, "dp": dp} if backend == "jax" else {}
     if backend == "torch":
         mesh = {"quant": quant}
@@ -84,6 +99,19 @@ def _load_jax(ckpt, device, dtype, progress, tp=1, dp=1):
 
     model = load(ckpt, device=device, dtype=dtype, tp=tp, dp=dp, progress=progress)
     return model, model.config, model.device, model.dtype_name
+
+
+def load_tensor_parallel(spec: str | None, tp: int | None = None, *, device: str | None = "auto",
+                         dtype: str | None = "auto", exit_on_lost: bool = True) -> LoadedModel:
+    """The torch model over `tp` ranks (spawned here, or torchrun's; see backends/torch/ranks.py).
+    On torchrun's other ranks this never returns: they follow rank 0 and exit."""
+    from .backends.torch.ranks import start
+
+    session, ckpt = start(spec, tp, device=device, dtype=dtype, exit_on_lost=exit_on_lost)
+    m = session.model
+    return LoadedModel(name=ckpt.name, config=ckpt.config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+                       backend="torch", model=m, device=str(m.device), dtype=str(m.dtype).removeprefix("torch."),
+                       session=session)
 
 
 # backend name -> (checkpoint, device, dtype, progress) -> (model, config, device, dtype names)

@@ -28,7 +28,7 @@ import torch
 from .. import EntropixError
 from ..backends.torch import ops as tops
 from ..backends.torch.backend import TorchBackend
-from ..backends.torch.model import newest_query_stats
+from ..backends.torch.layers import newest_query_stats
 from ..decode.records import Request, TokenRecord
 from ..sampler import catalog
 from ..sampler.policy import Entropix
@@ -45,7 +45,7 @@ class EntropixLogitsProcessor:
     model_name). pause_id: the pause token (-1: none; `pause_token_id(tokenizer)` finds the
     profile's). seed: row b draws from `row_seed(seed, b)`, as our engine's rows do.
     One processor serves one generate call at a time; it starts afresh when the input
-    stops growing by one token per call. `history[b]` holds row b's (token, state,
+    stops growing by one token per call. `history[b]` holds row b's (token, regime,
     entropy, varentropy) per step.
     """
 
@@ -71,7 +71,7 @@ class EntropixLogitsProcessor:
         self._length = L
         tokens, codes, H, V = self._choose(scores)
         for b, (t, c) in enumerate(zip(tokens.tolist(), codes.tolist())):
-            self.history[b].append((t, self.policy.states[c], float(H[b]), float(V[b])))
+            self.history[b].append((t, self.policy.regimes[c], float(H[b]), float(V[b])))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tokens[:, None].to(scores.device), 0.0)
 
@@ -83,7 +83,8 @@ class EntropixLogitsProcessor:
             self._table = tops.entropix_table_tensors(self.policy, dev)
         logp, H, V = tops.logit_metrics(scores)
         K = min(self.config.max_top_k, scores.shape[-1])
-        top_lp, top_id = logp.topk(max(K, 2), dim=-1)
+        top_id = tops.top_sorted(scores, max(K, 2))[1]  # by logit, ties by lower id, as every backend ranks
+        top_lp = logp.gather(1, top_id)
         prev, ok = (torch.from_numpy(f).to(dev) if f.any() else None for f in (g.flags[:, 0], g.flags[:, 1]))
         u = torch.from_numpy(g.uniforms.astype(np.float32)).to(dev)
         attn = torch.zeros(scores.shape[0], 4, device=dev)  # logits only: the table gives them no weight
@@ -146,7 +147,6 @@ class HFBackend(TorchBackend):
         self.capture_layers = tuple(sorted({i % n for i in capture_layers}))
         self.device = model.device
         self.cache = self.logits = self.attn = self.attn_valid = None
-        self._tables = {}
         # transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 

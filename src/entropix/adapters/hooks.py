@@ -73,8 +73,8 @@ class _Named:
 class LogitsSampler:
     """One sequence's logits-only choice in numpy: call it with the next-token logits [V].
 
-    `last` holds the step's StepHost (token, state code, entropy, varentropy, margin,
-    top alternatives) for records; `history` the (token, state) of every step.
+    `last` holds the step's StepHost (token, regime code, entropy, varentropy, margin,
+    top alternatives) for records; `history` the (token, regime) of every step.
     """
 
     def __init__(self, policy: TokenPolicy, seed: int | None = None, top_logprobs: int = 5) -> None:
@@ -93,13 +93,14 @@ class LogitsSampler:
         self.last = ops.sample(logits, [group(self.policy, [self.row])], min(self.k, logits.shape[-1]))
         tok = int(self.last.token[0])
         take(self.policy, [self.row], [tok])
-        self.history.append((tok, self.state))
+        self.history.append((tok, self.regime))
         return tok
 
     @property
-    def state(self) -> str:
+    def regime(self) -> str:
+        """The regime that chose the last token ("?" before the first)."""
         code = int(self.last.code[0]) if self.last is not None else -1
-        return self.policy.states[code] if 0 <= code < len(self.policy.states) else "?"
+        return self.policy.regimes[code] if 0 <= code < len(self.policy.regimes) else "?"
 
 
 def forced(scores: np.ndarray, token: int) -> np.ndarray:

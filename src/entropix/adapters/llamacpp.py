@@ -4,7 +4,7 @@
   `Llama.generate` / `create_completion`; it forces the logits-only entropix choice.
 - `LlamaCppBackend`: our Backend protocol over a `llama_cpp.Llama` (one row, token by
   token), so our host engine drives llama.cpp and yields the same TokenRecords as with
-  our own backend (entropy, varentropy, margin, state; no attention metrics). It is what
+  our own backend (entropy, varentropy, margin, regime; no attention metrics). It is what
   `entropix generate --engine llama.cpp --model FILE.gguf` runs.
 """
 
@@ -34,7 +34,7 @@ def _llama_cpp():
 class EntropixLogitsProcessor:
     """For `Llama.generate(tokens, logits_processor=LogitsProcessorList([proc]))`: called with
     (input_ids, scores [V]) per token; returns scores that leave one token (the entropix
-    choice). `sampler.history` holds (token, state) per step."""
+    choice). `sampler.history` holds (token, regime) per step."""
 
     def __init__(self, config: Any = None, seed: int | None = None, pause_id: int = -1,
                  model_name: str | None = None) -> None:

@@ -23,7 +23,7 @@ from . import hooks
 
 class EntropixSampler:
     """Call with mlx-lm's log-probabilities [1, V]; returns the chosen token [1] (uint32).
-    `sampler.history` holds (token, state) per step; `reset()` starts the stream again."""
+    `sampler.history` holds (token, regime) per step; `reset()` starts the stream again."""
 
     def __init__(self, config: Any = None, seed: int | None = None, pause_id: int = -1,
                  model_name: str | None = None) -> None:

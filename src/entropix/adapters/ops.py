@@ -2,10 +2,10 @@
 
 The twin of `backends/torch/ops.py` for the policies that need no attention (greedy,
 sampling, CoT ranks and entropix without attention metrics), in float32 like the torch
-ops, so that the same logits and the same host uniforms give the same token. The
-strategy codes come from the host reference `sampler.policy.entropix_states` and the
-parameters from the same strategy table. llama.cpp and mlx-lm adapters use it; the
-transformers adapter runs the torch ops themselves.
+ops, so that the same logits and the same host uniforms give the same token (the float64
+definition is `sampler/reference.py`). The regime codes come from the reference's
+`entropix_regimes` and the parameters from the same regime table. llama.cpp and mlx-lm
+adapters use it; the transformers adapter runs the torch ops themselves.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..backends.base import SampleGroup, StepHost
-from ..sampler.policy import ADAPTIVE, PAUSE, Entropix, EntropixTable, Greedy, Ranked, Sample, entropix_states
+from ..backends.base import SampleGroup, StepHost, candidates, pause_flags, policy_op, ranking_width, step_blocks
+from ..sampler.policy import ADAPTIVE, PAUSE, Entropix, EntropixTable, Greedy, Ranked, Sample
+from ..sampler.reference import entropix_regimes
 
 LN2 = math.log(2.0)
 _U_MAX = np.float32(1.0 - 2.0 ** -24)
@@ -60,12 +61,21 @@ def logit_metrics(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest values [B, k] and their ids, most likely first."""
-    k = min(k, logp.shape[-1])
-    part = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
+    """The k largest values [B, k] and their ids, most likely first, equal values by lower id first."""
+    V = logp.shape[-1]
+    k = min(k, V)
+    if k == V:
+        ids = np.argsort(-logp, axis=-1, kind="stable")
+        return np.take_along_axis(logp, ids, -1), ids
+    part = np.argpartition(-logp, k, axis=-1)[:, :k + 1]  # the k largest, then the (k+1)-th
+    after = np.take_along_axis(logp, part[:, k:], -1)[:, 0]
+    part = np.sort(part[:, :k], -1)  # by id: the stable sort below then puts equal values lower id first
     vals = np.take_along_axis(logp, part, -1)
-    order = np.argsort(-vals, axis=-1, kind="stable")
-    return np.take_along_axis(vals, order, -1), np.take_along_axis(part, order, -1)
+    ids = np.take_along_axis(part, np.argsort(-vals, axis=-1, kind="stable"), -1)
+    tied = vals.min(-1) == after  # argpartition picks among ties across the k-th place as it likes
+    if tied.any():
+        ids[tied] = np.argsort(-logp[tied], axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(logp, ids, -1), ids
 
 
 def _col(x, n: int) -> np.ndarray:
@@ -96,10 +106,10 @@ def draw_sorted(logq: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def entropix_plan(policy: Entropix, H, V, attn=None, pause_ok=None):
-    """State codes [B] (the host reference) and each row's (temperature, top_k, top_p, min_p)."""
+    """Regime codes [B] (the host reference) and each row's (temperature, top_k, top_p, min_p)."""
     t: EntropixTable = policy.table()
     B = len(H)
-    code = entropix_states(policy.config, H, V, pause_ok)
+    code = entropix_regimes(policy.config, H, V, pause_ok)
     attn = np.zeros((B, 4), dtype=_F) if attn is None else attn.astype(_F)
     feats = np.concatenate([np.ones((B, 1), _F), H.reshape(-1, 1).astype(_F), V.reshape(-1, 1).astype(_F), attn], 1)
     raw = feats @ np.asarray(t.weights, dtype=_F)  # [B, 20]
@@ -111,6 +121,11 @@ def entropix_plan(policy: Entropix, H, V, attn=None, pause_ok=None):
     return code, params[:, 0], params[:, 1].astype(np.int64), params[:, 2], params[:, 3]
 
 
+def entropix_score(logq, model_logp, entropy, weight: float) -> np.ndarray:
+    """Best-of-N score of candidates [B, N]: log q minus weight * |surprisal (bits) - entropy|."""
+    return logq - _F(weight) * np.abs(-model_logp / _F(LN2) - entropy[:, None])
+
+
 def entropix_tokens(policy: Entropix, vals, idx, H, V, u, prev=None, ok=None, attn=None):
     """The entropix choice for a group: (tokens [B], codes [B]); vals/idx [B, K] are the
     max_top_k most likely log-probabilities and ids. prev: the previous token is the pause
@@ -118,16 +133,17 @@ def entropix_tokens(policy: Entropix, vals, idx, H, V, u, prev=None, ok=None, at
     c, pid = policy.config, policy.pause_id
     code, temp, k, p, m = entropix_plan(policy, H, V, attn, ok)
     logp = vals
-    if prev is not None:  # never the pause token twice in a row
-        vals = np.where(prev[:, None] & (idx == pid), -np.inf, vals).astype(_F)
-        order = np.argsort(-vals, axis=-1, kind="stable")
+    if prev is not None:  # never the pause token twice in a row: it goes behind every other candidate
+        hit = prev[:, None] & (idx == pid)
+        order = np.argsort(hit, axis=-1, kind="stable")
+        vals = np.where(hit, -np.inf, vals).astype(_F)
         vals, idx, logp = (np.take_along_axis(a, order, -1) for a in (vals, idx, logp))
     logq = filter_sorted(vals, temp, k, p, m)
     cand = draw_sorted(logq, u)  # [B, N]
     pick = cand[:, 0]
     if cand.shape[1] > 1:
-        model_lp = np.take_along_axis(logp, cand, -1)
-        score = np.take_along_axis(logq, cand, -1) - _F(c.typicality_weight) * np.abs(-model_lp / _F(LN2) - H[:, None])
+        score = entropix_score(np.take_along_axis(logq, cand, -1), np.take_along_axis(logp, cand, -1), H,
+                               c.typicality_weight)
         best = np.take_along_axis(cand, score.argmax(-1)[:, None], -1)[:, 0]
         pick = np.where(code == ADAPTIVE, best, pick)
     tokens = np.take_along_axis(idx, pick[:, None], -1)[:, 0]
@@ -144,26 +160,36 @@ def sample_tokens(policy: Sample, logp: np.ndarray, u: np.ndarray) -> np.ndarray
     return np.take_along_axis(idx, draw_sorted(logq, u[:, :1]), -1)[:, 0]
 
 
+def _greedy(group: SampleGroup, logp, H, V, top_lp, top_id, attn):
+    return top_id[:, 0], np.zeros(len(logp), dtype=np.int64)
+
+
+def _sample(group: SampleGroup, logp, H, V, top_lp, top_id, attn):
+    return sample_tokens(group.policy, logp, group.uniforms), np.zeros(len(logp), dtype=np.int64)
+
+
+def _ranked(group: SampleGroup, logp, H, V, top_lp, top_id, attn):
+    r = group.ranks
+    ids = top_k(logp, int(r.max()) + 1)[1]
+    return ids[np.arange(len(r)), np.maximum(r, 0)], (r < 0).astype(np.int64)
+
+
+def _entropix(group: SampleGroup, logp, H, V, top_lp, top_id, attn):
+    pol = group.policy
+    if pol.attention and attn is None:
+        raise ValueError("this engine gives logits only: entropix needs attention=False here")
+    K = candidates(pol, logp.shape[-1])
+    prev, ok = pause_flags(group)
+    return entropix_tokens(pol, top_lp[:, :K], top_id[:, :K], H, V, group.uniforms, prev, ok, attn)
+
+
+OPS = {Greedy: _greedy, Sample: _sample, Ranked: _ranked, Entropix: _entropix}
+
+
 def choose(group: SampleGroup, logp, H, V, top_lp, top_id, attn=None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, codes) of one group's rows; the arrays hold only the group's rows. logp may
     be the logits (any per-row shift of log p): only top_lp must be log-probabilities."""
-    pol, n = group.policy, len(logp)
-    zeros = np.zeros(n, dtype=np.int64)
-    if isinstance(pol, Greedy):
-        return top_id[:, 0], zeros
-    if isinstance(pol, Sample):
-        return sample_tokens(pol, logp, group.uniforms), zeros
-    if isinstance(pol, Ranked):
-        r = group.ranks
-        ids = top_k(logp, int(r.max()) + 1)[1]
-        return ids[np.arange(n), np.maximum(r, 0)], (r < 0).astype(np.int64)
-    if isinstance(pol, Entropix):
-        if pol.attention and attn is None:
-            raise ValueError("this engine gives logits only: entropix needs attention=False here")
-        K = min(pol.config.max_top_k, logp.shape[-1])
-        prev, ok = (f if f.any() else None for f in (group.flags[:, 0], group.flags[:, 1]))
-        return entropix_tokens(pol, top_lp[:, :K], top_id[:, :K], H, V, group.uniforms, prev, ok, attn)
-    raise TypeError(f"no numpy ops for policy {type(pol).__name__}")
+    return policy_op(OPS, group.policy, "numpy")(group, logp, H, V, top_lp, top_id, attn)
 
 
 def sample(logits: np.ndarray, groups: Sequence[SampleGroup], k: int, attn: np.ndarray | None = None) -> StepHost:
@@ -171,18 +197,14 @@ def sample(logits: np.ndarray, groups: Sequence[SampleGroup], k: int, attn: np.n
     x = np.atleast_2d(logits).astype(_F, copy=False)
     norm, H, V = moments(x)
     B = x.shape[0]
-    wide = [min(g.policy.config.max_top_k, x.shape[-1]) for g in groups if isinstance(g.policy, Entropix)]
-    top_x, top_id = top_k(x, max([k, 2] + wide))
+    top_x, top_id = top_k(x, ranking_width(groups, k, x.shape[-1]))
     top_lp = top_x - norm[:, None]
     tokens, codes = np.zeros(B, np.int64), np.zeros(B, np.int64)
     for g in groups:  # the policies' filters are shift-invariant: they may read logits for log p
         r = np.asarray(g.rows)
         tokens[r], codes[r] = choose(g, x[r], H[r], V[r], top_lp[r], top_id[r], None if attn is None else attn[r])
-    m = np.zeros((B, 11 + 2 * k))
-    m[:, 0], m[:, 1], m[:, 2] = tokens, codes, x[np.arange(B), tokens] - norm
-    m[:, 3], m[:, 4] = H, V
-    m[:, 5] = np.exp(top_lp[:, 0]) - np.exp(top_lp[:, 1])
-    if attn is not None:
-        m[:, 6:10], m[:, 10] = attn, 1
-    m[:, 11:11 + k], m[:, 11 + k:] = top_id[:, :k], top_lp[:, :k]
-    return StepHost.from_matrix(m, k)
+    chosen = x[np.arange(B), tokens] - norm
+    margin = np.exp(top_lp[:, 0]) - np.exp(top_lp[:, 1])
+    blocks = step_blocks(tokens, codes, chosen, H, V, margin, np.zeros((B, 4)) if attn is None else attn,
+                         np.full(B, attn is not None), top_id[:, :k], top_lp[:, :k])
+    return StepHost.from_matrix(np.concatenate([b.astype(np.float64) for b in blocks], 1), k)

@@ -1,12 +1,17 @@
-"""A transformers tokenizer with the few methods our host engine and catalogue call."""
+"""A transformers tokenizer with the few methods our host engine and catalogue call.
+
+`HFTokenizer` satisfies `entropix.io.tokenizer.Tokenizer` (the protocol), and its streaming
+`HFDetokenizer` satisfies `entropix.io.tokenizer.Detokenizer`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 class HFTokenizer:
-    """encode / encode_chat, streaming detokenizers, token_text, find_token and stop_ids."""
+    """encode / decode / encode_chat, streaming detokenizers, token_text / token_bytes,
+    find_token, vocab_size and stop_ids over a transformers tokenizer."""
 
     def __init__(self, tokenizer: Any, model: Any = None) -> None:
         self.hf = tokenizer
@@ -17,8 +22,25 @@ class HFTokenizer:
         self.stop_ids = frozenset(int(i) for i in stops if i is not None)
         self._texts: dict[str, int] | None = None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text))
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids; add_bos None: as the tokenizer does by default, False: no special tokens
+        (mid-sequence), True: no special tokens but the BOS first."""
+        if add_bos is None:
+            return list(self.hf.encode(text))
+        ids = [int(i) for i in self.hf.encode(text, add_special_tokens=False)]
+        bos = getattr(self.hf, "bos_token_id", None)
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, int(bos))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if hasattr(ids, "tolist"):  # tensors / arrays
+            ids = ids.tolist()
+        return self.hf.decode([int(i) for i in ids])
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -29,8 +51,25 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([int(token_id)])
 
-    def detokenizer(self) -> "Detokenizer":
-        return Detokenizer(self.hf)
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: its text, or, for a piece of a multi-byte character,
+        the bytes its byte-level or SentencePiece ``<0xAB>`` spelling stands for."""
+        text = self.token_text(token_id)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str):
+            from ..io.tokenizer.vocab import sentencepiece_to_bytes, unicode_to_bytes
+
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return sentencepiece_to_bytes(piece)
+            table = unicode_to_bytes()
+            if piece and all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return text.encode("utf-8")
+
+    def detokenizer(self) -> HFDetokenizer:
+        return HFDetokenizer(self.hf)
 
     def find_token(self, text: str) -> int:
         """The token whose text is `text`, else one whose stripped text is the same (nearest
@@ -54,7 +93,7 @@ class HFTokenizer:
         raise ValueError(f"no token resembles {text!r}")
 
 
-class Detokenizer:
+class HFDetokenizer:
     """Text released per token: the decoded text grows, held back while it ends mid-character."""
 
     def __init__(self, hf: Any) -> None:

@@ -13,26 +13,40 @@ the host makes four calls at most:
 Rows are numbered 0..rows-1 in the order the host knows them; every call keeps the
 host's order.
 
-Optional (the engine uses them when a backend has them, else whole prefills):
+Optional, together (`ChunkedBackend`; the engine uses them where `chunked(backend)`, else whole prefills):
 
     max_chunk: int                                         preferred prompt tokens per chunk
     prefill_chunk(key, prompt, start, stop, copies, capture)  feed prompt[start:stop] of a prefill
                                         in progress (start 0 begins it); the last chunk adds the
                                         rows at the end, as prefill() does
     drop_prefill(key)                   forget an unfinished chunked prefill
+
+The sampler's side of the seam is written once here, for every backend (and adapters/ops.py):
+the step matrix's columns (STEP_COLUMNS, step_blocks, StepHost.from_matrix), the dispatch
+from a group's policy to the backend's op (policy_op over the backend's own table), the
+width of the step's one ranking, and the entropix table's arrays and their device cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, TypeGuard
 
 import numpy as np
+
+from ..sampler.dslider import DSlider
+from ..sampler.lookahead import Lookahead
+from ..sampler.policy import Entropix
 
 # Attention statistics of the newest query over each row's valid keys, averaged over the
 # captured layers (see `entropix.sampler.policy` for their definitions).
 ATTN_KEYS = ("attn_entropy", "attn_entropy_var", "agreement", "interaction")
 LOGIT_KEYS = ("entropy", "varentropy", "margin")
+
+# The step matrix sample() moves to the host in one transfer, [B, 11 + 2K (+ extras)]: these
+# columns, then K top ids, K top log-probabilities, then StepHost.extra's columns in order.
+STEP_COLUMNS = ("token", "code", "logprob", "entropy", "varentropy", "margin") + ATTN_KEYS + ("attn_valid",)
+ATTN_VALID = STEP_COLUMNS.index("attn_valid")
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class SampleGroup:
 class StepHost:
     """What one sample() call hands the host: named arrays, one row per batch row.
 
-    token [B] int, code [B] int (the policy's state index), logprob [B] (chosen token
+    token [B] int, code [B] int (the policy's regime index), logprob [B] (chosen token
     under the model's own distribution), entropy, varentropy (bits), margin [B],
     attn [B, 4] (ATTN_KEYS order) with attn_valid [B] saying which rows have them,
     top_ids / top_logprobs [B, K], most likely first.
@@ -78,16 +92,90 @@ class StepHost:
     extra: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def from_matrix(cls, m: np.ndarray, k: int) -> "StepHost":
-        """Unpack the [B, 11 + 2K] matrix a backend moved to the host in one transfer.
+    def from_matrix(cls, m: np.ndarray, k: int, extra: Sequence[str] = ()) -> "StepHost":
+        """Unpack the step matrix (STEP_COLUMNS, K top ids, K top logprobs, then the `extra` columns)."""
+        c = {name: m[:, i] for i, name in enumerate(STEP_COLUMNS)}
+        n = len(STEP_COLUMNS)
+        a = STEP_COLUMNS.index(ATTN_KEYS[0])
+        return cls(token=c["token"].astype(np.int64), code=c["code"].astype(np.int64), logprob=c["logprob"],
+                   entropy=c["entropy"], varentropy=c["varentropy"], margin=c["margin"],
+                   attn=m[:, a:a + len(ATTN_KEYS)], attn_valid=c["attn_valid"] > 0,
+                   top_ids=m[:, n:n + k].astype(np.int64), top_logprobs=m[:, n + k:n + 2 * k],
+                   extra={key: m[:, n + 2 * k + j] for j, key in enumerate(extra)} or None)
 
-        Columns: token, code, logprob, entropy, varentropy, margin, 4 attention metrics,
-        attention-valid flag, then K top ids and K top logprobs.
-        """
-        n = 11
-        return cls(token=m[:, 0].astype(np.int64), code=m[:, 1].astype(np.int64), logprob=m[:, 2],
-                   entropy=m[:, 3], varentropy=m[:, 4], margin=m[:, 5], attn=m[:, 6:10],
-                   attn_valid=m[:, 10] > 0, top_ids=m[:, n:n + k].astype(np.int64), top_logprobs=m[:, n + k:n + 2 * k])
+
+def step_blocks(token, code, logprob, entropy, varentropy, margin, attn, attn_valid, top_ids, top_logprobs,
+                extra: Sequence[Any] = ()) -> list:
+    """The step matrix's blocks in column order, each [B, n], for a backend to cast to fp32 and
+    concatenate in its own framework. Per-row values are [B], attn [B, 4], top_* [B, K], extra [B] each."""
+    per_row = [token, code, logprob, entropy, varentropy, margin]
+    return [a[:, None] for a in per_row] + [attn, attn_valid[:, None], top_ids, top_logprobs] + [e[:, None] for e in extra]
+
+
+# -- one policy dispatch for every backend ------------------------------------------------------
+
+def policy_op(ops: Mapping[type, Callable], policy: Any, backend: str) -> Callable:
+    """The op a backend registered for this policy's type (ops: policy class -> its function)."""
+    for cls in type(policy).__mro__:
+        if cls in ops:
+            return ops[cls]
+    raise TypeError(f"the {backend} backend has no ops for policy {type(policy).__name__}")
+
+
+# How many of the most likely tokens a policy's op reads; the others read at most the two of the margin.
+_WIDTH: dict[type, Callable[[Any], int]] = {Entropix: lambda p: p.config.max_top_k,
+                                            DSlider: lambda p: p.config.support, Lookahead: lambda p: p.candidates}
+
+
+def candidates(policy: Any, vocab: int) -> int:
+    """The most likely tokens a policy's op reads (every regime keeps at most that many)."""
+    width = _WIDTH.get(type(policy))
+    return min(width(policy), vocab) if width else 0
+
+
+def ranking_width(groups: Sequence[SampleGroup], top_k: int, vocab: int) -> int:
+    """How many most likely tokens a step's one ranking holds: the top_k alternatives, the two of
+    the margin and every group's candidates."""
+    return max([top_k, 2] + [candidates(g.policy, vocab) for g in groups])
+
+
+def pause_flags(group: SampleGroup) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """An entropix group's (prev, ok) [n] bool, each None when no row has it: the host knows, so a
+    backend leaves those ops out (and a compiled one compiles without them)."""
+    flags = np.asarray(group.flags, dtype=bool)
+    prev, ok = flags[:, 0], flags[:, 1]
+    return (prev if prev.any() else None), (ok if ok.any() else None)
+
+
+def entropix_arrays(policy: Entropix) -> dict[str, Any]:
+    """An entropix policy's regime table, thresholds, pause id and typicality weight as fp32 / int
+    host arrays (a backend moves them to its device once: TableCache)."""
+    t, c = policy.table(), policy.config
+    out: dict[str, Any] = {
+        "W": np.asarray(t.weights, np.float32), "lo": np.asarray(t.lower, np.float32),
+        "hi": np.asarray(t.upper, np.float32), "is_int": np.asarray(t.is_int, bool),
+        "off": np.asarray(t.offset, np.float32), "code_to_col": np.asarray(t.code_to_column, np.int32),
+        "pause_id": np.int32(policy.pause_id), "typicality_weight": np.float32(c.typicality_weight)}
+    for name in ("low_ent", "low_vent", "med_ent", "med_vent", "high_ent", "high_vent"):
+        out[name] = np.float32(getattr(c, name))
+    return out
+
+
+class TableCache:
+    """A backend's device copies of entropix policies' arrays, built once per policy; the newest
+    64 are kept (a server sees many sampler_configs). Keyed by the whole policy: its thresholds
+    and pause id travel with the table."""
+
+    def __init__(self, build: Callable[[Entropix], Any], size: int = 64) -> None:
+        self.build, self.size = build, size
+        self._items: dict[Entropix, Any] = {}
+
+    def __call__(self, policy: Entropix) -> Any:
+        if policy not in self._items:
+            if len(self._items) >= self.size:
+                self._items.pop(next(iter(self._items)))
+            self._items[policy] = self.build(policy)
+        return self._items[policy]
 
 
 class Backend(Protocol):
@@ -110,3 +198,23 @@ class Backend(Protocol):
 
     def advance(self, tokens: Sequence[int], capture: bool) -> None:
         """Feed one token per row; the logits after it become pending."""
+
+
+class ChunkedBackend(Backend, Protocol):
+    """A backend that also reads long prompts in chunks between decode steps (torch)."""
+
+    max_chunk: int  # preferred prompt tokens per chunk
+
+    def prefill_chunk(self, key: object, prompt: Sequence[int], start: int, stop: int, copies: int,
+                      capture: bool) -> None:
+        """Feed prompt[start:stop] of the prefill `key` (start 0 begins it); the last chunk
+        (stop == len(prompt)) adds its `copies` rows at the end, as prefill() does."""
+
+    def drop_prefill(self, key: object) -> None:
+        """Forget an unfinished chunked prefill (its request was cancelled)."""
+
+
+def chunked(backend: Backend) -> TypeGuard[ChunkedBackend]:
+    """Whether a backend has the optional chunked-prefill members (`ChunkedBackend`)."""
+    return (callable(getattr(backend, "prefill_chunk", None)) and callable(getattr(backend, "drop_prefill", None))
+            and isinstance(getattr(backend, "max_chunk", None), int))

@@ -23,7 +23,7 @@ from ..sampler.catalog import Decoder
 from ..sampler.policy import Greedy
 from .records import Request
 from .scoring import Branch, _groups, branch_of
-from .strategies import Phase, Strategy, Task, follow_ups
+from .phases import Phase, Strategy, Task, follow_ups
 
 
 SCORES = ("max", "sum", "votes")

@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .. import EntropixError
-from ..backends.base import ATTN_KEYS, Backend, SampleGroup, StepHost
+from ..backends.base import ATTN_KEYS, Backend, SampleGroup, StepHost, chunked
 from .records import Request, TokenRecord
 from .rng import row_seed, take_draws
 from .stops import StopText
+
+if TYPE_CHECKING:
+    from ..io.tokenizer import Tokenizer
 
 
 MAX_STOP_CHARS = 256
@@ -64,7 +67,7 @@ class Engine:
     step, so that running rows keep decoding meanwhile (needs a backend with `prefill_chunk`;
     None reads every prompt whole)."""
 
-    def __init__(self, backend: Backend, tokenizer: Any, max_context: int, prefill_chunk: int | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, max_context: int, prefill_chunk: int | None = None) -> None:
         self.backend, self.tok, self.max_context = backend, tokenizer, int(max_context)
         self.rows: list[Row] = []
         self._requests: dict[str, _RequestState] = {}
@@ -82,7 +85,7 @@ class Engine:
     @property
     def chunking(self) -> int | None:
         chunk = self.prefill_chunk
-        return chunk if chunk and hasattr(self.backend, "prefill_chunk") else None
+        return chunk if chunk and chunked(self.backend) else None
 
     # -- admission ----------------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -126,9 +129,12 @@ class Engine:
 
     def _prefill_step(self) -> None:
         """One chunk of the oldest prompt in progress; its rows join once it is read."""
-        p = self.prefills[0]
-        r, stop = p.request, min(p.done + self.chunking, len(p.request.prompt))
-        self.backend.prefill_chunk(r.id, r.prompt, p.done, stop, r.n, r.policy.needs_attention)
+        p, backend = self.prefills[0], self.backend
+        if not chunked(backend):  # add() queues prompts only for a backend that reads chunks
+            raise EntropixError(f"the {backend.name} backend cannot read a prompt in chunks")
+        r = p.request
+        stop = min(p.done + (self.prefill_chunk or len(r.prompt)), len(r.prompt))  # chunking off since: the rest at once
+        backend.prefill_chunk(r.id, r.prompt, p.done, stop, r.n, r.policy.needs_attention)
         p.done = stop
         if stop >= len(r.prompt):
             self.prefills.pop(0)
@@ -142,7 +148,9 @@ class Engine:
         self._requests.pop(request_id, None)
         if any(p.request.id == request_id for p in self.prefills):
             self.prefills = [p for p in self.prefills if p.request.id != request_id]
-            self.backend.drop_prefill(request_id)
+            backend = self.backend
+            if chunked(backend):  # always, where prompts wait for chunks (see add)
+                backend.drop_prefill(request_id)
         keep = [i for i, r in enumerate(self.rows) if r.request.id != request_id]
         if len(keep) != len(self.rows):
             self.rows = [self.rows[i] for i in keep]
@@ -201,13 +209,13 @@ class Engine:
 
     # -- forks --------------------------------------------------------------------------
     def _plan_forks(self, host: StepHost) -> list[tuple[int, list[int]]]:
-        """Rows of branching requests whose state is "branch" fork into their top
+        """Rows of branching requests whose regime is "branch" fork into their top
         alternatives, within the request's row and fork budgets."""
         plans: list[tuple[int, list[int]]] = []
         live = Counter(r.request.id for r in self.rows)
         for i, row in enumerate(list(self.rows)):
             req, cfg = row.request, row.request.branching
-            if cfg is None or state_name(req.policy, host.code[i]) != "branch":
+            if cfg is None or regime_name(req.policy, host.code[i]) != "branch":
                 continue
             st = self._requests[req.id]
             room = cfg.max_rows - live[req.id]
@@ -229,7 +237,7 @@ class Engine:
         row = self._new_row(src.request, choice)
         for t in src.tokens:  # replay the text state
             row.detok.add(t)
-        if src.stops is not None:
+        if src.stops is not None and row.stops is not None:  # the same request: both or neither
             row.stops.held = src.stops.held
         row.tokens, row.text, row.pauses = list(src.tokens), src.text, src.pauses
         row.parent = (src.choice, len(src.tokens))
@@ -242,15 +250,15 @@ class Engine:
         if tok == host.token[i]:
             lp = float(host.logprob[i])
         else:  # a fork's alternative: its log-probability is among the top ones
-            lp = next((float(l) for t, l in zip(host.top_ids[i], host.top_logprobs[i]) if t == tok), -math.inf)
+            lp = next((float(x) for t, x in zip(host.top_ids[i], host.top_logprobs[i]) if t == tok), -math.inf)
         k = req.top_logprobs
-        top = [(int(t), self.tok.token_text(int(t)), float(l))
-               for t, l in zip(host.top_ids[i][:k], host.top_logprobs[i][:k])]
+        top = [(int(t), self.tok.token_text(int(t)), float(x))
+               for t, x in zip(host.top_ids[i][:k], host.top_logprobs[i][:k])]
         attn = dict(zip(ATTN_KEYS, host.attn[i].tolist())) if host.attn_valid[i] else None
-        rec = TokenRecord(req.id, row.choice, len(row.tokens) - 1, tok, delta, lp, top, float(host.entropy[i]),
-                          float(host.varentropy[i]), float(host.margin[i]), attn,
-                          state_name(req.policy, host.code[i]), row.finish_reason, row.parent,
-                          _extra(host, i))
+        rec = TokenRecord(request_id=req.id, choice=row.choice, index=len(row.tokens) - 1, token=tok, text=delta,
+                          logprob=lp, top=top, entropy=float(host.entropy[i]), varentropy=float(host.varentropy[i]),
+                          margin=float(host.margin[i]), attn=attn, regime=regime_name(req.policy, host.code[i]),
+                          finish_reason=row.finish_reason, parent=row.parent, extra=_extra(host, i))
         row.parent = None
         return rec
 
@@ -288,9 +296,10 @@ def _extra(host: StepHost, i: int) -> dict[str, float] | None:
     return out or None
 
 
-def state_name(policy: Any, code: int) -> str:
-    states = policy.states
-    return states[int(code)] if 0 <= code < len(states) else "?"
+def regime_name(policy: Any, code: int) -> str:
+    """The name of a policy's regime code ("?" for a code it does not have)."""
+    regimes = policy.regimes
+    return regimes[int(code)] if 0 <= code < len(regimes) else "?"
 
 
 def generate(engine: Engine, requests: Sequence[Request]) -> Iterator[TokenRecord]:

@@ -12,9 +12,10 @@ from ..sampler.policy import TokenPolicy
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TokenRecord:
-    """One generated token of one row, with everything the consumers show or score."""
+    """One generated token of one row, with everything the consumers show or score. Built by
+    keyword: fifteen fields in a row are too easy to shift by one."""
 
     request_id: str
     choice: int  # row number within its request (n > 1, CoT branches, forks)
@@ -27,17 +28,22 @@ class TokenRecord:
     varentropy: float
     margin: float
     attn: dict[str, float] | None
-    state: str  # the strategy that chose this token
+    regime: str  # the sampler's per-token regime that chose it (flowing, treading, branch, ...; greedy)
     finish_reason: str | None = None  # "stop" or "length" on the row's last token
     parent: tuple[int, int] | None = None  # first record of a fork: (parent choice, index it forked at)
     extra: dict[str, float] | None = None  # the policy's decision quantities (dslider, lookahead)
+
+    @property
+    def state(self) -> str:
+        """The regime under its older name."""
+        return self.regime
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "token": self.token, "text": self.text, "logprob": self.logprob,
             "top": [{"token": t, "text": s, "logprob": lp} for t, s, lp in self.top],
             "entropy": self.entropy, "varentropy": self.varentropy, "margin": self.margin,
-            "state": self.state,
+            "regime": self.regime, "state": self.regime,  # "state": the field's name before 0.2, kept for readers of it
         }
         if self.attn is not None:
             d.update(self.attn)
@@ -62,5 +68,5 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     top_logprobs: int = 5
-    branching: BranchingConfig | None = None  # fork rows where the policy's state is "branch"
+    branching: BranchingConfig | None = None  # fork rows where the policy's regime is "branch"
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")

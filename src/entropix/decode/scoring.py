@@ -105,12 +105,13 @@ def _groups(answers: Sequence[str], kind: str) -> list[list[int]]:
 def majority_vote(answers: Sequence[str | None], kind: str = "number") -> tuple[str | None, int, dict[str, int]]:
     """(winning answer, first index that gave it, votes per answer); equal answers
     ("72", "72.0") vote together; ties go to the earliest."""
-    given = [i for i, a in enumerate(answers) if a is not None]
+    given = [(i, a) for i, a in enumerate(answers) if a is not None]
     if not given:
         return None, 0, {}
-    groups = [[given[j] for j in g] for g in _groups([answers[i] for i in given], kind)]
+    texts = [a for _, a in given]
+    groups = _groups(texts, kind)  # positions in texts, which keeps the answers' order
     best = max(groups, key=lambda g: (len(g), -g[0]))
-    return answers[best[0]], best[0], {answers[g[0]]: len(g) for g in groups}
+    return texts[best[0]], given[best[0]][0], {texts[g[0]]: len(g) for g in groups}
 
 
 def vote_shares(branches: Sequence[Branch], votes: dict[str, int], kind: str) -> None:

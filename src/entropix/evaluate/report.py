@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Iterable
 
 from entropix import EntropixError
-from entropix.evaluate.compute_plot import ComputePoint, compute_points, draw_compute_plot
+from entropix.plots.compute import ComputePoint, compute_points, draw_compute_plot
+from entropix.plots.report import accuracy_charts
 from entropix.evaluate.jsonl import json_objects
 from entropix.evaluate.stats import mcnemar_exact, paired_counts, wilson_interval
 
@@ -160,74 +161,6 @@ def _task_table(samplers: dict[str, _Summary]) -> list[str]:
     return lines
 
 
-def _charts(summary: dict[str, dict[str, _Summary]], out_md: Path) -> list[Path]:
-    """Accuracy bars (with CIs) and accuracy vs tokens/problem, as PNGs next to out_md."""
-    # Figure + the Agg canvas directly: no pyplot, so no global backend switch and no
-    # display needed, whatever else the process has set up.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = sorted(summary)
-    samplers = _sampler_order(s for t in tasks for s in summary[t])
-    color = {s: f"C{i % 10}" for i, s in enumerate(samplers)}
-    acc_png = out_md.with_name(f"{out_md.stem}_accuracy.png")
-    tok_png = out_md.with_name(f"{out_md.stem}_tokens.png")
-
-    fig = Figure(figsize=(max(6.0, 3.0 + 0.5 * len(tasks) * max(1, len(samplers))), 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(samplers))
-    for j, sampler in enumerate(samplers):
-        xs, ys, lo_err, hi_err = [], [], [], []
-        for i, task in enumerate(tasks):
-            s = summary[task].get(sampler)
-            if s is None or s.n == 0:
-                continue
-            lo, hi = s.ci
-            xs.append(i - 0.4 + width * (j + 0.5))
-            ys.append(s.accuracy)
-            lo_err.append(s.accuracy - lo)
-            hi_err.append(hi - s.accuracy)
-        if xs:
-            ax.bar(xs, ys, width=width, color=color[sampler], label=sampler, yerr=[lo_err, hi_err], capsize=3)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (95% Wilson CI)")
-    ax.set_title("Accuracy by task and sampler")
-    # Outside the axes: bars near 100% would hide under it.
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(acc_png, dpi=110)
-
-    fig = Figure(figsize=(6.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    markers = "osD^vP*Xh<>"
-    for sampler in samplers:
-        first = True
-        for i, task in enumerate(tasks):
-            s = summary[task].get(sampler)
-            if s is None or s.n == 0 or s.tokens_per_problem is None:
-                continue
-            lo, hi = s.ci
-            ax.errorbar(
-                s.tokens_per_problem, s.accuracy, yerr=[[s.accuracy - lo], [hi - s.accuracy]],
-                fmt=markers[i % len(markers)], color=color[sampler], capsize=3,
-                label=sampler if first else None,
-            )
-            ax.annotate(task, (s.tokens_per_problem, s.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=7)
-            first = False
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("accuracy (95% Wilson CI)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Accuracy vs tokens per problem")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(tok_png, dpi=110)
-    return [acc_png, tok_png]
-
-
 def compute_plot_data(rows: list[dict]) -> dict[str, list[ComputePoint]]:
     """What the compute-accuracy picture draws: task -> one point per sampler (greedy first)."""
     summary, _ = _summarise(rows)
@@ -270,7 +203,7 @@ def build_report(rows: list[dict], out_md: str | Path, title: str = "Evaluation 
         md += [f"## {task}", ""] + _task_table(summary[task]) + [""]
 
     try:
-        charts = _charts(summary, out_md)
+        charts = accuracy_charts(summary, out_md, _sampler_order(s for t in sorted(summary) for s in summary[t]))
         compute = _compute_chart(summary, compute_png)
     except ImportError:  # matplotlib is an optional extra
         charts, compute = [], None

@@ -10,7 +10,7 @@ per-problem seconds add up to the run's decoding time.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import sys
@@ -25,9 +25,10 @@ from entropix import EntropixError
 from entropix.sampler import catalog
 from entropix.sampler.catalog import Decoder
 from entropix.evaluate.stats import wilson_interval
-from entropix.evaluate.tasks import KNOWN_TASKS, Problem, format_prompt, is_correct, load_task
+from entropix.answer_format import kind_pattern
+from entropix.evaluate.tasks import Problem, format_prompt, is_correct
 
-__all__ = ["answer_kind", "load_done", "run_eval", "sampler_params", "summarise", "register_cli"]
+__all__ = ["answer_kind", "load_done", "run_eval", "sampler_params", "summarise"]
 
 
 def sampler_params(name: str, **given: Any) -> dict[str, Any]:
@@ -107,31 +108,13 @@ def decode_plain(lm, dec: Decoder, items: Sequence[tuple[int, Problem, list[int]
             yield Outcome(st["problem"], st["index"], "".join(st["text"]), st["tokens"], st["seconds"], st["finish"])
 
 
-_NUM = r"(\d*\.?\d+)"
-_BIG = r"(?:larger|bigger|greater|higher)"
-# Where a compare answer states its choice ("9.9 is larger", "the larger is 9.9", "9.9 > 9.11",
-# "answer is 9.9"): the last number of the text is often the smaller one ("9.9 is larger than 9.11").
-COMPARE_PATTERN = (
-    rf"(?i)\banswer\s+is\s*:?\s*\**\s*{_NUM}"
-    rf"|{_NUM}\s*\**\s*(?:is|was)\s+(?:the\s+)?{_BIG}"
-    rf"|{_BIG}(?:\s+(?:number|one|value))?\s*(?:is|:|=)\s*\**\s*{_NUM}"
-    rf"|{_NUM}\s*>|<\s*{_NUM}"
-)
-
-
 def answer_kind(problem: Problem) -> tuple[str, str | None]:
     """The (kind, pattern) a multi-row decoder should look for in this problem's outputs.
 
     It decides which tokens CoT decoding scores and what self-consistency votes on;
     grading is separate (tasks.is_correct on the chosen text).
     """
-    if problem.extra.get("format") == "yesno":
-        return "pattern", r"(?i)\b(yes|no)\b"
-    if problem.extra.get("format") == "compare":
-        return "number", COMPARE_PATTERN
-    if problem.kind in ("number", "list", "option", "text", "pattern"):
-        return problem.kind, problem.extra.get("pattern")
-    return "number", None
+    return kind_pattern(problem.kind, problem.extra.get("format"), problem.extra.get("pattern"))
 
 
 def _compact(value: Any, depth: int = 0) -> Any:
@@ -226,6 +209,47 @@ def summarise(rows: Sequence[dict], task: str, sampler: str) -> dict[str, Any]:
     }
 
 
+def _check_run(problems: Sequence[Problem], max_tokens: int, batch_size: int) -> None:
+    if max_tokens < 1:
+        raise EntropixError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if batch_size < 1:
+        raise EntropixError(f"--batch-size must be at least 1, got {batch_size}")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EntropixError(f"problem id {dup!r} appears more than once")
+
+
+def _done_rows(out_path: Path | None, task: str, label: str) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if out_path is not None:
+        for row in load_done(out_path):
+            if row.get("task") == task and row.get("sampler") == label:
+                done[str(row["id"])] = row  # the last row for an id wins, as in the report
+    return done
+
+
+def _progress(progress: bool, total: int, todo: int, desc: str):
+    if not (progress and todo):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=total - todo, desc=desc, unit="problem", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+def _row(oc: Outcome, task: str, label: str, model: str, seed: int, max_tokens: int,
+         params: dict[str, Any]) -> dict[str, Any]:
+    extracted, ok = is_correct(oc.problem, oc.output)
+    return {
+        "id": oc.problem.id, "task": task, "sampler": label, "model": model,
+        "prompt": format_prompt(oc.problem), "output": oc.output, "extracted": extracted,
+        "expected": oc.problem.expected, "correct": ok, "tokens": oc.tokens,
+        "seconds": round(oc.seconds, 4), "finish_reason": oc.finish_reason,
+        "seed": seed, "max_tokens": max_tokens, "params": params, **oc.extra,
+    }
+
+
 def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, params: dict[str, Any] | None = None,
              out: str | Path | None = None, seed: int = 0, max_tokens: int = 256, batch_size: int = 16,
              label: str | None = None, system: str | None = None, progress: bool = True,
@@ -235,175 +259,48 @@ def run_eval(lm, problems: Sequence[Problem], sampler_name: str, *, task: str, p
     Problems whose (task, sampler label, id) already have a row in out are skipped, and
     the summary covers them too.
     """
-    if max_tokens < 1:
-        raise EntropixError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if batch_size < 1:
-        raise EntropixError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_run(problems, max_tokens, batch_size)
     if decoder is not None:  # the rows record what actually decoded
         params = dict(decoder.params)
     params = sampler_params(sampler_name) if params is None else params
     label = label or sampler_name
     ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise EntropixError(f"problem id {dup!r} appears more than once")
-
     out_path = Path(out) if out else None
-    done: dict[str, dict] = {}
-    if out_path is not None:
-        for row in load_done(out_path):
-            if row.get("task") == task and row.get("sampler") == label:
-                done[str(row["id"])] = row  # the last row for an id wins, as in the report
+    done = _done_rows(out_path, task, label)
     todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
-    if decoder is None and todo:
-        decoder = catalog.build(sampler_name, params, lm)
-
     rows_by_id = {pid: done[pid] for pid in ids if pid in done}
     t_start = time.perf_counter()
-    fh = None
-    if out_path is not None and todo:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = out_path.open("a", encoding="utf-8")
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{task}/{label}", unit="problem",
-                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    try:
-        if todo:
-            items = [(i, p, prompt_tokens(lm, p, system)) for i, p in todo]
-            decode = decode_plain if decoder.strategy == "single" else decode_multi
-            right = sum(bool(r.get("correct")) for r in rows_by_id.values())
-            for oc in decode(lm, decoder, items, max_tokens=max_tokens, seed=seed, batch_size=batch_size):
-                extracted, ok = is_correct(oc.problem, oc.output)
-                row = {
-                    "id": oc.problem.id, "task": task, "sampler": label, "model": lm.name,
-                    "prompt": format_prompt(oc.problem), "output": oc.output, "extracted": extracted,
-                    "expected": oc.problem.expected, "correct": ok, "tokens": oc.tokens,
-                    "seconds": round(oc.seconds, 4), "finish_reason": oc.finish_reason,
-                    "seed": seed, "max_tokens": max_tokens, "params": params, **oc.extra,
-                }
-                rows_by_id[oc.problem.id] = row
-                if fh is not None:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    fh.flush()  # a killed run keeps every finished problem
-                right += ok
+    if todo:
+        decoder = decoder or catalog.build(sampler_name, params, lm)
+        bar = _progress(progress, len(problems), len(todo), f"{task}/{label}")
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("a", encoding="utf-8") if out_path is not None else contextlib.nullcontext() as fh:
+            try:
+                _decode_rows(lm, decoder, todo, rows_by_id, fh, bar, system=system, task=task, label=label,
+                             seed=seed, max_tokens=max_tokens, batch_size=batch_size, params=params)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(acc=f"{right / len(rows_by_id):.1%}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        if fh is not None:
-            fh.close()
+                    bar.close()
     summary = summarise([rows_by_id[pid] for pid in ids if pid in rows_by_id], task, label)
     summary.update(model=getattr(lm, "name", None), skipped=len(problems) - len(todo),
                    wall_seconds=round(time.perf_counter() - t_start, 3))
     return summary
 
 
-# ------------------------------------------------------------------------------ CLI
-
-
-def _load_problems(args) -> list[Problem]:
-    if args.task not in KNOWN_TASKS:
-        raise EntropixError(f"unknown task {args.task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
-    if args.limit is not None and args.limit < 0:
-        raise EntropixError(f"--limit must be non-negative, got {args.limit}")
-    if args.data is not None and args.task == "gsm8k":
-        p = Path(args.data)
-        if not p.is_file():
-            raise EntropixError(f"--data file not found: {p}")
-    problems = load_task(args.task, args.limit, args.seed, data=args.data)
-    if not problems:
-        raise EntropixError(f"task {args.task!r} has no problems to run")
-    return problems
-
-
-def _format_summary(s: dict[str, Any]) -> str:
-    lo, hi = s["ci95"]
-    tpp = s["tokens_per_problem"]
-    return (f"{s['task']} / {s['sampler']}: {s['correct']}/{s['n']} correct = {s['accuracy']:.1%} "
-            f"(95% CI {lo:.1%}-{hi:.1%}), {'-' if tpp is None else f'{tpp:.1f}'} tokens/problem, "
-            f"{s['seconds']:.1f} s decoding")
-
-
-def cmd_eval(args) -> int:
-    from entropix.cli import eprint, load
-
-    name = catalog.variant(args.sampler, aggregate=args.aggregate)
-    params = sampler_params(name, temperature=args.temperature, min_p=args.min_p, samples=args.samples,
-                            branches=args.branches, aggregate=None if name == "cot-agg" else args.aggregate,
-                            sampler_config=args.sampler_config)
-    if args.max_tokens < 1:
-        raise EntropixError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.batch_size < 1:
-        raise EntropixError(f"--batch-size must be at least 1, got {args.batch_size}")
-    problems = _load_problems(args)
-    lm = load(args, quiet=args.json or args.quiet)
-    summary = run_eval(lm, problems, name, task=args.task, params=params, out=args.out, seed=args.seed,
-                       max_tokens=args.max_tokens, batch_size=args.batch_size, label=args.label or name,
-                       system=args.system, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(_format_summary(summary))
-        if summary["skipped"]:
-            eprint(f"({summary['skipped']} problem(s) already in {args.out} were not rerun)")
-    return 0
-
-
-def cmd_eval_report(args) -> int:
-    from entropix.evaluate.report import eval_report
-
-    preamble = None
-    if args.preamble:
-        p = Path(args.preamble)
-        if not p.is_file():
-            raise EntropixError(f"--preamble file not found: {p}")
-        preamble = p.read_text(encoding="utf-8")
-    eval_report(args.results, args.out, title=args.title, preamble=preamble, compute_plot=args.compute_plot)
-    print(args.out)
-    return 0
-
-
-def register_cli(sub) -> None:
-    from entropix.cli import add_model_args
-
-    e = sub.add_parser("eval", help="evaluate a sampler on a task (GSM8K or synthetic), one JSONL row per problem",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Evaluate a sampler on a task.\n\nsamplers:\n" + "\n".join(
-                           f"  {s.name:<20} {s.text}" for s in catalog.SPECS))
-    e.add_argument("--task", required=True, help=f"one of: {', '.join(KNOWN_TASKS)}")
-    e.add_argument("--sampler", default="greedy", help=f"one of: {', '.join(catalog.names())} (default greedy)")
-    add_model_args(e)
-    e.add_argument("--data", default=None, help="gsm8k: JSONL file with question/answer (default: the Hub test split)")
-    e.add_argument("--limit", type=int, default=None, help="number of problems (synthetic default 100; gsm8k: all)")
-    e.add_argument("--seed", type=int, default=0, help="synthetic problem set and sampling seed (default 0)")
-    e.add_argument("--max-tokens", "-n", type=int, default=256, help="new tokens per row (default 256)")
-    e.add_argument("--batch-size", "-b", type=int, default=16, help="rows decoded together (default 16)")
-    e.add_argument("--out", "-o", default=None, help="results JSONL: rows appended as problems finish; done ids skipped")
-    e.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
-    e.add_argument("--label", default=None, help="sampler name written into rows (default: the sampler)")
-    e.add_argument("--system", default=None, help="system message for the chat template")
-    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    g = e.add_argument_group("sampler parameters")
-    g.add_argument("--temperature", "-t", type=float, default=None, help="temperature, self-consistency, min-p")
-    g.add_argument("--min-p", type=float, default=None, help=f"min-p threshold (default {catalog.default_of('min_p')})")
-    g.add_argument("--samples", "-k", type=int, default=None,
-                   help=f"self-consistency samples (default {catalog.default_of('samples')})")
-    g.add_argument("--branches", type=int, default=None,
-                   help=f"cot first-token branches (default {catalog.default_of('branches')})")
-    g.add_argument("--aggregate", action="store_true", help="cot: aggregated path (same as --sampler cot-agg)")
-    g.add_argument("--sampler-config", default=None, help="entropix: JSON profile of sampler settings")
-    e.set_defaults(fn=cmd_eval)
-
-    r = sub.add_parser("eval-report", help="markdown + PNG report from eval results JSONL files")
-    r.add_argument("results", nargs="+", help="results JSONL file(s)")
-    r.add_argument("--out", "-o", default="RESULTS.md", help="markdown file to write; charts go next to it")
-    r.add_argument("--title", default="Evaluation results")
-    r.add_argument("--preamble", default=None, help="markdown file inserted after the title (setup, machine, timings)")
-    r.add_argument("--compute-plot", default=None,
-                   help="PNG of accuracy (95%% CI) vs tokens per problem, one panel per task (default: OUT's stem + _compute.png)")
-    r.set_defaults(fn=cmd_eval_report)
+def _decode_rows(lm, decoder: Decoder, todo, rows_by_id: dict[str, dict], fh, bar, *, system, task: str,
+                 label: str, seed: int, max_tokens: int, batch_size: int, params: dict[str, Any]) -> None:
+    """Decode the problems still to do; each finished row is written (and flushed) at once."""
+    items = [(i, p, prompt_tokens(lm, p, system)) for i, p in todo]
+    decode = decode_plain if decoder.strategy == "single" else decode_multi
+    right = sum(bool(r.get("correct")) for r in rows_by_id.values())
+    for oc in decode(lm, decoder, items, max_tokens=max_tokens, seed=seed, batch_size=batch_size):
+        row = _row(oc, task, label, lm.name, seed, max_tokens, params)
+        rows_by_id[oc.problem.id] = row
+        if fh is not None:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()  # a killed run keeps every finished problem
+        right += row["correct"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{right / len(rows_by_id):.1%}", refresh=False)

@@ -22,7 +22,7 @@ from .. import EntropixError
 from ..config import ModelConfig
 from . import gguf
 from .layouts import Derived, gguf_derived, gguf_layer_names, hf_expert_stacks
-from .tokenizer import FAMILY_TEMPLATES, Tokenizer
+from .tokenizer import FAMILY_TEMPLATES, TextTokenizer
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -75,7 +75,7 @@ class Checkpoint:
     """A model's config, tokenizer and tensors, read lazily from where they are stored."""
 
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     name: str  # what profiles and the server call the model
     source: str  # the file or folder
     native_dtype: str  # the dtype the weights are stored in ("float32" for quantized GGUF)
@@ -163,7 +163,7 @@ class GGUFCheckpoint(Checkpoint):
         if "blk.0.attn_q.bias" in self._tensors:  # Qwen2: biases on q, k, v
             self.config = self.config.replace(qkv_bias=True)
         try:
-            self.tokenizer = Tokenizer.from_gguf_metadata(meta)
+            self.tokenizer = TextTokenizer.from_gguf_metadata(meta)
         except (ValueError, KeyError) as e:
             raise EntropixError(f"{path}: cannot build its tokenizer ({e})") from None
         self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, self.tokenizer.fallback_template)
@@ -353,7 +353,7 @@ class HFCheckpoint(Checkpoint):
         for f in _shard_files(folder):
             self._stored.update({k.removeprefix("model."): v for k, v in _read_header(f).items()})
         try:
-            self.tokenizer = Tokenizer.from_dir(folder)
+            self.tokenizer = TextTokenizer.from_dir(folder)
         except ValueError as e:
             raise EntropixError(str(e)) from None
         self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(cfg.arch, self.tokenizer.fallback_template)

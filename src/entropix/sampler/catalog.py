@@ -1,4 +1,4 @@
-"""The one table of samplers: names, defaults, options, strategies, states and needs.
+"""The one table of samplers: names, defaults, options, strategies, regimes and needs.
 
 The CLI, the server, the evaluation, the bench and the playground resolve a sampler name
 here and nowhere else: `parameters(name, ...)` merges the user's values over the
@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from .. import EntropixError
 from .config import BranchingConfig, SamplerConfig, SamplingParams, check_params, load_profile
-from .policy import ENTROPIX_STATES, Entropix, Greedy, Ranked, Sample, TokenPolicy
+from .policy import ENTROPIX_REGIMES, Entropix, Greedy, Ranked, Sample, TokenPolicy
 
 FILTERS = ("temperature", "top_k", "top_p", "min_p")
 OPTION_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
@@ -32,7 +32,7 @@ class SamplerSpec:
     policy: Callable[[Mapping[str, Any], Any], TokenPolicy]  # (params, model or None) -> policy
     defaults: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()  # parameters the user may set
-    states: tuple[str, ...] = ("greedy",)
+    regimes: tuple[str, ...] = ("greedy",)  # the per-token decisions its records name (TokenPolicy.regimes)
     needs_attention: bool = False
     aliases: tuple[str, ...] = ()
     listed: bool = True  # offered in the playground's list
@@ -77,12 +77,15 @@ class Decoder:
 
     def thresholds(self) -> dict[str, float] | None:
         """The (entropy, varentropy) quadrant thresholds this decoder uses, if any."""
-        if not isinstance(self.policy, Entropix):
-            return None
-        return {k: getattr(self.policy.config, k) for k in THRESHOLD_KEYS}
+        return config_thresholds(self.policy.config) if isinstance(self.policy, Entropix) else None
 
 
 THRESHOLD_KEYS = ("low_ent", "med_ent", "high_ent", "low_vent", "med_vent", "high_vent")
+
+
+def config_thresholds(cfg: SamplerConfig) -> dict[str, float]:
+    """An entropix profile's (entropy, varentropy) quadrant thresholds."""
+    return {k: getattr(cfg, k) for k in THRESHOLD_KEYS}
 
 
 # -- policy builders ---------------------------------------------------------------------
@@ -117,13 +120,13 @@ def entropix_config(params: Mapping[str, Any], model: Any) -> SamplerConfig:
     return dataclasses.replace(cfg, **over)
 
 
-def _entropix(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+def _entropix(params: Mapping[str, Any], model: Any) -> Entropix:
     cfg = entropix_config(params, model)
     pause_id = model.tokenizer.find_token(cfg.pause_text) if model is not None else -1
     return Entropix(cfg, pause_id)
 
 
-def _entropix_logits(params: Mapping[str, Any], model: Any) -> TokenPolicy:
+def _entropix_logits(params: Mapping[str, Any], model: Any) -> Entropix:
     return dataclasses.replace(_entropix(params, model), attention=False)
 
 
@@ -165,25 +168,25 @@ SPECS: tuple[SamplerSpec, ...] = (
                 ("sample",), listed=False),
     SamplerSpec("min-p", "min_p {min_p} at T={temperature}", "single", _plain, {"temperature": 1.0, "min_p": 0.1}, FILTERS,
                 ("sample",), listed=False),
-    SamplerSpec("entropix", "a strategy per token from the entropy and varentropy of the distribution", "single", _entropix, {}, _ENTROPIX_OPTIONS,
-                ENTROPIX_STATES, needs_attention=True),
+    SamplerSpec("entropix", "a regime per token from the entropy and varentropy of the distribution", "single", _entropix, {}, _ENTROPIX_OPTIONS,
+                ENTROPIX_REGIMES, needs_attention=True),
     SamplerSpec("entropix-branching", "entropix with entropy-triggered branching", "branching", _entropix, {},
-                _ENTROPIX_OPTIONS, ENTROPIX_STATES, needs_attention=True, listed=False),
+                _ENTROPIX_OPTIONS, ENTROPIX_REGIMES, needs_attention=True, listed=False),
     # what a logits hook in another engine (transformers, llama.cpp, mlx-lm) can run: src/entropix/adapters
     SamplerSpec("entropix-logits", "entropix from the logits alone (no attention metrics)", "single", _entropix_logits,
-                {}, _ENTROPIX_OPTIONS, ENTROPIX_STATES, listed=False, aliases=("entropix-no-attention",)),
+                {}, _ENTROPIX_OPTIONS, ENTROPIX_REGIMES, listed=False, aliases=("entropix-no-attention",)),
     SamplerSpec("cot", "CoT decoding: branch on the top first tokens, decode each greedily, keep the most confident answer ({branches} branches, max path)", "cot", _ranked,
-                {"branches": 10, "aggregate": False}, ("branches", "aggregate"), Ranked.states,
+                {"branches": 10, "aggregate": False}, ("branches", "aggregate"), Ranked.regimes,
                 aliases=("cot-decoding",)),
     SamplerSpec("cot-agg", "CoT decoding, aggregated path ({branches} branches)", "cot", _ranked, {"branches": 10, "aggregate": True},
-                ("branches",), Ranked.states, listed=False),
+                ("branches",), Ranked.regimes, listed=False),
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
     # calibrated on development data: benchmarks/compute_experiments.py, docs/RESULTS.md
     SamplerSpec("auto", "greedy, and {branches} CoT branches (greedy's among them) where the greedy answer's confidence is below "
                 "{gate_confidence}; another answer replaces greedy's only if its {score} beat greedy's by more than {margin}", "auto",
-                _ranked, AUTO_DEFAULTS, ("branches",), Ranked.states),
+                _ranked, AUTO_DEFAULTS, ("branches",), Ranked.regimes),
     SamplerSpec("dslider", "DSlider (entropix v5): running entropy statistics and a Dirichlet over the top-K choose argmax, "
                 "entropy-targeted sampling or a Dirichlet-perturbed draw", "single", _dslider, {}, ("sampler_config",),
                 ("argmax", "inlier", "dirichlet", "ood"), aliases=("entropix-v5",)),
@@ -198,7 +201,8 @@ _BY_NAME = {n: s for s in SPECS for n in (s.name, *s.aliases)}
 def describe(listed_only: bool = True) -> list[dict[str, Any]]:
     """The table as JSON for front ends (the playground builds its form from it)."""
     return [{"name": s.name, "help": s.text, "strategy": s.strategy, "options": list(s.options),
-             "defaults": dict(s.defaults), "states": list(s.states)}
+             "defaults": dict(s.defaults), "regimes": list(s.regimes),
+             "states": list(s.regimes)}  # "states": the older name of "regimes", kept for readers of it
             for s in SPECS if s.listed or not listed_only]
 
 
@@ -281,7 +285,7 @@ def resolve(name: str, model: Any = None, strict: bool = False, **given: Any) ->
 
 def default_thresholds(model: Any) -> dict[str, float]:
     """The thresholds of the model's default entropix profile (the playground's lines)."""
-    return resolve("entropix", model).thresholds()
+    return config_thresholds(entropix_config(parameters("entropix"), model))
 
 
 def default_capture_layers(model: Any) -> tuple[int, ...]:

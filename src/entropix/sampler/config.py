@@ -97,21 +97,21 @@ class SamplerConfig:
     high_ent: float = 5.0  # treading (or resample) above this entropy
     med_vent: float = 0.1  # treading only below this varentropy (v2 used low_vent here); may exceed high_vent
     high_vent: float = 5.0  # branch / resample above this varentropy
-    # base sampling parameters that every strategy adapts
+    # base sampling parameters that every regime adapts
     temperature: float = 0.666
     top_p: float = 0.90
     top_k: int = 27
     min_p: float = 0.03
     # bounds
-    max_temperature: float = 2.0  # no strategy samples hotter than this
-    max_top_k: int = 100  # no strategy keeps more candidates (the sampler only looks at these)
+    max_temperature: float = 2.0  # no regime samples hotter than this
+    max_top_k: int = 100  # no regime keeps more candidates (the sampler only looks at these)
     # treading
     pause_text: str = " ..."  # looked up with tokenizer.find_token (the closest single token)
     pause_budget: int = 2  # pause tokens per answer at most; 0 disables them
     # adaptive best-of-N
     n_candidates: int = 5
     typicality_weight: float = 0.5  # score = log q(c) - w * |surprisal(c) - H|  (nats, bits)
-    # attention layers whose metrics feed the strategies (negative counts from the end)
+    # attention layers whose metrics feed the regimes (negative counts from the end)
     attention_layers: tuple[int, ...] = (-1,)
 
     def __post_init__(self) -> None:

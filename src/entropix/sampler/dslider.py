@@ -41,6 +41,7 @@ from statistics import NormalDist
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import EntropixError
 from .config import config_fields, read_json_object
@@ -48,7 +49,8 @@ from .policy import TokenPolicy
 
 EPS = 1e-8
 LN_EPS = math.log(EPS)
-DSLIDER_STATES = ("argmax", "inlier", "dirichlet", "ood")
+DSLIDER_REGIMES = ("argmax", "inlier", "dirichlet", "ood")
+DSLIDER_STATES = DSLIDER_REGIMES  # the older name; tests import it
 ARGMAX, INLIER, DIRICHLET, OOD = range(4)
 GAMMA_ATTEMPTS = 2  # Marsaglia-Tsang accepts >= 95% per attempt; a row that fails both keeps its last proposal
 UNIFORMS_PER_GAMMA = 2 * GAMMA_ATTEMPTS + 1
@@ -177,7 +179,7 @@ class DSlider(TokenPolicy):
     """The DSlider policy; its per-row state lives in the backend and forks with the row."""
 
     config: DSliderConfig = DSliderConfig()
-    states: ClassVar[tuple[str, ...]] = DSLIDER_STATES
+    regimes: ClassVar[tuple[str, ...]] = DSLIDER_REGIMES
     backends: ClassVar[tuple[str, ...]] = ("torch",)
 
     @property
@@ -235,10 +237,10 @@ def log_dirichlet(q: np.ndarray, alpha: np.ndarray) -> float:
     return float(math.lgamma(a.sum()) - _lgamma(a).sum() + np.sum((a - 1) * q))
 
 
-def fit_lr(k: np.ndarray) -> np.ndarray:
-    """FitDir's step size at iteration k = 1, 2, ..."""
-    k = np.asarray(k, dtype=np.float64)
-    return np.maximum(1e-8, 1.2 * np.exp(-0.1 * k ** 0.75) * np.abs(np.cos(2.0 / k ** 0.25)))
+def fit_lr(k: ArrayLike) -> np.ndarray:
+    """FitDir's step size at iteration k = 1, 2, ... (a number or an array of them)."""
+    x = np.asarray(k, dtype=np.float64)
+    return np.maximum(1e-8, 1.2 * np.exp(-0.1 * x ** 0.75) * np.abs(np.cos(2.0 / x ** 0.25)))
 
 
 def fit_dirichlet(t: np.ndarray, iters: int = 140, tol: float = 1e-4, start: np.ndarray | None = None) -> np.ndarray:
@@ -309,12 +311,17 @@ def gamma_draw(alpha: np.ndarray, u: np.ndarray) -> np.ndarray:
     d = a + 1 - 1 / 3
     c = 1 / np.sqrt(9 * d)
     inv = np.vectorize(NormalDist().inv_cdf, otypes=[float])
-    g = None
-    for i in range(GAMMA_ATTEMPTS - 1, -1, -1):  # the first accepted attempt wins: fill from the last one back
+
+    def attempt(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted [K], proposal [K]) of attempt i."""
         x = inv(u[:, 2 * i])
         v = np.maximum(1 + c * x, 1e-6) ** 3
-        ok = np.log(u[:, 2 * i + 1]) < 0.5 * x * x + d - d * v + d * np.log(v)
-        g = d * v if g is None else np.where(ok, d * v, g)
+        return np.log(u[:, 2 * i + 1]) < 0.5 * x * x + d - d * v + d * np.log(v), d * v
+
+    g = attempt(GAMMA_ATTEMPTS - 1)[1]  # where no attempt is accepted, the last proposal stands
+    for i in range(GAMMA_ATTEMPTS - 2, -1, -1):  # the first accepted attempt wins: fill from the last one back
+        ok, proposal = attempt(i)
+        g = np.where(ok, proposal, g)
     return g * u[:, -1] ** (1 / a)
 
 
@@ -359,7 +366,7 @@ def init_state(c: DSliderConfig, top_logp: np.ndarray, H: float, V: float) -> di
 
 
 def step(c: DSliderConfig, s: dict, top_logp: np.ndarray, H: float, V: float, u: np.ndarray):
-    """One DSlider step for one row: (position in the support, code, new state, info).
+    """One DSlider step for one row: (position in the support, regime code, new state, info).
 
     top_logp [K]: the model's log-probabilities of the support (most likely first); H, V in
     nats; u: the row's uniforms for this step (DSlider.draws of them).

@@ -29,7 +29,7 @@ from .. import EntropixError
 from .config import read_json_object
 from .policy import TokenPolicy
 
-LOOKAHEAD_STATES = ("calm", "search")
+LOOKAHEAD_REGIMES = ("calm", "search")
 EXTRA_KEYS = ("lookahead_forwards", "lookahead_rows", "lookahead_score", "lookahead_rank")
 
 
@@ -39,7 +39,7 @@ class Lookahead(TokenPolicy):
     depth: int = 3  # tokens per rollout, the candidate included
     min_entropy: float = 1.0  # bits: search only at least this uncertain (0: at every token)
     entropy_weight: float = 1.0
-    states: ClassVar[tuple[str, ...]] = LOOKAHEAD_STATES
+    regimes: ClassVar[tuple[str, ...]] = LOOKAHEAD_REGIMES
     backends: ClassVar[tuple[str, ...]] = ("torch",)
 
     def __post_init__(self) -> None:

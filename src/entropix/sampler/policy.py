@@ -3,15 +3,15 @@
 A policy is a frozen, hashable description (rows with equal policies are sampled in one
 call, whatever request they belong to) plus the framework-free part of its logic: the
 per-row inputs the host computes (pause flags, ranks), the number of random draws per
-row and step, its state names, and for entropix the strategy table that every backend
-applies in its own array idiom (`backends/*/ops.py`).
+row and step, its regime names, and for entropix the regime table that every backend
+applies in its own array idiom (`backends/*/ops.py`; the float64 reference is `sampler/reference.py`).
 
-The entropix strategies, per row and step, from the entropy H and varentropy V (bits)
+The entropix regimes, per row and step, from the entropy H and varentropy V (bits)
 of the next-token distribution and the attention metrics:
 
   flowing   H < low_ent and V < low_vent             take the argmax
   treading  H >= high_ent and V < med_vent           uncertain but flat: insert the pause token
-            (state "pause"), else sample carefully     (never twice in a row, a budget per answer)
+            (regime "pause"), else sample carefully    (never twice in a row, a budget per answer)
   branch    V >= high_vent and H < med_ent            a real fork: hotter, wider top-k
   resample  V >= high_vent and H >= med_ent           in the mist: hot resampling, narrower nucleus
   adaptive  everything else                           parameters adapted from the metrics;
@@ -32,9 +32,11 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from .config import SamplerConfig, SamplingParams
+# The regime codes and the regime function are the reference maths' (one formula, one place); re-exported here.
+from .reference import (ADAPTIVE, BRANCH, ENTROPIX_REGIMES, FLOWING, PAUSE, RESAMPLE, TREADING,  # noqa: F401
+                        entropix_regimes)
 
-ENTROPIX_STATES = ("flowing", "treading", "pause", "branch", "resample", "adaptive")
-FLOWING, TREADING, PAUSE, BRANCH, RESAMPLE, ADAPTIVE = range(len(ENTROPIX_STATES))
+ENTROPIX_STATES = ENTROPIX_REGIMES  # the older name; tests import it
 
 LEGEND = {
     "flowing": "confident: argmax",
@@ -49,7 +51,7 @@ LEGEND = {
 class TokenPolicy:
     """Defaults every policy shares; subclasses are frozen dataclasses."""
 
-    states: ClassVar[tuple[str, ...]] = ("greedy",)
+    regimes: ClassVar[tuple[str, ...]] = ("greedy",)  # the per-token decisions its records name, by code
     needs_attention: ClassVar[bool] = False
     backends: ClassVar[tuple[str, ...] | None] = None  # backend names with ops for it (None: every one)
 
@@ -86,7 +88,7 @@ class Sample(TokenPolicy):
     """Temperature, top-k, top-p and min-p (in that order), then one draw."""
 
     params: SamplingParams
-    states: ClassVar[tuple[str, ...]] = ("sample",)
+    regimes: ClassVar[tuple[str, ...]] = ("sample",)
 
     @property
     def draws(self) -> int:
@@ -98,7 +100,7 @@ class Ranked(TokenPolicy):
     """CoT decoding: a row's first token is its rank-th most likely (rank = its branch
     number), every later token the argmax."""
 
-    states: ClassVar[tuple[str, ...]] = ("cot-branch", "greedy")
+    regimes: ClassVar[tuple[str, ...]] = ("cot-branch", "greedy")
 
     def host_inputs(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
         return {"ranks": np.array([-1 if r.tokens else r.choice for r in rows], dtype=np.int64)}
@@ -115,7 +117,7 @@ class Entropix(TokenPolicy):
     config: SamplerConfig
     pause_id: int = -1
     attention: bool = True
-    states: ClassVar[tuple[str, ...]] = ENTROPIX_STATES
+    regimes: ClassVar[tuple[str, ...]] = ENTROPIX_REGIMES
 
     @property
     def needs_attention(self) -> bool:  # type: ignore[override]
@@ -139,16 +141,16 @@ class Entropix(TokenPolicy):
         return entropix_table(self.config, self.attention)
 
 
-# -- the entropix strategy table ------------------------------------------------------------
+# -- the entropix regime table --------------------------------------------------------------
 
 @dataclass(frozen=True)
 class EntropixTable:
-    """Each strategy's parameters are affine in the features f = [1, H, V, attn_entropy,
+    """Each regime's parameters are affine in the features f = [1, H, V, attn_entropy,
     attn_entropy_var, agreement, interaction], then clamped: one [B, 7] x [7, 20] product
-    gives all of them and each row gathers its own strategy's column, so the per-token
+    gives all of them and each row gathers its own regime's column, so the per-token
     cost is a few array ops whatever the batch.
 
-    Column p * 5 + s holds parameter p (temperature, top_k, top_p, min_p) of strategy s
+    Column p * 5 + s holds parameter p (temperature, top_k, top_p, min_p) of regime s
     (COLUMNS order). Integer columns (top_k) are floored after adding `offset`.
     """
 
@@ -157,13 +159,13 @@ class EntropixTable:
     upper: tuple[float, ...]
     is_int: tuple[bool, ...]
     offset: tuple[float, ...]
-    code_to_column: tuple[int, ...] = (4, 0, 0, 1, 2, 3)  # by state: flowing, treading, pause, branch, resample, adaptive
+    code_to_column: tuple[int, ...] = (4, 0, 0, 1, 2, 3)  # by regime code: flowing, treading, pause, branch, resample, adaptive
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("treading", "branch", "resample", "adaptive", "flowing")
 
 
 def _affine_rows(c: SamplerConfig) -> dict[tuple[str, str], list[float]]:
-    """(parameter, strategy) -> weights over the 7 features, with the original v2 formulas."""
+    """(parameter, regime) -> weights over the 7 features, with the original v2 formulas."""
     T0, k0, p0, m0 = c.temperature, float(c.top_k), c.top_p, c.min_p
     he, hv = max(c.high_ent, 1e-6), max(c.high_vent, 1e-6)
     return {
@@ -199,7 +201,7 @@ def entropix_table(c: SamplerConfig, attention: bool = True) -> EntropixTable:
     if not attention:  # logits only: the features after H and V get no weight
         rows = {key: w[:3] + [0.0] * (len(w) - 3) for key, w in rows.items()}
     t_cap = min(1.5, c.max_temperature)
-    bounds = {
+    bounds: dict[str, dict[str, tuple[float, float]]] = {  # (lower, upper) where not the default
         "T": {"treading": (1e-2, t_cap), "branch": (1e-2, t_cap)},
         "K": {"branch": (min(5.0, c.max_top_k), c.max_top_k)},
         "P": {"resample": (0.5, 1.0), "adaptive": (0.1, 1.0)},
@@ -208,24 +210,14 @@ def entropix_table(c: SamplerConfig, attention: bool = True) -> EntropixTable:
     default = {"T": (1e-2, c.max_temperature), "K": (1.0, float(c.max_top_k)), "P": (1e-3, 1.0), "M": (0.0, 1.0)}
     cols, lo, hi, off = [], [], [], []
     for param in "TKPM":
-        for strat in EntropixTable.COLUMNS:
-            cols.append(rows[(param, strat)])
-            a, b = bounds[param].get(strat, default[param])
+        for reg in EntropixTable.COLUMNS:
+            cols.append(rows[(param, reg)])
+            a, b = bounds[param].get(reg, default[param])
             lo.append(float(a))
             hi.append(float(b))
             # top_k: floor for branch (v2's int()), round for adaptive; 1e-4 absorbs float error
-            off.append(0.5 + 1e-4 if (param, strat) == ("K", "adaptive") else 1e-4)
+            off.append(0.5 + 1e-4 if (param, reg) == ("K", "adaptive") else 1e-4)
     weights = tuple(tuple(float(col[f]) for col in cols) for f in range(7))  # [7][20]
     is_int = tuple(p == "K" for p in "TKPM" for _ in EntropixTable.COLUMNS)
     return EntropixTable(weights, tuple(lo), tuple(hi), is_int, tuple(off))
 
-
-def entropix_states(c: SamplerConfig, entropy: np.ndarray, varentropy: np.ndarray,
-                    pause_ok: np.ndarray | None = None) -> np.ndarray:
-    """The strategy codes on the host, in numpy: the reference every backend's ops must match
-    (and what calibration reports as state shares)."""
-    H, V = np.asarray(entropy, dtype=np.float64), np.asarray(varentropy, dtype=np.float64)
-    code = np.where(V >= c.high_vent, BRANCH + (H >= c.med_ent), ADAPTIVE)
-    tread = TREADING if pause_ok is None else TREADING + np.asarray(pause_ok, dtype=np.int64)
-    code = np.where((H >= c.high_ent) & (V < c.med_vent), tread, code)
-    return np.where((H < c.low_ent) & (V < c.low_vent), FLOWING, code).astype(np.int64)

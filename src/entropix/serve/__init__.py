@@ -3,14 +3,14 @@
     protocol   request models and the checks on their shape
     errors     APIError in OpenAI's shape, the exception handlers
     scheduler  continuous batching over one host Engine in a thread
-    run        one API request in flight: decoder, strategy phases, choices, scores
+    inflight   one API request in flight: decoder, strategy phases, choices, scores
     streaming  JSON responses and server-sent-event chunks
-    state      what the routes share (model, scheduler, limits, key)
+    context    what the routes share (model, scheduler, limits, key)
     routes     create_app and the routes
-    cli        `entropix serve`
     thread     ServerThread: uvicorn in a thread (tests, benchmarks)
 
-Nothing here is imported eagerly, so the CLI loads without the extra.
+`entropix serve` itself is entropix/cli/serve.py. Nothing here is imported eagerly, so the CLI
+loads without the extra.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `create_app(lm)` builds a FastAPI app whose /v1/chat/completions and /v1/completions
 routes feed one `Scheduler` (continuous batching: concurrent requests decode in the same
 engine steps). Every catalogue sampler is reachable through the extra `sampler` field.
-The routes read everything from `request.app.state.entropix` (an `AppState`).
+The routes read everything from `request.app.state.entropix` (a `ServerContext`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from .. import __version__
 from ..sampler import catalog
 from . import protocol, security, streaming
 from .errors import install_handlers
-from .run import open_run
+from .inflight import open_request
 from .scheduler import Scheduler
-from .state import AppState
+from .context import ServerContext
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
@@ -32,31 +32,31 @@ DEFAULT_MAX_BODY = 2 * 1024 * 1024
 router = APIRouter()
 
 
-def _state(request: HTTPRequest) -> AppState:
+def _context(request: HTTPRequest) -> ServerContext:
     return request.app.state.entropix
 
 
-def _authorised(request: HTTPRequest) -> AppState:
-    state = _state(request)
-    state.check_key(request)
-    return state
+def _authorised(request: HTTPRequest) -> ServerContext:
+    ctx = _context(request)
+    ctx.check_key(request)
+    return ctx
 
 
 # -- meta routes ----------------------------------------------------------------------------
 
 @router.get("/health")
 async def health(request: HTTPRequest):
-    state = _state(request)  # probes need no key, but only a key holder learns more than the status
-    sched = state.scheduler
+    ctx = _context(request)  # probes need no key, but only a key holder learns more than the status
+    sched = ctx.scheduler
     status = "ok" if sched.alive and not sched.draining else ("stopping" if sched.alive else "stopped")
-    if not state.key_given(request):
+    if not ctx.key_given(request):
         return {"status": status}
-    return {"status": status, "model": state.lm.name, "scheduler": sched.stats()}
+    return {"status": status, "model": ctx.lm.name, "scheduler": sched.stats()}
 
 
-def _model_card(state: AppState) -> dict[str, Any]:
-    return {"id": state.lm.name, "object": "model", "created": state.created, "owned_by": "entropix",
-            "context_length": state.max_context}
+def _model_card(ctx: ServerContext) -> dict[str, Any]:
+    return {"id": ctx.lm.name, "object": "model", "created": ctx.created, "owned_by": "entropix",
+            "context_length": ctx.max_context}
 
 
 @router.get("/v1/models")
@@ -66,39 +66,39 @@ async def models(request: HTTPRequest):
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: HTTPRequest):
-    state = _authorised(request)
-    state.check_model(model_id)
-    return _model_card(state)
+    ctx = _authorised(request)
+    ctx.check_model(model_id)
+    return _model_card(ctx)
 
 
 @router.get("/v1/entropix/info")
 async def info(request: HTTPRequest):
     """What the playground needs: samplers, thresholds, limits."""
-    state = _authorised(request)
-    thresholds = await asyncio.to_thread(state.thresholds)  # the first call reads the profile
-    return {"model": state.lm.name, "samplers": catalog.names(listed_only=True),
+    ctx = _authorised(request)
+    thresholds = await asyncio.to_thread(ctx.thresholds)  # the first call reads the profile
+    return {"model": ctx.lm.name, "samplers": catalog.names(listed_only=True),
             "sampler_specs": catalog.describe(listed_only=True), "thresholds": thresholds,
-            "context_length": state.max_context, "max_n": state.max_n, "version": __version__,
-            "scheduler": state.scheduler.stats()}
+            "context_length": ctx.max_context, "max_n": ctx.max_n, "version": __version__,
+            "scheduler": ctx.scheduler.stats()}
 
 
 # -- completions ------------------------------------------------------------------------------
 
 async def _parse(request: HTTPRequest, model_cls):
-    """Key, body, schema, model name and the checks both routes share: (state, params, stop strings)."""
-    state = _authorised(request)
-    p = protocol.parse_body(await protocol.read_json(request, state.max_body), model_cls)
-    state.check_model(p.model)
-    return state, p, protocol.check_common(p)
+    """Key, body, schema, model name and the checks both routes share: (ctx, params, stop strings)."""
+    ctx = _authorised(request)
+    p = protocol.parse_body(await protocol.read_json(request, ctx.max_body), model_cls)
+    ctx.check_model(p.model)
+    return ctx, p, protocol.check_common(p)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: HTTPRequest):
-    state, p, stop = await _parse(request, protocol.ChatRequest)
+    ctx, p, stop = await _parse(request, protocol.ChatRequest)
     protocol.check_chat(p)
-    ids = protocol.chat_prompt(p, state.lm.tokenizer)
-    mt = protocol.chat_budget(p, state.max_context, len(ids), state.default_max_tokens)
-    run = open_run(state, p, [ids], [mt], stop, (p.top_logprobs or 0) if p.logprobs else None)
+    ids = protocol.chat_prompt(p, ctx.lm.tokenizer)
+    mt = protocol.chat_budget(p, ctx.max_context, len(ids), ctx.default_max_tokens)
+    run = open_request(ctx, p, [ids], [mt], stop, (p.top_logprobs or 0) if p.logprobs else None)
     if p.stream:
         return streaming.sse_response(run, streaming.chat_stream(run, p.include_usage))
     return await streaming.collect(request, run, lambda: streaming.chat_response(run))
@@ -106,13 +106,13 @@ async def chat_completions(request: HTTPRequest):
 
 @router.post("/v1/completions")
 async def completions(request: HTTPRequest):
-    state, p, stop = await _parse(request, protocol.CompletionRequest)
+    ctx, p, stop = await _parse(request, protocol.CompletionRequest)
     protocol.check_completion(p)
-    prompts, ids = protocol.completion_prompts(p, state.lm.tokenizer)
-    mts = [protocol.budget(state.max_context, len(x), p.max_tokens, protocol.COMPLETION_DEFAULT_TOKENS,
+    prompts, ids = protocol.completion_prompts(p, ctx.lm.tokenizer)
+    mts = [protocol.budget(ctx.max_context, len(x), p.max_tokens, protocol.COMPLETION_DEFAULT_TOKENS,
                            "max_tokens", "prompt") for x in ids]
-    run = open_run(state, p, ids, mts, stop, p.logprobs)
-    echo = [pr if isinstance(pr, str) else state.lm.tokenizer.decode(pr) for pr in prompts] if p.echo else None
+    run = open_request(ctx, p, ids, mts, stop, p.logprobs)
+    echo = [pr if isinstance(pr, str) else ctx.lm.tokenizer.decode(pr) for pr in prompts] if p.echo else None
     if p.stream:
         return streaming.sse_response(run, streaming.completion_stream(run, p.include_usage, echo))
     return await streaming.collect(request, run, lambda: streaming.completion_response(run, echo))
@@ -165,7 +165,7 @@ def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int
     ctx = min(max_context or sched.engine.max_context, sched.engine.max_context)
     app = FastAPI(title="entropix", version=__version__, lifespan=_lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages load from a CDN
-    app.state.entropix = AppState(lm, sched, api_key or None, min(max_n, max_rows), max_body_bytes,
+    app.state.entropix = ServerContext(lm, sched, api_key or None, min(max_n, max_rows), max_body_bytes,
                                   default_max_tokens, ctx)
     app.state.scheduler = sched
     if cors_origins:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import EntropixError
+from ..backends.base import chunked
 from ..decode.records import Request, TokenRecord
 
 log = logging.getLogger("entropix.scheduler")
@@ -99,7 +100,8 @@ class Scheduler:
         """An engine that reads long prompts in chunks between decode steps (the backend's chunk size
         unless one was given), so a long prompt does not freeze the running streams."""
         engine = self.lm.engine(self.capture_layers)
-        engine.prefill_chunk = self.prefill_chunk or getattr(engine.backend, "max_chunk", None)
+        backend = engine.backend
+        engine.prefill_chunk = self.prefill_chunk or (backend.max_chunk if chunked(backend) else None)
         return engine
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from .. import __version__
 from ..decode.records import TokenRecord
 from .errors import APIError, server_error
-from .run import Choice, Run, rounded
+from .inflight import Choice, InFlight, rounded
 
 log = logging.getLogger("entropix.server")
 
@@ -42,7 +42,7 @@ def metric_entry(tok: Any, rec: TokenRecord) -> dict[str, Any]:
     d: dict[str, Any] = {
         "index": rec.index, "token": rec.token, "piece": tok.token_text(rec.token), "text": rec.text,
         "logprob": rounded(rec.logprob), "entropy": rounded(rec.entropy), "varentropy": rounded(rec.varentropy),
-        "margin": rounded(rec.margin), "state": rec.state,
+        "margin": rounded(rec.margin), "regime": rec.regime, "state": rec.regime,  # "state": its older name
         "top": [{"token": t, "text": s, "logprob": rounded(lp), "prob": rounded(math.exp(lp)) if math.isfinite(lp)
                  else 0.0} for t, s, lp in rec.top],
     }
@@ -61,7 +61,7 @@ def chat_logprob(tok: Any, rec: TokenRecord, k: int) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(run: Run, recs: list[TokenRecord], offset: int) -> dict[str, Any]:
+def completion_logprobs(run: InFlight, recs: list[TokenRecord], offset: int) -> dict[str, Any]:
     k = run.top_logprobs or 0
     tokens, lps, tops, offs = [], [], [], []
     for r in recs:
@@ -75,12 +75,12 @@ def completion_logprobs(run: Run, recs: list[TokenRecord], offset: int) -> dict[
 
 # -- whole responses ----------------------------------------------------------------------------
 
-def _base(run: Run, obj: str, prefix: str) -> dict[str, Any]:
+def _base(run: InFlight, obj: str, prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-            "model": run.state.lm.name, "system_fingerprint": FINGERPRINT}
+            "model": run.ctx.lm.name, "system_fingerprint": FINGERPRINT}
 
 
-def _top_extras(run: Run, extras: dict[str, Any]) -> dict[str, Any]:
+def _top_extras(run: InFlight, extras: dict[str, Any]) -> dict[str, Any]:
     out = dict(extras)
     if run.metrics:
         out["entropix_sampler"] = run.decoder.name
@@ -88,11 +88,11 @@ def _top_extras(run: Run, extras: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _finished(run: Run) -> list[Choice]:
+def _finished(run: InFlight) -> list[Choice]:
     return [run.choices[i] for i in sorted(run.choices)]
 
 
-def chat_response(run: Run) -> dict[str, Any]:
+def chat_response(run: InFlight) -> dict[str, Any]:
     choices = []
     for ch in _finished(run):
         c = {"index": ch.index, "message": {"role": "assistant", "content": ch.text}, "logprobs": None,
@@ -107,7 +107,7 @@ def chat_response(run: Run) -> dict[str, Any]:
             **_top_extras(run, run.extras)}
 
 
-def completion_response(run: Run, echo: list[str] | None) -> dict[str, Any]:
+def completion_response(run: InFlight, echo: list[str] | None) -> dict[str, Any]:
     choices = []
     for ch in _finished(run):
         prefix = echo[ch.prompt_index] if echo else ""
@@ -124,7 +124,7 @@ def completion_response(run: Run, echo: list[str] | None) -> dict[str, Any]:
 
 # -- streams ------------------------------------------------------------------------------------
 
-def _last_chunks(run: Run, base: dict, u: dict, include_usage: bool, empty: dict) -> list[str]:
+def _last_chunks(run: InFlight, base: dict, u: dict, include_usage: bool, empty: dict) -> list[str]:
     """The deferred finish chunk (with the strategy's scores), the usage chunk and [DONE]."""
     out = []
     if run.deferred:
@@ -136,7 +136,7 @@ def _last_chunks(run: Run, base: dict, u: dict, include_usage: bool, empty: dict
     return out + [DONE]
 
 
-async def chat_stream(run: Run, include_usage: bool) -> AsyncIterator[str]:
+async def chat_stream(run: InFlight, include_usage: bool) -> AsyncIterator[str]:
     base = _base(run, "chat.completion.chunk", "chatcmpl")
     u = {"usage": None} if include_usage else {}
     first = {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -159,7 +159,7 @@ async def chat_stream(run: Run, include_usage: bool) -> AsyncIterator[str]:
         yield chunk
 
 
-async def completion_stream(run: Run, include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:
+async def completion_stream(run: InFlight, include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:
     base = _base(run, "text_completion", "cmpl")
     u = {"usage": None} if include_usage else {}
     first = {**base, **_top_extras(run, {})} if run.metrics else base
@@ -190,7 +190,7 @@ async def completion_stream(run: Run, include_usage: bool, echo: list[str] | Non
 
 # -- sending them -------------------------------------------------------------------------------
 
-def sse_response(run: Run, chunks: AsyncIterator[str]):
+def sse_response(run: InFlight, chunks: AsyncIterator[str]):
     """A streamed response; once the headers are sent, an error can only travel as an event."""
     async def body():
         try:
@@ -210,7 +210,7 @@ def sse_response(run: Run, chunks: AsyncIterator[str]):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def collect(request, run: Run, build: Callable[[], dict[str, Any]]):
+async def collect(request, run: InFlight, build: Callable[[], dict[str, Any]]):
     """Run to the end, then build the JSON response; a client that disconnects cancels the run."""
     async def drain():
         async for _ in run.events():

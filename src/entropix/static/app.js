@@ -4,12 +4,13 @@
 
 const $ = (id) => document.getElementById(id);
 
-const STATE_COLOURS = {
+const REGIME_COLOURS = {  // the sampler's per-token regimes
   greedy: "#64748b", sample: "#0d9488", flowing: "#2563eb", treading: "#d97706",
   branch: "#7c3aed", resample: "#dc2626", adaptive: "#16a34a", pause: "#ca8a04",
   "cot-branch": "#0891b2",
 };
-// The server's sampler catalogue (/v1/entropix/info): name -> {help, strategy, options, defaults}.
+// The server's sampler catalogue (/v1/entropix/info): name -> {help, strategy, options, defaults, regimes}
+// (strategy: the multi-row algorithm; regimes: the per-token decisions its records name).
 let SPECS = {};
 const spec = (name) => SPECS[name] || { help: "", strategy: "single", options: [], defaults: {} };
 const isMulti = (name) => ["cot", "self-consistency", "auto"].includes(spec(name).strategy);  // scored branches side by side
@@ -17,7 +18,7 @@ const isMulti = (name) => ["cot", "self-consistency", "auto"].includes(spec(name
 const ui = {
   mode: "chat",
   messages: [],           // chat history sent with each request
-  points: [],             // {h, v, state, el}
+  points: [],             // {h, v, regime, el}
   thresholds: {},          // the model's entropix profile, from /v1/entropix/info
   counts: {},
   controller: null,
@@ -25,10 +26,13 @@ const ui = {
   model: "default",
 };
 
-function colourOf(state) {
-  if (STATE_COLOURS[state]) return STATE_COLOURS[state];
+// A record's regime; "state" is the field's older name (the server sends both).
+const regimeOf = (entry) => entry.regime ?? entry.state;
+
+function colourOf(regime) {
+  if (REGIME_COLOURS[regime]) return REGIME_COLOURS[regime];
   let h = 0;
-  for (const ch of String(state)) h = (h * 31 + ch.charCodeAt(0)) % 360;
+  for (const ch of String(regime)) h = (h * 31 + ch.charCodeAt(0)) % 360;
   return `hsl(${h} 65% 45%)`;
 }
 
@@ -203,14 +207,15 @@ class Output {
     const span = document.createElement("span");
     span.className = "tok";
     span.textContent = entry.text;
-    span.style.setProperty("--c", colourOf(entry.state));
-    span.dataset.state = entry.state;
+    const regime = regimeOf(entry);
+    span.style.setProperty("--c", colourOf(regime));
+    span.dataset.regime = regime;
     span._entry = entry;
     body.append(span);
-    const point = { h: entry.entropy ?? 0, v: entry.varentropy ?? 0, state: entry.state, el: span };
+    const point = { h: entry.entropy ?? 0, v: entry.varentropy ?? 0, regime, el: span };
     span._point = point;
     ui.points.push(point);
-    ui.counts[entry.state] = (ui.counts[entry.state] || 0) + 1;
+    ui.counts[regime] = (ui.counts[regime] || 0) + 1;
   }
 
   addText(index, text) {  // a delta without metrics
@@ -416,7 +421,7 @@ function drawScatter() {
   for (const p of ui.points) {
     ctx.beginPath();
     ctx.arc(X(p.h), Y(p.v), 3.2, 0, 2 * Math.PI);
-    ctx.fillStyle = colourOf(p.state);
+    ctx.fillStyle = colourOf(p.regime);
     ctx.globalAlpha = 0.75;
     ctx.fill();
   }
@@ -443,8 +448,9 @@ function fmt(t) { return Number.isInteger(t) ? String(t) : t.toFixed(1); }
 function drawLegend() {
   const el = $("legend");
   el.replaceChildren();
-  const states = Object.keys(ui.counts);
-  for (const s of states.length ? states : ["flowing", "treading", "branch", "resample", "adaptive"]) {
+  const regimes = Object.keys(ui.counts);
+  el.title = "the sampler's regime per token: how many tokens each chose";
+  for (const s of regimes.length ? regimes : ["flowing", "treading", "branch", "resample", "adaptive"]) {
     const span = document.createElement("span");
     const dot = document.createElement("i");
     dot.style.background = colourOf(s);
@@ -468,9 +474,10 @@ function showTooltip(span, ev) {
   tok.className = "tt-tok";
   tok.textContent = visible(e.piece ?? e.text);
   const st = document.createElement("span");
-  st.className = "tt-state";
-  st.style.background = colourOf(e.state);
-  st.textContent = e.state;
+  st.className = "tt-regime";
+  st.style.background = colourOf(regimeOf(e));
+  st.textContent = regimeOf(e);
+  st.title = "regime";
   head.append(tok, st);
   tip.append(head);
 

@@ -3,8 +3,10 @@
 "use strict";
 
 (function (global) {
-  // A record as the page keeps it: [text, state, entropy, varentropy, p(token)].
-  const compact = (e) => [e.text, e.state, e.entropy, e.varentropy, typeof e.logprob === "number" ? Math.exp(e.logprob) : null];
+  // A record as the page keeps it (and chat-store.js saves it): [text, regime, entropy, varentropy,
+  // p(token)]. Slot 1 held the same value when the server's field was called "state", so stored
+  // conversations read the same; the server sends both names, "regime" first.
+  const compact = (e) => [e.text, e.regime ?? e.state, e.entropy, e.varentropy, typeof e.logprob === "number" ? Math.exp(e.logprob) : null];
 
   class Run {
     constructor() {

@@ -1,6 +1,7 @@
 // What the sampler did for one answer, from the per-token `entropix` records the stream carries:
-// the "Show thinking" block (strategy mix, pauses, forks, branches and their confidences) and
-// the answer's tokens coloured by strategy, as the playground colours them. DOM nodes only.
+// the "Show thinking" block (regime mix, pauses, forks, branches and their confidences) and
+// the answer's tokens coloured by regime, as the playground colours them. DOM nodes only.
+// A token is the compact record of chat-stream.js, [text, regime, entropy, varentropy, p].
 "use strict";
 
 (function (global) {
@@ -14,10 +15,10 @@
     greedy: "argmax", sample: "plain sampling",
   };
 
-  function colourOf(state) {
-    if (COLOURS[state]) return COLOURS[state];
+  function colourOf(regime) {
+    if (COLOURS[regime]) return COLOURS[regime];
     let h = 0;
-    for (const ch of String(state)) h = (h * 31 + ch.charCodeAt(0)) % 360;
+    for (const ch of String(regime)) h = (h * 31 + ch.charCodeAt(0)) % 360;
     return `hsl(${h} 65% 45%)`;
   }
 
@@ -31,8 +32,8 @@
   const fmt = (x, d = 2) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(d) : "–");
 
   function tokenTitle(t) {
-    const [text, state, h, v, p] = t;
-    return `${JSON.stringify(text)} · ${state} · entropy ${fmt(h)} bits · varentropy ${fmt(v)} · p ${fmt(p, 3)}`;
+    const [text, regime, h, v, p] = t;
+    return `${JSON.stringify(text)} · ${regime} · entropy ${fmt(h)} bits · varentropy ${fmt(v)} · p ${fmt(p, 3)}`;
   }
 
   /** The answer as coloured token spans (text nodes; whitespace kept by CSS). */
@@ -40,7 +41,7 @@
     const box = node("div", "tokens");
     for (const t of tokens) {
       const s = node("span", "tok", t[0]);
-      s.dataset.state = t[1];
+      s.dataset.regime = t[1];
       s.style.setProperty("--c", colourOf(t[1]));
       s.title = tokenTitle(t);
       box.append(s);
@@ -58,21 +59,21 @@
     const sec = node("div", "mix");
     const bar = node("div", "mixbar");
     const legend = node("ul", "mixlegend");
-    for (const [state, n] of counts(tokens)) {
+    for (const [regime, n] of counts(tokens)) {
       const pct = (100 * n) / tokens.length;
       const seg = node("span");
       seg.style.width = `${pct}%`;
-      seg.style.background = colourOf(state);
-      seg.title = `${state} ${n}`;
+      seg.style.background = colourOf(regime);
+      seg.title = `${regime} ${n}`;
       bar.append(seg);
       const li = node("li");
       const dot = node("i");
-      dot.style.background = colourOf(state);
-      li.append(dot, node("b", null, state), document.createTextNode(` ${n} (${pct.toFixed(0)}%)`));
-      if (HELP[state]) li.append(node("span", "muted", ` · ${HELP[state]}`));
+      dot.style.background = colourOf(regime);
+      li.append(dot, node("b", null, regime), document.createTextNode(` ${n} (${pct.toFixed(0)}%)`));
+      if (HELP[regime]) li.append(node("span", "muted", ` · ${HELP[regime]}`));
       legend.append(li);
     }
-    sec.append(node("h4", null, "Strategy mix"), bar, legend);
+    sec.append(node("h4", null, "Regime mix"), bar, legend);
     return sec;
   }
 

@@ -211,7 +211,7 @@ function renderTranscript(conv) {
 function emptyNote() {
   const d = node("div", "empty");
   d.append(node("h2", null, "Ask anything"),
-    node("p", null, "Answers stream as markdown. Open “Show thinking” under an answer to see what the sampler did: its strategy mix, pauses, forks and branches."));
+    node("p", null, "Answers stream as markdown. Open “Show thinking” under an answer to see what the sampler did: its regime mix, pauses, forks and branches."));
   return d;
 }
 

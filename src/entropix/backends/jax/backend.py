@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
-from ..base import SampleGroup, StepHost
+from ..base import ATTN_VALID, SampleGroup, StepHost, TableCache, candidates, entropix_arrays, pause_flags, policy_op
 from . import compiled as C
 from .loader import JaxModel
 
@@ -46,7 +46,7 @@ class JaxBackend:
         self.starts: list[int] = []
         self.lengths: list[int] = []
         self.attn_valid = np.zeros(0, bool)
-        self._tables: dict[object, dict] = {}
+        self._tables = TableCache(lambda p: jax.device_put(entropix_arrays(p), self.fns.replicated))
 
     @property
     def rows(self) -> int:
@@ -64,7 +64,7 @@ class JaxBackend:
 
     # -- rows -------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]], copies: Sequence[int], capture: bool) -> None:
-        n, P = len(prompts), max(len(p) for p in prompts)
+        P = max(len(p) for p in prompts)
         T, B = prompt_bucket(P), C.row_bucket(len(prompts), self.dp)
         toks = np.zeros((B, T), np.int32)
         starts = np.full(B, T - 1, np.int32)
@@ -135,39 +135,42 @@ class JaxBackend:
         kinds, args = zip(*(self._group(g) for g in groups)) if groups else ((), ())
         m = self.fns.sample(logits, attn, tuple(args), kinds=tuple(kinds), top_k=top_k)
         m = np.asarray(m)[:self.rows].astype(np.float64)  # the step's one device -> host transfer
-        m[:, 10] = self.attn_valid
+        m[:, ATTN_VALID] = self.attn_valid
         return StepHost.from_matrix(m, top_k)
 
     def _group(self, g: SampleGroup) -> tuple[tuple, dict]:
-        """A group's static kind (part of the compilation key) and its per-row arrays."""
-        p, Bp, rows = g.policy, self.padded, list(g.rows)
-        mask = np.zeros(Bp, bool)
-        mask[rows] = True
-        if isinstance(p, Greedy):
-            return ("greedy",), {"mask": mask}
-        if isinstance(p, Sample):
-            q = p.params
-            return ("sample", int(q.top_k)), {"mask": mask, "u": self._spread(g.uniforms[:, :1], rows, 1),
-                                              "temperature": np.float32(q.temperature),
-                                              "top_p": np.float32(q.top_p), "min_p": np.float32(q.min_p)}
-        if isinstance(p, Ranked):
-            ranks = np.full(Bp, -1, np.int32)
-            ranks[rows] = g.ranks
-            k = 1 << int(np.max(g.ranks) + 1).bit_length()  # a power of two above every rank
-            return ("ranked", min(k, self.vocab_size)), {"mask": mask, "ranks": ranks}
-        if isinstance(p, Entropix):
-            table = p.table()
-            if table not in self._tables:
-                if len(self._tables) >= 64:  # a server sees many sampler_configs: keep the newest
-                    self._tables.pop(next(iter(self._tables)))
-                self._tables[table] = jax.device_put(C.ops.entropix_table_arrays(p), self.fns.replicated)
-            flags = np.zeros((Bp, 2), bool)
-            flags[rows] = g.flags
-            K = min(p.config.max_top_k, self.vocab_size)
-            kind = ("entropix", K, p.draws, bool(flags[:, 0].any()), bool(flags[:, 1].any()))
-            return kind, {"mask": mask, "u": self._spread(g.uniforms, rows, p.draws), "flags": flags,
-                          "table": self._tables[table]}
-        raise TypeError(f"the jax backend has no ops for policy {type(p).__name__}")
+        """A group's static kind (part of the compilation key; its name picks the op in
+        `compiled.KINDS`) and its per-row arrays over the padded batch."""
+        mask = np.zeros(self.padded, bool)
+        mask[list(g.rows)] = True
+        kind, args = policy_op(self._OPS, g.policy, self.name)(self, g, list(g.rows))
+        return kind, {"mask": mask, **args}
+
+    def _greedy(self, g: SampleGroup, rows: list[int]) -> tuple[tuple, dict]:
+        return ("greedy",), {}
+
+    def _sample(self, g: SampleGroup, rows: list[int]) -> tuple[tuple, dict]:
+        q = g.policy.params
+        return ("sample", int(q.top_k)), {"u": self._spread(g.uniforms[:, :1], rows, 1),
+                                          "temperature": np.float32(q.temperature),
+                                          "top_p": np.float32(q.top_p), "min_p": np.float32(q.min_p)}
+
+    def _ranked(self, g: SampleGroup, rows: list[int]) -> tuple[tuple, dict]:
+        ranks = np.full(self.padded, -1, np.int32)
+        ranks[rows] = g.ranks
+        k = 1 << int(np.max(g.ranks) + 1).bit_length()  # a power of two above every rank
+        return ("ranked", min(k, self.vocab_size)), {"ranks": ranks}
+
+    def _entropix(self, g: SampleGroup, rows: list[int]) -> tuple[tuple, dict]:
+        p = g.policy
+        flags = np.zeros((self.padded, 2), bool)
+        flags[rows] = g.flags
+        prev, ok = pause_flags(g)
+        kind = ("entropix", candidates(p, self.vocab_size), p.draws, prev is not None, ok is not None)
+        return kind, {"u": self._spread(g.uniforms, rows, p.draws), "flags": flags, "table": self._tables(p)}
+
+    # The policies' host sides (static kind, per-row arrays); `compiled.KINDS` has their device ops.
+    _OPS = {Greedy: _greedy, Sample: _sample, Ranked: _ranked, Entropix: _entropix}
 
     def _spread(self, u: np.ndarray, rows: list[int], n: int) -> np.ndarray:
         out = np.zeros((self.padded, n), np.float32)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import monitoring
 
+from ..base import step_blocks
 from . import model as M
 from . import ops
 from .loader import JaxModel  # noqa: F401 (the type functions() takes)
@@ -101,37 +102,46 @@ def _build(cfg, mesh) -> Functions:
         rows=rows, replicated=rep)
 
 
-def _policy(kind: tuple, a: dict, logits, H, V, attn, top_lp, top_id):
-    """One group's (tokens, codes) over every row of the padded batch."""
-    zeros = jnp.zeros(logits.shape[0], jnp.int32)
-    if kind[0] == "greedy":
-        return top_id[:, 0], zeros
-    if kind[0] == "sample":
-        return ops.sample_tokens(logits, a["u"], kind[1], a["temperature"], a["top_p"], a["min_p"]), zeros
-    if kind[0] == "ranked":
-        return ops.ranked_tokens(logits, a["ranks"], kind[1])
-    if kind[0] == "entropix":
-        _, K, _, has_prev, has_ok = kind
-        prev = a["flags"][:, 0] if has_prev else None
-        ok = a["flags"][:, 1] if has_ok else None
-        return ops.entropix_tokens(a["table"], top_lp[:, :K], top_id[:, :K], H, V, attn, a["u"], prev, ok)
-    raise ValueError(f"unknown sampler kind {kind[0]!r}")
+def _greedy(kind, a, logits, H, V, attn, top_lp, top_id):
+    return top_id[:, 0], jnp.zeros(logits.shape[0], jnp.int32)
+
+
+def _sample(kind, a, logits, H, V, attn, top_lp, top_id):
+    return (ops.sample_tokens(logits, a["u"], kind[1], a["temperature"], a["top_p"], a["min_p"]),
+            jnp.zeros(logits.shape[0], jnp.int32))
+
+
+def _ranked(kind, a, logits, H, V, attn, top_lp, top_id):
+    return ops.ranked_tokens(logits, a["ranks"], kind[1])
+
+
+def _entropix(kind, a, logits, H, V, attn, top_lp, top_id):
+    _, K, _, has_prev, has_ok = kind
+    prev = a["flags"][:, 0] if has_prev else None
+    ok = a["flags"][:, 1] if has_ok else None
+    return ops.entropix_tokens(a["table"], top_lp[:, :K], top_id[:, :K], H, V, attn, a["u"], prev, ok)
+
+
+# A group's static kind (its name first, as the backend's host side made it) -> one group's
+# (tokens, codes) over every row of the padded batch.
+KINDS = {"greedy": _greedy, "sample": _sample, "ranked": _ranked, "entropix": _entropix}
 
 
 def sample_step(logits, attn, args, kinds: tuple, top_k: int):
-    """Metrics, every group's policy and the top_k alternatives, as one [B, 11 + 2K] matrix
-    (column 10, the attention-valid flag, is the host's to fill)."""
+    """Metrics, every group's policy and the top_k alternatives, as one step matrix
+    (`backends.base.STEP_COLUMNS`; the attention-valid flag is the host's to fill)."""
     logp, H, V = ops.logit_metrics(logits)
     wide = max([top_k, 2] + [k[1] for k in kinds if k[0] == "entropix"])
-    top_lp, top_id = jax.lax.top_k(logp, min(wide, logits.shape[-1]))
+    top_id = ops.top_sorted(logits, wide)[1]  # ranked by the logits: lax.top_k puts lower ids first in ties
+    top_lp = jnp.take_along_axis(logp, top_id, 1)
     margin = jnp.exp(top_lp[:, 0]) - jnp.exp(top_lp[:, 1])
     tokens = jnp.zeros(logits.shape[0], jnp.int32)
     codes = jnp.zeros(logits.shape[0], jnp.int32)
     for kind, a in zip(kinds, args):
-        tok, code = _policy(kind, a, logits, H, V, attn, top_lp, top_id)
+        tok, code = KINDS[kind[0]](kind, a, logits, H, V, attn, top_lp, top_id)
         tokens = jnp.where(a["mask"], tok.astype(jnp.int32), tokens)
         codes = jnp.where(a["mask"], code.astype(jnp.int32), codes)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], 1)
-    cols = [tokens[:, None], codes[:, None], chosen, H[:, None], V[:, None], margin[:, None], attn,
-            jnp.zeros_like(H)[:, None], top_id[:, :top_k], top_lp[:, :top_k]]
-    return jnp.concatenate([c.astype(jnp.float32) for c in cols], 1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], 1)[:, 0]
+    blocks = step_blocks(tokens, codes, chosen, H, V, margin, attn, jnp.zeros_like(H), top_id[:, :top_k],
+                         top_lp[:, :top_k])
+    return jnp.concatenate([c.astype(jnp.float32) for c in blocks], 1)

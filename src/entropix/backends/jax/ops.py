@@ -3,7 +3,8 @@
 The twin of `backends/torch/ops.py`, function for function, written as pure jnp over whole
 (padded) batches with per-row parameters. The random draws come from the host (uniforms
 [B, N]), so a draw is one inverse-CDF search per row and candidate and gives the same token
-as the PyTorch backend for the same uniforms. `uniforms_from_keys` is the JAX-native
+as the PyTorch backend for the same uniforms (`sampler/reference.py` is the float64 definition
+both are held to). `uniforms_from_keys` is the JAX-native
 alternative (explicit `jax.random` keys per row) for code that decodes on the device alone.
 """
 
@@ -70,26 +71,29 @@ def draw_sorted(logq: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.minimum((cdf[:, None, :] <= x[:, :, None]).sum(-1), logq.shape[-1] - 1)
 
 
+def top_sorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest values [B, k] of each row, largest first, equal values by lower id first
+    (lax.top_k's rule), and their ids."""
+    x = jnp.where(x == 0, 0.0, x).astype(x.dtype)  # top_k orders -0.0 below 0.0; they are equal (XLA folds x + 0.0)
+    return jax.lax.top_k(x, min(k, x.shape[-1]))
+
+
 def sample_tokens(logits: jax.Array, u: jax.Array, k: int, temperature, top_p, min_p) -> jax.Array:
     """Plain sampling; k > 0 ranks only the k most likely (static), else the whole vocabulary."""
-    if k > 0:
-        vals, idx = jax.lax.top_k(logits, min(k, logits.shape[-1]))
-    else:
-        idx = jnp.argsort(-logits, axis=-1, stable=True)
-        vals = jnp.take_along_axis(logits, idx, -1)
+    vals, idx = top_sorted(logits, k if k > 0 else logits.shape[-1])
     logq = filter_sorted(vals, temperature, 0, top_p, min_p)
     return jnp.take_along_axis(idx, draw_sorted(logq, u[:, :1]), 1)[:, 0]
 
 
 def ranked_tokens(logits: jax.Array, ranks: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """CoT: rank r >= 0 takes the r-th most likely token (state 0), rank -1 the argmax (state 1)."""
-    top = jax.lax.top_k(logits, max(k, 1))[1]
+    top = top_sorted(logits, max(k, 1))[1]
     pick = jnp.take_along_axis(top, jnp.maximum(ranks, 0)[:, None], 1)[:, 0]
     return pick, (ranks < 0).astype(jnp.int32)
 
 
 def entropix_plan(table: dict, H, V, attn, pause_ok=None):
-    """Per-row state codes and (temperature, top_k, top_p, min_p) from the strategy table.
+    """Per-row regime codes and (temperature, top_k, top_p, min_p) from the regime table.
 
     table: arrays W [7, 20], lo, hi, is_int, off [20], code_to_col [6] and the thresholds
     (low_ent, low_vent, med_ent, med_vent, high_ent, high_vent) as scalars, so profiles that
@@ -123,10 +127,10 @@ def entropix_tokens(table: dict, vals, idx, H, V, attn, u, prev=None, ok=None):
     pid = table["pause_id"]
     code, temp, top_k, top_p, min_p = entropix_plan(table, H, V, attn, ok)
     logp = vals
-    if prev is not None:  # never the pause token twice in a row
-        vals = jnp.where(prev[:, None] & (idx == pid), NEG_INF, vals)
-        order = jnp.argsort(-vals, axis=-1, stable=True)
-        vals, idx, logp = (jnp.take_along_axis(a, order, 1) for a in (vals, idx, logp))
+    if prev is not None:  # never the pause token twice in a row: it goes behind every other candidate
+        hit = prev[:, None] & (idx == pid)
+        order = jnp.argsort(hit.astype(jnp.int32), axis=-1, stable=True)
+        vals, idx, logp = (jnp.take_along_axis(a, order, 1) for a in (jnp.where(hit, NEG_INF, vals), idx, logp))
     logq = filter_sorted(vals, temp, top_k, top_p, min_p)
     cand = draw_sorted(logq, u)  # [B, N]
     pick = cand[:, 0]
@@ -139,20 +143,6 @@ def entropix_tokens(table: dict, vals, idx, H, V, attn, u, prev=None, ok=None):
     if ok is not None:
         tokens = jnp.where(code == PAUSE, pid, tokens)
     return tokens, code
-
-
-def entropix_table_arrays(policy) -> dict:
-    """The policy's strategy table and thresholds as host arrays (jit arguments)."""
-    import numpy as np
-
-    t, c = policy.table(), policy.config
-    out = {"W": np.asarray(t.weights, np.float32), "lo": np.asarray(t.lower, np.float32),
-           "hi": np.asarray(t.upper, np.float32), "is_int": np.asarray(t.is_int, bool),
-           "off": np.asarray(t.offset, np.float32), "code_to_col": np.asarray(t.code_to_column, np.int32),
-           "pause_id": np.int32(policy.pause_id), "typicality_weight": np.float32(c.typicality_weight)}
-    for name in ("low_ent", "low_vent", "med_ent", "med_vent", "high_ent", "high_vent"):
-        out[name] = np.float32(getattr(c, name))
-    return out
 
 
 def uniforms_from_keys(keys: jax.Array, n: int) -> jax.Array:

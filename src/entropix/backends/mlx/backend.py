@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
-from ..base import SampleGroup, StepHost
+from ..base import (SampleGroup, StepHost, TableCache, candidates, pause_flags, policy_op, ranking_width,
+                    step_blocks)
 from . import ops
 from .cache import RowCache
 from .model import forward
@@ -25,7 +26,7 @@ class MLXBackend:
         self.logits: mx.array | None = None  # [B, V] pending next-token logits
         self.attn: mx.array | None = None  # [B, 4] attention metrics of the pending step
         self.attn_valid: mx.array | None = None  # [B] bool
-        self._tables: dict[object, tuple[mx.array, ...]] = {}  # EntropixTable -> its arrays
+        self._tables = TableCache(ops.entropix_table_arrays)
 
     @property
     def rows(self) -> int:
@@ -80,9 +81,9 @@ class MLXBackend:
         logits = self.logits
         B = logits.shape[0]
         logp, H, V = ops.logit_metrics(logits)
-        # one ranking serves the alternatives, the margin and every entropix group's candidates
-        wide = [min(g.policy.config.max_top_k, self.vocab_size) for g in groups if isinstance(g.policy, Entropix)]
-        top_lp, top_id = ops.top_sorted(logp, max([top_k, 2] + wide))
+        # one ranking serves the alternatives, the margin and every group's candidates
+        top_id = ops.top_sorted(logits, ranking_width(groups, top_k, self.vocab_size))[1]
+        top_lp = mx.take_along_axis(logp, top_id, axis=1)
         margin = mx.exp(top_lp[:, 0]) - mx.exp(top_lp[:, 1])
         tokens, codes = mx.zeros((B,), dtype=mx.int32), mx.zeros((B,), dtype=mx.int32)
         for g in groups:
@@ -92,38 +93,37 @@ class MLXBackend:
             def part(x: mx.array) -> mx.array:
                 return x if idx is None else x[idx]
 
-            tok, code = self._policy(g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
+            op = policy_op(self._OPS, g.policy, self.name)
+            tok, code = op(self, g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
             if idx is None:
                 tokens, codes = tok.astype(mx.int32), code.astype(mx.int32)
             else:
                 tokens[idx], codes[idx] = tok.astype(mx.int32), code.astype(mx.int32)
-        chosen = mx.take_along_axis(logp, tokens[:, None], axis=1)
-        cols = [tokens[:, None], codes[:, None], chosen, H[:, None], V[:, None], margin[:, None],
-                self.attn, self.attn_valid[:, None], top_id[:, :top_k], top_lp[:, :top_k]]
+        chosen = mx.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
+        blocks = step_blocks(tokens, codes, chosen, H, V, margin, self.attn, self.attn_valid, top_id[:, :top_k],
+                             top_lp[:, :top_k])
         # the step's one device -> host transfer, in fp32 (ids below 2^24 are exact)
-        m = mx.concatenate([c.astype(mx.float32) for c in cols], 1)
+        m = mx.concatenate([c.astype(mx.float32) for c in blocks], 1)
         return StepHost.from_matrix(np.array(m).astype(np.float64), top_k)
 
-    def _policy(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id) -> tuple[mx.array, mx.array]:
+    # The policies' ops (_OPS): (tokens, codes) for one group's rows.
+    def _greedy(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return top_id[:, 0], mx.zeros((logits.shape[0],), dtype=mx.int32)  # the argmax is the first of the ranking
+
+    def _sample(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return ops.sample_tokens(g.policy, logits, _dev(g.uniforms)), mx.zeros((logits.shape[0],), dtype=mx.int32)
+
+    def _ranked(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return ops.ranked_tokens(logits, _dev(g.ranks), int(np.max(g.ranks)) + 1)
+
+    def _entropix(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
         p = g.policy
-        zeros = mx.zeros((logits.shape[0],), dtype=mx.int32)
-        if isinstance(p, Greedy):  # the argmax is the first of the alternatives already ranked
-            return top_id[:, 0], zeros
-        if isinstance(p, Sample):
-            return ops.sample_tokens(p, logits, _dev(g.uniforms)), zeros
-        if isinstance(p, Ranked):
-            return ops.ranked_tokens(logits, _dev(g.ranks), int(np.max(g.ranks)) + 1)
-        if isinstance(p, Entropix):
-            table = p.table()  # cached per profile: equal profiles share one set of arrays
-            if table not in self._tables:
-                if len(self._tables) >= 64:  # a server sees many sampler_configs: keep the newest
-                    self._tables.pop(next(iter(self._tables)))
-                self._tables[table] = ops.entropix_table_arrays(p)
-            prev, ok = (_dev(f) if f.any() else None for f in (g.flags[:, 0], g.flags[:, 1]))
-            K = min(p.config.max_top_k, self.vocab_size)
-            return ops.entropix_tokens(self._tables[table], p, top_lp[:, :K], top_id[:, :K], H, V, attn,
-                                       _dev(g.uniforms), prev, ok)
-        raise TypeError(f"the mlx backend has no ops for policy {type(p).__name__}")
+        prev, ok = (None if f is None else _dev(f) for f in pause_flags(g))
+        K = candidates(p, self.vocab_size)
+        return ops.entropix_tokens(self._tables(p), p, top_lp[:, :K], top_id[:, :K], H, V, attn, _dev(g.uniforms),
+                                   prev, ok)
+
+    _OPS = {Greedy: _greedy, Sample: _sample, Ranked: _ranked, Entropix: _entropix}
 
 
 def _dev(a: np.ndarray) -> mx.array:

@@ -62,7 +62,7 @@ class RowCache:
     def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store k, v [B, Hkv, T, D] at slots [offset, offset + T); return all keys and values
         so far. `advance` moves the offset on after the last layer."""
-        T, end = k.shape[2], self.offset + k.shape[2]
+        end = self.offset + k.shape[2]
         old = self.keys[layer]
         if old is None or end > old.shape[2]:
             cap = (end + _STEP - 1) // _STEP * _STEP

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -140,7 +141,7 @@ def load_folder(folder: Path, dtype_name: str | None, device):
     """An HF or MLX folder through mlx-lm: (model, config, tokenizer, dtype)."""
     from mlx_lm.utils import load_model
 
-    from ...io.tokenizer import Tokenizer
+    from ...io.tokenizer import TextTokenizer
 
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -159,16 +160,17 @@ def load_folder(folder: Path, dtype_name: str | None, device):
     model.set_dtype(dtype)  # floating parameters only: quantized weights keep their packing
     model.eval()
     try:
-        tok = Tokenizer.from_dir(folder)
+        tok = TextTokenizer.from_dir(folder)
     except ValueError as e:
         raise EntropixError(str(e)) from None
     return model, _config_from(raw, model), tok, dtype
 
 
-def load(spec: str | None, device: str | None = "auto", dtype: str | None = "auto", progress: bool = True):
-    """A LoadedModel for the mlx backend from anything `--model` takes."""
+def load(spec: str | None, device: str | None = "auto", dtype: str | None = "auto",
+         progress: bool = True) -> dict[str, Any]:
+    """The fields of a LoadedModel for the mlx backend (entropix.loading builds it) from anything
+    `--model` takes."""
     from ...io.source import DEFAULT_MODEL, is_default, looks_like_hub_id, open_checkpoint, resolve_model_path
-    from ...loading import LoadedModel
 
     dev = resolve_device(device)
     mx.set_default_device(dev)  # MLX places arrays by a process-wide default
@@ -182,5 +184,5 @@ def load(spec: str | None, device: str | None = "auto", dtype: str | None = "aut
         dt = resolve_dtype(dtype, dev, ckpt.native_dtype)
         model, cfg = load_checkpoint(ckpt, dt)
         name, tok, source = (DEFAULT_MODEL if is_default(spec) else ckpt.name), ckpt.tokenizer, ckpt.source
-    return LoadedModel(name=name, config=cfg, tokenizer=tok, source=source, backend="mlx", model=model,
-                       device="gpu" if dev == mx.gpu else "cpu", dtype=str(dt).removeprefix("mlx.core."))
+    return dict(name=name, config=cfg, tokenizer=tok, source=source, model=model,
+                device="gpu" if dev == mx.gpu else "cpu", dtype=str(dt).removeprefix("mlx.core."))

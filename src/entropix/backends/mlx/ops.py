@@ -2,7 +2,8 @@
 
 The twin of `backends/torch/ops.py`, function for function: every function works on a
 group of rows at once with per-row parameters, and the random draws come from the host
-(uniforms [B, N]), so the same uniforms give the same decisions as the PyTorch backend.
+(uniforms [B, N]), so the same uniforms give the same decisions as the PyTorch backend
+(`sampler/reference.py` is the float64 definition both are held to).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import mlx.core as mx
 
 from ...sampler.policy import ADAPTIVE, BRANCH, FLOWING, PAUSE, TREADING, Entropix, EntropixTable, Sample
+from ..base import entropix_arrays
 from .model import HeadStats
 from .sums import rowsum
 
@@ -21,8 +23,12 @@ NEG = -float("inf")
 
 
 def _logit_metrics(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    logp = logits.astype(mx.float32)
-    logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+    x = logits.astype(mx.float32)
+    m = mx.max(x, axis=-1, keepdims=True)
+    m = mx.where(mx.isinf(m), 0.0, m)  # a row of -inf stays -inf (never inf - inf)
+    # the normaliser by blocks as well: mx.logsumexp's one-after-another fp32 sum is ~8e-4 off
+    # over 262144 tokens, which moves every log-probability by that much
+    logp = x - m - mx.log(rowsum(mx.exp(x - m)))[:, None]
     p = mx.exp(logp)
     lc = mx.maximum(logp, -1e4)  # any p > 0 in fp32 has log p >= -104: only p = 0 terms become exactly 0
     ent = -rowsum(p * lc)  # nats
@@ -42,15 +48,26 @@ def logit_metrics(logits: mx.array, compiled: bool = True) -> tuple[mx.array, mx
 
 
 def top_sorted(x: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k largest values [B, k] of each row, largest first, and their indices."""
+    """The k largest values [B, k] of each row, largest first, equal values by lower id first, and
+    their indices. Partition and sort run on unique keys: argpartition picks among ties across the
+    k-th place as it likes."""
     k = min(k, x.shape[-1])
+    key = -_order_key(x)  # ascending key: descending value, then ascending id
     if k == x.shape[-1]:
-        idx = mx.argsort(-x, axis=-1)
+        idx = mx.argsort(key, axis=-1)
     else:
-        idx = mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]
-        order = mx.argsort(-mx.take_along_axis(x, idx, axis=-1), axis=-1)
-        idx = mx.take_along_axis(idx, order, axis=-1)
+        idx = mx.argpartition(key, kth=k - 1, axis=-1)[:, :k]
+        idx = mx.take_along_axis(idx, mx.argsort(mx.take_along_axis(key, idx, axis=-1), axis=-1), axis=-1)
     return mx.take_along_axis(x, idx, axis=-1), idx.astype(mx.int32)
+
+
+def _order_key(x: mx.array) -> mx.array:
+    """int64 keys [B, V] in the order of (value, -id): fp32 bits, negatives flipped so that they
+    count up like the values, with the id below them."""
+    V = x.shape[-1]
+    bits = mx.view(mx.where(x == 0, 0.0, x.astype(mx.float32)), mx.int32)  # -0.0 is the 0.0 it equals
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits.astype(mx.int64) << max(V - 1, 1).bit_length()) - mx.arange(V, dtype=mx.int64)
 
 
 def attention_metrics(stats: list[HeadStats], batch: int) -> mx.array:
@@ -109,17 +126,14 @@ def ranked_tokens(logits: mx.array, ranks: mx.array, k: int) -> tuple[mx.array, 
     return pick, (ranks < 0).astype(mx.int32)
 
 
-def entropix_table_arrays(policy: Entropix) -> tuple[mx.array, ...]:
-    t = policy.table()
-    return (mx.array(t.weights, dtype=mx.float32), mx.array(t.lower, dtype=mx.float32),
-            mx.array(t.upper, dtype=mx.float32), mx.array(t.is_int), mx.array(t.offset, dtype=mx.float32),
-            mx.array(t.code_to_column, dtype=mx.int32))
+def entropix_table_arrays(policy: Entropix) -> dict[str, mx.array]:
+    """The policy's table arrays (`backends.base.entropix_arrays`) as MLX arrays."""
+    return {k: mx.array(v) for k, v in entropix_arrays(policy).items()}
 
 
 def entropix_plan(table: tuple[mx.array, ...], policy: Entropix, H, V, attn, pause_ok=None):
-    """Per-row state codes and (temperature, top_k, top_p, min_p) from the strategy table."""
-    c = policy.config
-    W, lo, hi, is_int, off, code_to_col = table
+    """Per-row regime codes and (temperature, top_k, top_p, min_p) from the regime table."""
+    c, t = policy.config, table
     feats = mx.concatenate([mx.ones_like(H)[:, None], H[:, None], V[:, None], attn.astype(mx.float32)], 1)  # [B, 7]
     flowing = (H < c.low_ent) & (V < c.low_vent)
     treading = (H >= c.high_ent) & (V < c.med_vent)
@@ -128,10 +142,10 @@ def entropix_plan(table: tuple[mx.array, ...], policy: Entropix, H, V, attn, pau
     code = mx.where(fork, BRANCH + (H >= c.med_ent).astype(mx.int32), ADAPTIVE)
     tread = TREADING if pause_ok is None else TREADING + pause_ok.astype(mx.int32)  # TREADING + 1 == PAUSE
     code = mx.where(flowing, FLOWING, mx.where(treading, tread, code)).astype(mx.int32)
-    raw = feats @ W  # [B, 20]
-    raw = mx.clip(mx.where(is_int, mx.floor(raw + off), raw), lo, hi)
+    raw = feats @ t["W"]  # [B, 20]
+    raw = mx.clip(mx.where(t["is_int"], mx.floor(raw + t["off"]), raw), t["lo"], t["hi"])
     cols = len(EntropixTable.COLUMNS)
-    col = code_to_col[code]  # [B]
+    col = t["code_to_col"][code]  # [B]
     params = mx.take_along_axis(raw.reshape(-1, 4, cols), mx.broadcast_to(col[:, None, None], (col.shape[0], 4, 1)),
                                 axis=2)[..., 0]
     return code, params[:, 0], params[:, 1].astype(mx.int32), params[:, 2], params[:, 3]
@@ -148,10 +162,11 @@ def entropix_tokens(table, policy: Entropix, vals, idx, H, V, attn, u, prev=None
     c, pid = policy.config, policy.pause_id
     code, temp, top_k, top_p, min_p = entropix_plan(table, policy, H, V, attn, ok)
     logp = vals
-    if prev is not None:  # never the pause token twice in a row, whichever strategy
-        vals = mx.where(prev[:, None] & (idx == pid), NEG, vals)
-        order = mx.argsort(-vals, axis=-1)  # keep "most likely first": top-1 must not be the pause
-        vals, idx, logp = (mx.take_along_axis(a, order, axis=1) for a in (vals, idx, logp))
+    if prev is not None:  # never the pause token twice in a row: it goes behind every other candidate
+        hit = prev[:, None] & (idx == pid)
+        K = idx.shape[1]
+        order = mx.argsort(hit.astype(mx.int32) * K + mx.arange(K), axis=-1)  # unique keys: the rest keep their order
+        vals, idx, logp = (mx.take_along_axis(a, order, axis=1) for a in (mx.where(hit, NEG, vals), idx, logp))
     logq = filter_sorted(vals, temp, top_k, top_p, min_p)  # flowing rows keep only their argmax
     cand = draw_sorted(logq, u)  # [B, N] positions in [0, K)
     pick = cand[:, 0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -12,7 +12,8 @@ from ... import EntropixError
 from ...sampler.dslider import DSlider
 from ...sampler.lookahead import Lookahead
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
-from ..base import SampleGroup, StepHost
+from ..base import (SampleGroup, StepHost, TableCache, candidates, pause_flags, policy_op, ranking_width,
+                    step_blocks)
 from . import ops
 from .dslider import DSliderStates
 from .kvcache import KVCache, SlotCache
@@ -37,7 +38,6 @@ class TorchBackend:
         self.logits: torch.Tensor | None = None  # [B, V] pending next-token logits (host order)
         self.attn: torch.Tensor | None = None  # [B, 4] attention metrics of the pending step
         self.attn_valid: torch.Tensor | None = None  # [B] bool: which rows captured them
-        self._tables: dict[object, tuple[torch.Tensor, ...]] = {}  # EntropixTable -> its tensors here
         self._partial: dict[object, KVCache] = {}  # chunked prefills in progress
         self._dslider = DSliderStates()  # per-row sampler state: forks, moves and leaves with its row
 
@@ -157,69 +157,68 @@ class TorchBackend:
         logits = self.logits
         B = logits.shape[0]
         logp, H, V = ops.logit_metrics(logits)
-        # one ranking serves the alternatives, the margin and every entropix group's candidates
-        wide = [min(g.policy.config.max_top_k, self.vocab_size) for g in groups if isinstance(g.policy, Entropix)]
-        wide += [min(g.policy.config.support, self.vocab_size) for g in groups if isinstance(g.policy, DSlider)]
-        wide += [min(g.policy.candidates, self.vocab_size) for g in groups if isinstance(g.policy, Lookahead)]
-        top_lp, top_id = logp.topk(max([top_k, 2] + wide), dim=-1)
+        # one ranking serves the alternatives, the margin and every group's candidates
+        top_id = ops.top_sorted(logits, ranking_width(groups, top_k, self.vocab_size))[1]
+        top_lp = logp.gather(1, top_id)
         margin = top_lp[:, 0].exp() - top_lp[:, 1].exp()
         tokens = torch.zeros(B, dtype=torch.long, device=self.device)
         codes = torch.zeros(B, dtype=torch.long, device=self.device)
         extras: dict[str, torch.Tensor] = {}  # a policy's decision quantities, NaN in other rows
         for g in groups:
             whole = len(g.rows) == B and list(g.rows) == list(range(B))
-            idx = None if whole else torch.tensor(g.rows, device=self.device)
+            idx = slice(None) if whole else torch.tensor(g.rows, device=self.device)
 
             def part(x: torch.Tensor) -> torch.Tensor:
-                return x if idx is None else x.index_select(0, idx)
+                return x if whole else x.index_select(0, idx)
 
-            tok, code, *more = self._policy(g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
+            op = policy_op(self._OPS, g.policy, self.name)
+            tok, code, *more = op(self, g, part(logits), part(H), part(V), part(self.attn), part(top_lp), part(top_id))
             for key, val in (more[0] if more else {}).items():
-                extras.setdefault(key, torch.full((B,), float("nan"), device=self.device))[slice(None) if idx is None else idx] = val.float()
-            if idx is None:
-                tokens, codes = tok, code
-            else:
-                tokens[idx], codes[idx] = tok, code
-        chosen = logp.gather(1, tokens[:, None])
-        cols = [tokens[:, None], codes[:, None], chosen, H[:, None], V[:, None], margin[:, None],
-                self.attn, self.attn_valid[:, None], top_id[:, :top_k], top_lp[:, :top_k]] + [v[:, None] for v in extras.values()]
+                extras.setdefault(key, torch.full((B,), float("nan"), device=self.device))[idx] = val.float()
+            tokens[idx], codes[idx] = tok, code
+        chosen = logp.gather(1, tokens[:, None])[:, 0]
+        blocks = step_blocks(tokens, codes, chosen, H, V, margin, self.attn, self.attn_valid, top_id[:, :top_k],
+                             top_lp[:, :top_k], list(extras.values()))
         # The step's one device -> host transfer, in fp32 (MPS has no fp64; ids below 2^24 are exact).
-        m = torch.cat([c.float() for c in cols], 1).cpu().numpy().astype(np.float64)
-        host = StepHost.from_matrix(m, top_k)
-        if extras:
-            n = m.shape[1] - len(extras)
-            host = dataclasses.replace(host, extra={k: m[:, n + j] for j, k in enumerate(extras)})
-        return host
+        m = torch.cat([b.float() for b in blocks], 1).cpu().numpy().astype(np.float64)
+        return StepHost.from_matrix(m, top_k, tuple(extras))
 
-    def _policy(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id) -> tuple[torch.Tensor, torch.Tensor]:
-        p, dev = g.policy, self.device
-        zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=dev)
-        if isinstance(p, Greedy):  # the argmax is the first of the alternatives already ranked
-            return top_id[:, 0], zeros
-        if isinstance(p, Sample):
-            return ops.sample_tokens(p, logits, self._to_device(g.uniforms)), zeros
-        if isinstance(p, Ranked):
-            return ops.ranked_tokens(logits, self._to_device(g.ranks), int(np.max(g.ranks)) + 1)
-        if isinstance(p, Entropix):
-            table = p.table()  # cached per profile: equal profiles share one set of tensors here
-            if table not in self._tables:
-                if len(self._tables) >= 64:  # a server sees many sampler_configs: keep the newest
-                    self._tables.pop(next(iter(self._tables)))
-                self._tables[table] = ops.entropix_table_tensors(p, dev)
-            prev, ok = (self._to_device(f) if f.any() else None for f in (g.flags[:, 0], g.flags[:, 1]))
-            K = min(p.config.max_top_k, self.vocab_size)
-            return ops.entropix_tokens(self._tables[table], p, top_lp[:, :K], top_id[:, :K], H, V, attn,
-                                       self._to_device(g.uniforms), prev, ok)
-        if isinstance(p, DSlider):
-            K = p.config.support
-            if K > self.vocab_size:
-                raise EntropixError(f"dslider: support {K} exceeds the vocabulary ({self.vocab_size} tokens)")
-            return self._dslider.step(p, self.rows, g.rows, top_lp[:, :K], top_id[:, :K], H * ops.LN2, V * ops.LN2 ** 2,
-                                      self._to_device(g.uniforms))
-        if isinstance(p, Lookahead):
-            return lookahead_tokens(self.model, self.cache.view(p.depth), p, [self.slot[r] for r in g.rows], H,
-                                    top_lp, top_id)  # the slots' cache: rows are slots there
-        raise TypeError(f"the torch backend has no ops for policy {type(p).__name__}")
+    @functools.cached_property
+    def _entropix_tables(self) -> TableCache:
+        """Each entropix policy's tensors here (made on first use: adapters/hf.py's subclass sets its
+        own state instead of calling __init__)."""
+        return TableCache(lambda p: ops.entropix_table_tensors(p, self.device))
+
+    # The policies' ops (_OPS): (tokens, codes[, extras]) for one group's rows.
+    def _greedy(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return top_id[:, 0], torch.zeros_like(top_id[:, 0])  # the argmax is the first of the ranking
+
+    def _sample(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return ops.sample_tokens(g.policy, logits, self._to_device(g.uniforms)), torch.zeros_like(top_id[:, 0])
+
+    def _ranked(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return ops.ranked_tokens(logits, self._to_device(g.ranks), int(np.max(g.ranks)) + 1)
+
+    def _entropix(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        p = g.policy
+        prev, ok = (None if f is None else self._to_device(f) for f in pause_flags(g))
+        K = candidates(p, self.vocab_size)
+        return ops.entropix_tokens(self._entropix_tables(p), p, top_lp[:, :K], top_id[:, :K], H, V, attn,
+                                   self._to_device(g.uniforms), prev, ok)
+
+    def _dslider_tokens(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        p, K = g.policy, g.policy.config.support
+        if K > self.vocab_size:
+            raise EntropixError(f"dslider: support {K} exceeds the vocabulary ({self.vocab_size} tokens)")
+        return self._dslider.step(p, self.rows, g.rows, top_lp[:, :K], top_id[:, :K], H * ops.LN2, V * ops.LN2 ** 2,
+                                  self._to_device(g.uniforms))
+
+    def _lookahead(self, g: SampleGroup, logits, H, V, attn, top_lp, top_id):
+        return lookahead_tokens(self.model, self.cache.view(g.policy.depth), g.policy, [self.slot[r] for r in g.rows],
+                                H, top_lp, top_id)  # the slots' cache: rows are slots there
+
+    _OPS = {Greedy: _greedy, Sample: _sample, Ranked: _ranked, Entropix: _entropix, DSlider: _dslider_tokens,
+            Lookahead: _lookahead}
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         if a.dtype == np.float64:  # uniforms: fp32 is what the draws compare against anyway

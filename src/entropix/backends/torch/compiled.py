@@ -21,7 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .model import MLP, Attention, Block, rotate_half
+from .layers import MLP, rotate_half
+from .model import Attention, Block
 
 
 def _pre(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -205,6 +205,14 @@ def dslider_step(c: DSliderConfig, s: dict[str, torch.Tensor], top_lp: torch.Ten
     Hs, Vs = ent((r + EPS).log())
     lp_s = (r.gather(1, pos[:, None])[:, 0] + EPS).log()
     lp_n = lp.gather(1, pos[:, None])[:, 0]
+    n = _next_state(c, s, alpha_new, m_new, T, H, V, Hk, Hs, Vs, nll, lp_n, lp_s)
+    extras = dict(zip(EXTRA_KEYS, (score, T, t_in, Hk, nll, rho, s["topk_ent"], s["dir_ent"])))
+    return pos, code, n, extras
+
+
+def _next_state(c: DSliderConfig, s: dict[str, torch.Tensor], alpha_new, m_new, T, H, V, Hk, Hs, Vs, nll, lp_n,
+                lp_s) -> dict[str, torch.Tensor]:
+    """The running averages after a step (the reference's order and coefficients)."""
     n = {"alpha": alpha_new, "m": m_new, "temp": ema(c.emwa_temp_coeff, T, s["temp"]),
          "ent_n": ema(c.emwa_ent_naked_coeff, H, s["ent_n"]), "varent_n": ema(c.emwa_varent_naked_coeff, V, s["varent_n"]),
          "topk_ent": ema(c.emwa_topk_ent_naked_coeff, Hk, s["topk_ent"]),
@@ -215,8 +223,7 @@ def dslider_step(c: DSliderConfig, s: dict[str, torch.Tensor], top_lp: torch.Ten
         tce = ema(getattr(c, f"token_cross_ent_{name}_coeff"), -lpx, s[f"tce_{side}"])
         n[f"tce_{side}"] = tce
         n[f"tcv_{side}"] = ema(getattr(c, f"token_cross_var_{name}_coeff"), (tce + lpx) ** 2, s[f"tcv_{side}"])
-    extras = dict(zip(EXTRA_KEYS, (score, T, t_in, Hk, nll, rho, s["topk_ent"], s["dir_ent"])))
-    return pos, code, n, extras
+    return n
 
 
 class DSliderStates:

@@ -15,7 +15,9 @@ from torch import nn
 from ... import EntropixError
 from ...config import ModelConfig
 from ...io.checkpoint import Checkpoint, HostTensor
+from . import quant as q
 from .model import Transformer
+from .params import place
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -117,16 +119,6 @@ def _parameter_names(model: Transformer, cfg: ModelConfig) -> list[str]:
     return [n for n, _ in model.named_parameters() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
 
 
-def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put `value` in place of the (meta) parameter `name`, checking its shape."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    want = tuple(getattr(module, leaf).shape)
-    if tuple(value.shape) != want:
-        raise EntropixError(f"weights do not fit the model: {name} is {tuple(value.shape)}, the config wants {want}")
-    setattr(module, leaf, nn.Parameter(value, requires_grad=False))
-
-
 def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
          fuse: bool | None = None, progress: bool = True, quant: str = "none") -> Transformer:
     """The checkpoint's model on `device` in `dtype`, in eval mode.
@@ -136,8 +128,6 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
     quant: "int8" / "int4" weight-only projections (quant.py; CPU), built module by module;
     "auto" keeps each tensor as the checkpoint stores it (quant.resolve, quant.kind_of).
     """
-    from . import quant as q
-
     dev = resolve_device(device)
     src = tensor_source(ckpt)
     dt = resolve_dtype(dtype, dev, src.native_dtype)
@@ -155,7 +145,7 @@ def load(ckpt: Checkpoint, device: str | torch.device | None = "auto", dtype: st
         for name in names:
             # MoE routers score in fp32 whatever the weights' dtype, as DeepSeek's code does
             want = torch.float32 if name.endswith("mlp.gate.weight") else dt
-            _place(model, name, src.get(name).to(device=dev, dtype=want))
+            place(model, name, src.get(name).to(device=dev, dtype=want))
         if fuse and owner is not None:
             # Each attention / MLP is fused as soon as it is loaded (what Transformer.fuse()
             # does at the end), so the freed q/k/v and gate/up buffers are reused by the

@@ -21,7 +21,7 @@ from torch import nn
 
 from ...config import ModelConfig
 from .kvcache import KVCache
-from .model import Linear, RMSNorm, newest_query_stats, rotate_half
+from .layers import Linear, RMSNorm, newest_query_stats, rotate_half
 from .rope import mla_softmax_scale
 
 ABSORB_MAX_T = 16  # up to this many new tokens per row attend in the latent space

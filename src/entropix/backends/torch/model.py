@@ -11,7 +11,6 @@ D head dim, C model dim, F feed-forward dim, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,8 @@ from torch import nn
 
 from ...config import ModelConfig
 from .kvcache import KVCache
+from .layers import (MKLDNN_PACKED, MLP, HeadStats, Linear, PackedLinear, RMSNorm,  # noqa: F401 (re-exported)
+                     newest_query_stats, rotate_half)
 from .rope import rope_amplitude, yarn_inv_freq
 from .window import sliding_mask
 
@@ -40,102 +41,6 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
         mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
         inv = torch.where(wavelen > lo_wavelen, inv / cfg.rope_factor, torch.where(wavelen < hi_wavelen, inv, mid))
     return inv.float()
-
-
-_MKL = torch.backends.mkl.is_available()
-_COLUMNS = 512  # output columns per product in the chunked path
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a faster CPU path for wide layers at decode batch sizes.
-
-    For a product of 4 to 12 rows MKL's fp32 GEMM packs the whole weight first, which
-    makes a 10-row decode step through the gate/up and vocabulary projections about twice
-    as slow as reading the weights needs. Products over 512 output columns at a time keep
-    each packed panel in cache and give the same numbers bit for bit (each output is the
-    same dot product). Measured in benchmarks/bench_linear.py.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if (_MKL and 4 <= rows <= 12 and self.bias is None and self.out_features >= 4 * self.in_features
-                and x.is_cpu and x.dtype == torch.float32 and type(self.weight.data) is torch.Tensor  # not a DTensor
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):  # out= has no autograd
-            x2 = x.reshape(rows, self.in_features)
-            out = torch.empty(rows, self.out_features, dtype=x.dtype)
-            for i in range(0, self.out_features, _COLUMNS):
-                torch.mm(x2, self.weight[i:i + _COLUMNS].t(), out=out[:, i:i + _COLUMNS])
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
-_PACKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-class PackedLinear(nn.Module):
-    """A bias-free CPU fp32 projection whose weight is held in oneDNN's packed layout.
-
-    For the vocabulary projection this costs nothing at one row and saves about a
-    third at 4 to 16 rows (no per-call re-packing of a V x C matrix); a load-time
-    choice for a single CPU, like fusing.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # opaque: not a parameter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; the same maths
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-@dataclass
-class HeadStats:
-    """Attention of each row's newest query over its valid keys, reduced per head (one layer)."""
-
-    entropy: torch.Tensor  # [B, H] bits
-    deviation: torch.Tensor  # [B, H] sum over keys of |head's attention - mean head's attention|
-    interaction: torch.Tensor  # [B, H] mean |pre-softmax score| over valid keys
-
-
-def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                       scale: float | None = None) -> HeadStats:
-    """Statistics of q [B, H, D] (the newest query) against keys [B, Hkv, S, D], valid [B, S];
-    `scale` multiplies the scores (1/sqrt(D) unless given).
-
-    Only this query's scores are formed ([B, H, S] in fp32), never the prompt x cache matrix.
-    """
-    B, H, D = q.shape
-    Hkv, S = keys.shape[1], keys.shape[2]
-    qg = q.view(B, Hkv, H // Hkv, D)  # query head h reads key head h // (H / Hkv)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * scale  # [B, H, S]
-    scores = scores.masked_fill(~valid[:, None, :], 0.0)
-    probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
-    entropy = torch.special.entr(probs).sum(-1) * (1.0 / math.log(2))  # entr is 0 where p is 0
-    deviation = (probs - probs.mean(1, keepdim=True)).abs().sum(-1)
-    n_valid = valid.sum(-1, keepdim=True).clamp_min(1).float()  # [B, 1]
-    return HeadStats(entropy, deviation, scores.abs().sum(-1) / n_valid)
 
 
 class Attention(nn.Module):
@@ -191,29 +96,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
         stats = self.head_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D)), stats
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        C, Fd = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(C, Fd, bias=False)
-        self.up_proj = Linear(C, Fd, bias=False)
-        self.down_proj = Linear(Fd, C, bias=False)
-        self.gate_up_proj: Linear | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -274,7 +156,7 @@ class Transformer(nn.Module):
         the embedded model). The packed weight is in no state_dict and stays on the CPU.
         False when it does not apply."""
         w = self.lm_head.weight
-        if not (_PACKED and w.is_cpu and w.dtype == torch.float32):
+        if not (MKLDNN_PACKED and w.is_cpu and w.dtype == torch.float32):
             return False
         self.lm_head = PackedLinear(w)
         return True

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig
+from .layers import MLP
 
 
 class Router(nn.Module):
@@ -71,8 +72,6 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from .model import MLP
-
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts

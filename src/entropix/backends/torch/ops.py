@@ -2,8 +2,8 @@
 
 Every function works on a whole group of rows at once with per-row parameters; the
 random draws come from the host (uniforms [B, N]), so a draw is one inverse-CDF search
-per row and candidate, with no generator state on the device. The twins in the other
-backends implement the same functions against the same tests.
+per row and candidate, with no generator state on the device. `sampler/reference.py` is
+the float64 definition; tests/test_conformance.py holds this module and its twins to it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import torch
 
 from ...sampler.policy import ADAPTIVE, BRANCH, FLOWING, PAUSE, TREADING, Entropix, EntropixTable, Sample
+from ..base import entropix_arrays
 from .model import HeadStats
 
 LN2 = math.log(2.0)
@@ -44,6 +45,33 @@ def attention_metrics(stats: list[HeadStats], batch: int, device) -> torch.Tenso
     per_layer = [torch.stack([s.entropy.mean(-1), s.entropy.var(-1, unbiased=False),
                               s.deviation.mean(-1), s.interaction.mean(-1)], -1) for s in stats]
     return torch.stack(per_layer).mean(0)
+
+
+def top_sorted(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values [B, k] of each row, largest first, equal values by lower id first, and
+    their ids. topk alone is not enough: it orders ties, and picks among ties across the k-th
+    place, as it likes."""
+    V = x.shape[-1]
+    if k >= V:
+        return x.sort(dim=-1, descending=True, stable=True)
+    if x.device.type == "cpu":  # a host read is free here: take the exact route only when a tie needs it
+        vals, ids = x.topk(k + 1, dim=-1)
+        if not bool((vals[:, k - 1] == vals[:, k]).any()):  # no tie across the k-th place: the set is right
+            ids, perm = ids[:, :k].sort(dim=-1)
+            vals, perm = vals[:, :k].gather(1, perm).sort(dim=-1, descending=True, stable=True)
+            return vals, ids.gather(1, perm)
+    # Elsewhere a host read would stall the queue: rank unique keys (the value's bits, then the id).
+    ids = _order_key(x).topk(k, dim=-1).indices
+    return x.gather(1, ids), ids
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys [B, V] in the order of (value, -id): fp32 bits, negatives flipped so that they
+    count up like the values, with the id below them."""
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0 makes -0.0 the 0.0 it equals
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    shift = max(x.shape[-1] - 1, 1).bit_length()
+    return (bits.long() << shift) - torch.arange(x.shape[-1], device=x.device)
 
 
 def filter_sorted(vals: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
@@ -82,10 +110,8 @@ def draw_sorted(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample_tokens(policy: Sample, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Plain sampling: the group shares one SamplingParams."""
     p = policy.params
-    if p.top_k > 0:  # the k most likely are all the filters can keep: no full sort
-        vals, idx = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1)
-    else:
-        vals, idx = logits.sort(dim=-1, descending=True)
+    # the k most likely are all the filters can keep: no full sort
+    vals, idx = top_sorted(logits, p.top_k if p.top_k > 0 else logits.shape[-1])
     logq = filter_sorted(vals, p.temperature, 0, p.top_p, p.min_p)
     return idx.gather(1, draw_sorted(logq, u[:, :1]))[:, 0]
 
@@ -93,18 +119,17 @@ def sample_tokens(policy: Sample, logits: torch.Tensor, u: torch.Tensor) -> torc
 def ranked_tokens(logits: torch.Tensor, ranks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CoT: rank r >= 0 takes the r-th most likely token (state 0), rank -1 the argmax
     (state 1); k > every rank (known on the host, so no device read)."""
-    top = logits.topk(max(k, 1), dim=-1).indices  # [B, k]
+    top = top_sorted(logits, max(k, 1))[1]  # [B, k]
     pick = top.gather(1, ranks.clamp_min(0)[:, None])[:, 0]
     return pick, (ranks < 0).long()
 
 
 def entropix_plan(table: tuple[torch.Tensor, ...], policy: Entropix, H, V, attn, pause_ok=None):
-    """Per-row state codes and (temperature, top_k, top_p, min_p) from the strategy table.
+    """Per-row regime codes and (temperature, top_k, top_p, min_p) from the regime table.
 
     Flowing rows get top_k 1, so sampling them is the argmax.
     """
-    c = policy.config
-    W, lo, hi, is_int, off, code_to_col = table
+    c, t = policy.config, table
     feats = torch.cat([torch.ones_like(H)[:, None], H[:, None], V[:, None], attn.float()], 1)  # [B, 7]
     flowing = (H < c.low_ent) & (V < c.low_vent)
     treading = (H >= c.high_ent) & (V < c.med_vent)
@@ -113,10 +138,10 @@ def entropix_plan(table: tuple[torch.Tensor, ...], policy: Entropix, H, V, attn,
     code = torch.where(fork, BRANCH + (H >= c.med_ent).long(), torch.full_like(H, ADAPTIVE, dtype=torch.long))
     tread = TREADING if pause_ok is None else TREADING + pause_ok.long()  # TREADING + 1 == PAUSE
     code = torch.where(treading, tread, code).masked_fill(flowing, FLOWING)
-    raw = feats @ W  # [B, 20]
-    raw = torch.clamp(torch.where(is_int, (raw + off).floor(), raw), lo, hi)
+    raw = feats @ t["W"]  # [B, 20]
+    raw = torch.clamp(torch.where(t["is_int"], (raw + t["off"]).floor(), raw), t["lo"], t["hi"])
     cols = len(EntropixTable.COLUMNS)
-    params = raw.view(-1, 4, cols).gather(2, code_to_col[code].view(-1, 1, 1).expand(-1, 4, 1))[..., 0]
+    params = raw.view(-1, 4, cols).gather(2, t["code_to_col"][code].long().view(-1, 1, 1).expand(-1, 4, 1))[..., 0]
     return code, params[:, 0], params[:, 1].long(), params[:, 2], params[:, 3]
 
 
@@ -131,7 +156,7 @@ def entropix_tokens(table, policy: Entropix, vals, idx, H, V, attn, u, prev=None
     """The entropix sampler for a group: (tokens [B], codes [B]).
 
     vals, idx [B, K]: the max_top_k most likely tokens' log-probabilities (most likely
-    first) and ids: every strategy keeps at most that many, so they are all it looks at.
+    first) and ids: every regime keeps at most that many, so they are all it looks at.
     prev [B] bool: the previous token is the pause token; ok [B] bool: a pause may be
     inserted now. None when no row of the group has one (known on the host, so the
     pause ops are skipped).
@@ -139,9 +164,10 @@ def entropix_tokens(table, policy: Entropix, vals, idx, H, V, attn, u, prev=None
     c, pid = policy.config, policy.pause_id
     code, temp, top_k, top_p, min_p = entropix_plan(table, policy, H, V, attn, ok)
     logp = vals
-    if prev is not None:  # never the pause token twice in a row, whichever strategy
-        vals = vals.masked_fill(prev[:, None] & (idx == pid), float("-inf"))
-        vals, order = vals.sort(dim=-1, descending=True)  # keep "most likely first": top-1 must not be the pause
+    if prev is not None:  # never the pause token twice in a row: it goes behind every other candidate
+        hit = prev[:, None] & (idx == pid)
+        order = hit.to(torch.uint8).argsort(dim=-1, stable=True)  # keeps "most likely first" for the rest
+        vals = vals.masked_fill(hit, float("-inf")).gather(1, order)
         idx, logp = idx.gather(1, order), logp.gather(1, order)
     logq = filter_sorted(vals, temp, top_k, top_p, min_p)  # [B, K]; flowing rows keep only their argmax
     cand = draw_sorted(logq, u)  # [B, N] positions in [0, K)
@@ -155,9 +181,6 @@ def entropix_tokens(table, policy: Entropix, vals, idx, H, V, attn, u, prev=None
     return tokens, code
 
 
-def entropix_table_tensors(policy: Entropix, device) -> tuple[torch.Tensor, ...]:
-    t = policy.table()
-    return (torch.tensor(t.weights, dtype=torch.float32, device=device),
-            torch.tensor(t.lower, device=device), torch.tensor(t.upper, device=device),
-            torch.tensor(t.is_int, device=device), torch.tensor(t.offset, device=device),
-            torch.tensor(t.code_to_column, device=device))
+def entropix_table_tensors(policy: Entropix, device) -> dict[str, torch.Tensor]:
+    """The policy's table arrays (`backends.base.entropix_arrays`) on the device."""
+    return {k: torch.as_tensor(v, device=device) for k, v in entropix_arrays(policy).items()}

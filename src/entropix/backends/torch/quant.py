@@ -23,6 +23,9 @@ from torch import nn
 
 from ... import EntropixError
 from . import int4_wide
+from .layers import MLP
+from .model import Attention
+from .params import place
 
 MODES = ("none", "int8", "int4")
 CHOICES = ("auto", *MODES)
@@ -268,8 +271,6 @@ def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: 
     where it becomes int4) and built as its kind (kind_of); q/k/v and gate/up are fused where
     `fuse` and all members are of one kind; dense ones are in `dtype`, the model's. A dense copy,
     where one is made, is of this module only."""
-    from .loader import _place
-
     linears = {n: m for n, m in owner.named_children() if isinstance(m, nn.Linear)}
     weights: dict[str, object] = {}
     kinds: dict[str, str] = {}
@@ -281,7 +282,7 @@ def load_owner(owner: nn.Module, prefix: str, names: list[str], get, src, mode: 
             exact = stored_int4(src, name) if kinds[child] == "int4" else None
             weights[child] = exact if exact is not None else get(name)
         else:
-            _place(owner, leaf, get(name))
+            place(owner, leaf, get(name))
     groups = {f: ps for f, ps in _FUSED.items()
               if fuse and all(p in weights for p in ps) and len({kinds[p] for p in ps}) == 1}
     done: set[str] = set()
@@ -320,8 +321,6 @@ def quantize_output(model: nn.Module, mode: str, head: str | None = None, src=No
 
 def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.Module:
     """Quantize an already loaded single-device model in place (tests, tiny models)."""
-    from .model import MLP, Attention
-
     check_device(mode, model.device)
     if mode == "none":
         return model
@@ -354,8 +353,6 @@ def quant_mode(model: nn.Module) -> str:
 
 def quantizable(module: nn.Module | None) -> bool:
     """Plain attention and MLP modules (MLA and MoE keep their own weights)."""
-    from .model import MLP, Attention
-
     return type(module) in (Attention, MLP)
 
 

@@ -35,8 +35,10 @@ from ...config import ModelConfig
 from ...io.checkpoint import Checkpoint
 from ...plan import balanced, split_heads
 from .kvcache import KVCache
-from .loader import _place, resolve_device, resolve_dtype, tensor_source
-from .model import HeadStats, Linear, Transformer
+from .loader import resolve_device, resolve_dtype, tensor_source
+from .params import place
+from .layers import HeadStats, Linear
+from .model import Transformer
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def load_shard(ckpt: Checkpoint, rank: int, world: int, device="auto", dtype="au
         t = read_part(src, name, s, cfg).to(device=dev, dtype=dt).contiguous()
         if t.untyped_storage().nbytes() > t.numel() * t.element_size():
             t = t.clone()  # a view of a whole mapped tensor: keep only the part
-        _place(model, name, t)
+        place(model, name, t)
     freqs = ckpt.rope_freq_factors
     model.finish_setup(torch.from_numpy(freqs) if freqs is not None else None)
     return model.eval()

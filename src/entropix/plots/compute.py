@@ -16,9 +16,10 @@ from typing import Mapping, Protocol, Sequence
 __all__ = ["ComputePoint", "compute_points", "pareto_front", "draw_compute_plot"]
 
 
-class _Summary(Protocol):  # what report._Summary offers
+class Summary(Protocol):  # what evaluate.report's summaries offer
     n: int
     correct: int
+    accuracy: float
     ci: tuple[float, float]
     tokens_per_problem: float | None
 
@@ -35,7 +36,7 @@ class ComputePoint:
     n: int
 
 
-def compute_points(summary: Mapping[str, Mapping[str, _Summary]],
+def compute_points(summary: Mapping[str, Mapping[str, Summary]],
                    order: Sequence[str] | None = None) -> dict[str, list[ComputePoint]]:
     """task -> its samplers' points (in `order`, else the summary's), for the samplers that
     ran problems and recorded tokens; tasks without any point are left out."""

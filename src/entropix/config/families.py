@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import EntropixError
+from .. import EntropixError
 
 
 def _sliding(cfg: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """Tensor-parallel ranks: starting them, and rank 0 leading the others step by step.
 
-`start(spec, tp)` gives rank 0 a LoadedModel whose engines drive a `ShardedBackend`: each
+`start(spec, tp)` gives rank 0 a Session whose `backend()` is a `ShardedBackend`: each
 backend call that runs the model (prefill, select, advance) is broadcast to every rank over a
 gloo group of torch.distributed, then run on this rank's part; the model's own collectives
 (all-reduce, all-gather; NCCL on CUDA, gloo on the CPU) keep the ranks in step. `sample` runs on
 rank 0 alone: the gathered logits and attention statistics are whole there.
 
 Two ways to get ranks:
-- on one machine, `start` spawns ranks 1..N-1 itself (`python -m entropix.distributed`);
+- on one machine, `start` spawns ranks 1..N-1 itself (`python -m entropix.backends.torch.ranks`);
 - under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) every process runs the same command:
   rank 0 goes on with it, the others call `follow` inside `start` and exit when rank 0 is done.
 
@@ -27,8 +27,11 @@ import weakref
 from datetime import timedelta
 from typing import Any, Sequence
 
-from . import EntropixError
-from .loading import LoadedModel
+from ... import EntropixError
+from ...io.checkpoint import Checkpoint
+from ...io.source import open_checkpoint
+from .backend import TorchBackend
+from .tp import load_shard, rank_slices
 
 CONTROL_TIMEOUT = timedelta(days=30)  # a follower waits for rank 0's next step for as long as a server idles
 START_TIMEOUT = timedelta(seconds=300)  # the compute group's collectives and the rendezvous
@@ -60,6 +63,10 @@ class Session:
         self._next_id, self._freed, self._closed = 0, [], False
 
     # -- rank 0 -------------------------------------------------------------------------
+    def backend(self, capture_layers: tuple[int, ...] = (-1,)) -> "ShardedBackend":
+        """A fresh backend on rank 0 whose model calls run on every rank."""
+        return ShardedBackend(self, capture_layers)
+
     def new_id(self, backend: Any) -> int:
         with self._lock:
             self._next_id += 1
@@ -168,8 +175,6 @@ class ShardedBackend:
     name = "torch"
 
     def __init__(self, session: Session, capture_layers: tuple[int, ...] = (-1,)) -> None:
-        from .backends.torch.backend import TorchBackend
-
         self.session, self.capture_layers = session, tuple(capture_layers)
         self.local = TorchBackend(session.model, self.capture_layers)
         self.vocab_size = self.local.vocab_size
@@ -197,33 +202,11 @@ class ShardedBackend:
         return self.local.sample(groups, top_k)  # no collectives: rank 0 holds the whole logits
 
 
-class ShardedModel(LoadedModel):
-    """A LoadedModel (on rank 0) whose engines run on every rank of a Session."""
-
-    session: Session | None = None
-
-    def engine(self, capture_layers: tuple[int, ...] = (-1,)):
-        from .decode.engine import Engine
-
-        return Engine(ShardedBackend(self.session, capture_layers), self.tokenizer,
-                      self.config.max_position_embeddings)
-
-    @property
-    def unavailable(self) -> str | None:
-        """Why this model can no longer compute (a rank died), or None."""
-        return self.session.dead
-
-    def close(self) -> None:
-        self.session.close()
-
-
 # -- followers -------------------------------------------------------------------------
 
 def follow(session: Session) -> None:
     """Ranks 1..N-1: make rank 0's backend calls on this rank's part until it says stop."""
     import torch.distributed as dist
-
-    from .backends.torch.backend import TorchBackend
 
     backends: dict[int, TorchBackend] = {}
     while True:
@@ -276,8 +259,6 @@ def _init_group(session: Session, store=None) -> None:
 
 
 def _load_part(session: Session, spec: str | None, dtype: str | None, ckpt=None):
-    from .backends.torch.tp import load_shard
-    from .io.source import open_checkpoint
 
     ckpt = ckpt or open_checkpoint(spec)
     session.model = load_shard(ckpt, session.rank, session.world, session.device, dtype, group=_compute_group())
@@ -295,20 +276,18 @@ def _spawn(spec: str | None, world: int, device: str | None, dtype: str | None, 
     for r in range(1, world):
         env = dict(os.environ, ENTROPIX_TP_RANK=str(r), ENTROPIX_TP_WORLD=str(world), ENTROPIX_TP_PORT=str(port),
                    ENTROPIX_TP_PARENT=str(os.getpid()))
-        cmd = [sys.executable, "-m", "entropix.distributed", "--model", spec or "", "--device", device or "auto",
+        cmd = [sys.executable, "-m", "entropix.backends.torch.ranks", "--model", spec or "", "--device", device or "auto",
                "--dtype", dtype or "auto"]
         children.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
     return children
 
 
 def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
-          exit_on_lost: bool = True) -> ShardedModel:
-    """Rank 0's model over `tp` ranks (spawned here, or torchrun's). On torchrun's other ranks
-    this follows rank 0 and exits the process when it is done: it never returns there."""
+          exit_on_lost: bool = True) -> tuple[Session, Checkpoint]:
+    """Rank 0's session over `tp` ranks (spawned here, or torchrun's) and the checkpoint it read.
+    On torchrun's other ranks this follows rank 0 and exits the process when it is done: it
+    never returns there."""
     import torch.distributed as dist
-
-    from .backends.torch.tp import rank_slices
-    from .io.source import open_checkpoint
 
     ckpt = None
     if under_torchrun():
@@ -343,11 +322,7 @@ def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto
         if session.dead or isinstance(e, dist.DistError):
             raise WorkerLost(f"{session.dead or e} while loading (see its error above)") from None
         raise
-    m = session.model
-    lm = ShardedModel(name=ckpt.name, config=ckpt.config, tokenizer=ckpt.tokenizer, source=ckpt.source,
-                      backend="torch", model=m, device=str(m.device), dtype=str(m.dtype).removeprefix("torch."))
-    lm.session = session
-    return lm
+    return session, ckpt
 
 
 def _follower_main(session: Session, spec: str | None, dtype: str | None) -> None:

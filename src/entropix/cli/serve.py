@@ -7,6 +7,7 @@ import os
 import socket
 
 from .. import EntropixError
+from .common import add_model_args, eprint, load
 
 
 def _is_loopback(host: str) -> bool:
@@ -30,8 +31,6 @@ def _check_extra() -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import eprint, load
-
     if not 0 < args.port < 65536:
         raise EntropixError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_rows < 1:
@@ -50,8 +49,8 @@ def cmd_serve(args) -> int:
         raise EntropixError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     import uvicorn
 
-    from .routes import create_app
-    from .security import allowed_hosts
+    from ..serve.routes import create_app
+    from ..serve.security import allowed_hosts
 
     lm = load(args)
     hosts = allowed_hosts(args.allowed_hosts or (), args.host)
@@ -90,9 +89,7 @@ def GracefulServer(config, scheduler, timeout: float):  # noqa: N802 - a class m
     return _graceful_server()(config, scheduler, timeout)
 
 
-def register_cli(sub) -> None:
-    from ..cli import add_model_args
-
+def register(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server and the web playground")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

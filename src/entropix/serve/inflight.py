@@ -96,27 +96,27 @@ def resolve_decoder(p: Params, lm: Any, max_n: int) -> Decoder:
     return dec
 
 
-def _check_layers(dec: Decoder, state: Any) -> None:
+def _check_layers(dec: Decoder, ctx: Any) -> None:
     """One engine serves every request, capturing one set of attention layers."""
     if not dec.spec.needs_attention:
         return
-    n = state.lm.config.num_hidden_layers
-    have, want = ({i % n for i in layers} for layers in (state.scheduler.capture_layers, dec.capture_layers))
+    n = ctx.lm.config.num_hidden_layers
+    have, want = ({i % n for i in layers} for layers in (ctx.scheduler.capture_layers, dec.capture_layers))
     if want != have:
         raise bad_request(f"this server captures attention layers {sorted(have)}; sampler_config.attention_layers "
                           f"asks for {sorted(want)}", "sampler_config", "invalid_value")
 
 
-def open_run(state: Any, p: Params, prompts: list[list[int]], max_tokens: list[int], stop: tuple[str, ...],
-             top_logprobs: int | None) -> "Run":
+def open_request(ctx: Any, p: Params, prompts: list[list[int]], max_tokens: list[int], stop: tuple[str, ...],
+                 top_logprobs: int | None) -> "InFlight":
     """Resolve the decoder, build the strategy's Task and submit its first phase."""
-    dec = resolve_decoder(p, state.lm, state.max_n)
-    _check_layers(dec, state)
+    dec = resolve_decoder(p, ctx.lm, ctx.max_n)
+    _check_layers(dec, ctx)
     n = p.n if p.n is not None else 1
-    if len(prompts) * n * dec.rows_per_prompt > 4 * state.max_n:
+    if len(prompts) * n * dec.rows_per_prompt > 4 * ctx.max_n:
         raise bad_request("too many prompts times n for one request", "n", "invalid_value")
     metrics = p.metrics if p.metrics is not None else (dec.spec.needs_attention or multi_row(dec.strategy))
-    tok = state.lm.tokenizer
+    tok = ctx.lm.tokenizer
     task = strategies.Task(
         prompts=prompts, max_tokens=max_tokens,
         seeds=[p.seed] * len(prompts),  # the request's seed for every prompt: equal prompts, equal samples
@@ -124,7 +124,7 @@ def open_run(state: Any, p: Params, prompts: list[list[int]], max_tokens: list[i
         top_logprobs=max(top_logprobs or 0, 5 if metrics else 0, 1),  # the metrics show 5 alternatives
         n=n, kind=p.answer_kind or "number",
         follow_up=not p.ignore_eos)  # ignore_eos asks for raw rows (benchmarks), not for answers
-    return Run(state, dec, task, top_logprobs=top_logprobs, metrics=metrics)
+    return InFlight(ctx, dec, task, top_logprobs=top_logprobs, metrics=metrics)
 
 
 # -- choices ----------------------------------------------------------------------------------
@@ -155,18 +155,18 @@ class Choice:
         return [r for r in self.records if not self.is_stop_token(r)]
 
 
-# -- the run ------------------------------------------------------------------------------------
+# -- the request in flight ---------------------------------------------------------------------
 
-class Run:
+class InFlight:
     """The strategy of one API request, driven phase by phase through the scheduler."""
 
-    def __init__(self, state: Any, decoder: Decoder, task: strategies.Task, *, top_logprobs: int | None,
+    def __init__(self, ctx: Any, decoder: Decoder, task: strategies.Task, *, top_logprobs: int | None,
                  metrics: bool) -> None:
-        self.state, self.decoder, self.task = state, decoder, task
-        self.tok = state.lm.tokenizer
+        self.ctx, self.decoder, self.task = ctx, decoder, task
+        self.tok = ctx.lm.tokenizer
         self.top_logprobs = top_logprobs  # None: no logprobs
         self.metrics = metrics
-        self.thresholds = (decoder.thresholds() or state.thresholds()) if metrics else None
+        self.thresholds = (decoder.thresholds() or ctx.thresholds()) if metrics else None
         self.choices: dict[int, Choice] = {}
         self.extras: dict[str, Any] = {}  # top-level scores, once the strategy has finished
         self.generated = 0  # records of every phase, shown or not
@@ -175,7 +175,7 @@ class Run:
         self._prompt_request: list[str] = []  # per prompt, the request whose rows are its choices
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
-        self._strategy = strategies.decode(decoder, task, self.tok, state.max_context)
+        self._strategy = strategies.decode(decoder, task, self.tok, ctx.max_context)
         self._phase = self._advance(None)
 
     @property
@@ -195,7 +195,7 @@ class Run:
         """Stop every job of the run (client went away, or a failure). Safe to repeat."""
         self._closed = True
         for job in self.jobs:
-            self.state.scheduler.cancel(job)
+            self.ctx.scheduler.cancel(job)
 
     # -- phases -------------------------------------------------------------------------
     def _advance(self, got: strategies.Records | None) -> strategies.Phase | None:
@@ -216,7 +216,7 @@ class Run:
         loop = asyncio.get_running_loop()
         try:
             for j, req in enumerate(phase.requests):
-                self.jobs.append(self.state.scheduler.submit(req, loop=loop, queue=self._queue))
+                self.jobs.append(self.ctx.scheduler.submit(req, loop=loop, queue=self._queue))
                 if phase.shown:
                     self._show(req, j)
         except SchedulerBusy as e:
@@ -271,7 +271,7 @@ class Run:
             left -= 1
             if kind == "error":
                 self.cancel()
-                gone = getattr(self.state.lm, "unavailable", None)  # a tensor-parallel rank died (distributed.py)
+                gone = getattr(self.ctx.lm, "unavailable", None)  # a tensor-parallel rank died (backends/torch/ranks.py)
                 if gone:
                     raise APIError(503, f"the model is unavailable: {gone}; the server is stopping", "server_error",
                                    None, "backend_unavailable")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from . import EntropixError
+from .. import EntropixError
+from .families import gguf_family_fields, hf_family_fields
 
 # HF `model_type`s and GGUF `general.architecture`s that entropix runs
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2")
@@ -102,8 +103,6 @@ class ModelConfig:
         arch = cfg.get("model_type", "llama")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise EntropixError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        from .families import hf_family_fields
-
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -138,8 +137,6 @@ class ModelConfig:
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
             raise EntropixError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
-        from .families import gguf_family_fields
-
         p = f"{arch}."
         try:
             heads = int(meta[p + "attention.head_count"])

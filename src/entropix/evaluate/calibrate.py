@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import EntropixError
-from .config import SamplerConfig
-from .policy import ENTROPIX_STATES, entropix_states
+from ..sampler.config import SamplerConfig
+from ..decode.records import Request
+from ..sampler.policy import ENTROPIX_REGIMES, Greedy, entropix_regimes
 
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.jsonl"
 
@@ -81,9 +82,6 @@ def thresholds_from_metrics(H: np.ndarray, V: np.ndarray) -> dict[str, float]:
 def collect_metrics(lm, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 64,
                     layers: tuple[int, ...] = (-1,), progress: bool = False) -> dict[str, np.ndarray]:
     """Greedy-decode every prompt (chat template, batched) and return per-token metrics [N]."""
-    from ..decode.records import Request
-    from .policy import Greedy
-
     if max_tokens < 1:
         raise EntropixError(f"--max-tokens must be at least 1, got {max_tokens}")
     if batch_size < 1:
@@ -118,78 +116,11 @@ def calibrate(lm, prompts: Sequence[str] | None = None, max_tokens: int = 64, ba
         raise EntropixError(f"calibration produced only {H.size} tokens; give more prompts or --max-tokens")
     cfg = dataclasses.replace(base, model=lm.name, **thresholds_from_metrics(H, V))
     qs = (0.1, 0.25, 0.5, 0.75, 0.9)
-    code = entropix_states(cfg, H, V)
+    code = entropix_regimes(cfg, H, V)
     stats = {
         "prompts": len(prompts), "tokens": int(H.size), "max_tokens": max_tokens, "decoding": "greedy, chat template",
         "quantiles": {name: f"{metric} q{q:g}" for name, (metric, q) in CALIBRATION_QUANTILES.items()},
         "metric_quantiles": {k: {f"q{q:g}": round(_quantile(v, q), 4) for q in qs} for k, v in m.items()},
-        "state_shares": {s: round(float((code == i).mean()), 4) for i, s in enumerate(ENTROPIX_STATES) if s != "pause"},
+        "regime_shares": {s: round(float((code == i).mean()), 4) for i, s in enumerate(ENTROPIX_REGIMES) if s != "pause"},
     }
     return cfg, stats
-
-
-def _cmd_other(args) -> int:
-    """`calibrate --sampler dslider|lookahead` (see calibrate_dslider.py)."""
-    from ..cli import eprint, load
-    from .calibrate_dslider import calibrate_dslider, calibrate_lookahead
-    from .dslider import DSliderConfig
-    from .lookahead import Lookahead
-
-    kind = DSliderConfig if args.sampler == "dslider" else Lookahead
-    base = kind.from_json(args.base) if args.base else kind()
-    prompts = load_prompts(args.prompts)  # bad input fails before the model loads
-    lm = load(args)
-    eprint(f"calibrating {args.sampler} for {lm.name} on {len(prompts)} prompts, up to {args.max_tokens} greedy tokens each ...")
-    fit = calibrate_dslider if args.sampler == "dslider" else calibrate_lookahead
-    cfg, stats = fit(lm, prompts, args.max_tokens, args.batch_size, base, progress=True)
-    fields = cfg.to_dict() if isinstance(cfg, DSliderConfig) else dataclasses.asdict(cfg)
-    text = json.dumps({**fields, "_calibration": stats}, indent=2) + "\n"
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        eprint(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    if isinstance(cfg, DSliderConfig):
-        eprint(f"{stats['tokens']} tokens; outlier_bias {cfg.outlier_bias:g}, dirichlet_threshold {list(cfg.dirichlet_threshold)}")
-        eprint("shares on the calibration tokens: " + ", ".join(f"{k} {v:.0%}" for k, v in stats["state_shares"].items()))
-    else:
-        eprint(f"{stats['tokens']} tokens; min_entropy {cfg.min_entropy:g} bits: a search at {stats['search_share']:.0%} of them")
-    return 0
-
-
-def cmd_calibrate(args) -> int:
-    from ..cli import eprint, load
-
-    if getattr(args, "sampler", "entropix") != "entropix":
-        return _cmd_other(args)
-    base = SamplerConfig.from_json(args.base) if args.base else SamplerConfig()
-    prompts = load_prompts(args.prompts)  # bad input fails before the model loads
-    lm = load(args)
-    eprint(f"calibrating {lm.name} on {len(prompts)} prompts, up to {args.max_tokens} greedy tokens each ...")
-    cfg, stats = calibrate(lm, prompts, args.max_tokens, args.batch_size, base, progress=True)
-    text = cfg.to_json(extra={"_calibration": stats})
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        eprint(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    th = ", ".join(f"{k} {getattr(cfg, k):g}" for k in CALIBRATION_QUANTILES)
-    eprint(f"{stats['tokens']} tokens; thresholds: {th}")
-    eprint("shares on the calibration tokens: " + ", ".join(f"{k} {v:.0%}" for k, v in stats["state_shares"].items()))
-    return 0
-
-
-def register_cli(sub) -> None:
-    from ..cli import add_model_args
-
-    p = sub.add_parser("calibrate", help="derive entropix (or dslider, lookahead) thresholds for a model from its own metrics")
-    add_model_args(p)
-    p.add_argument("--out", "-o", default=None, help="write the profile here (default: print it)")
-    p.add_argument("--max-tokens", "-n", type=int, default=64, help="greedy tokens per prompt")
-    p.add_argument("--prompts", default=None, help="JSON-lines ({\"prompt\": ...}) or text file (default: the shipped set)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
-    p.add_argument("--base", default=None, help="profile whose non-threshold settings the new one keeps")
-    p.add_argument("--sampler", default="entropix", choices=("entropix", "dslider", "lookahead"),
-                   help="whose thresholds: entropix (default), dslider (outlier and Dirichlet biases) or "
-                        "lookahead (min_entropy)")
-    p.set_defaults(fn=cmd_calibrate)

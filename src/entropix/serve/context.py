@@ -13,7 +13,7 @@ from .scheduler import Scheduler
 
 
 @dataclass
-class AppState:
+class ServerContext:
     lm: Any  # a LoadedModel
     scheduler: Scheduler
     api_key: str | None

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .decode.records import Request
-from .decode.strategies import Task, decode, run
-from .loading import LoadedModel
-from .sampler import catalog
-from .sampler.catalog import Decoder
+from ..decode.records import Request
+from ..decode.strategies import Task, decode, run
+from ..loading import LoadedModel
+from ..sampler import catalog
+from ..sampler.catalog import Decoder
 
 
 def _prompt(lm: LoadedModel, n: int) -> list[int]:
@@ -145,7 +145,7 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
 def timed_mode(lm: LoadedModel) -> dict[str, Any]:
     """What our figures were timed under: device, dtype, weight mode (with how many projections
     each kind holds) and torch's threads."""
-    from .backends.torch.quant import weight_kinds
+    from ..backends.torch.quant import weight_kinds
 
     return {"device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
             "quant": lm.quant, "weights": weight_kinds(lm.model), "threads": torch.get_num_threads()}
@@ -155,8 +155,8 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
                       samplers: list[str] = (), branches: int | None = None) -> dict[str, Any]:
     """Another backend (jax, mlx) beside the PyTorch backend on the same weights and dtype, in one run:
     greedy decode and prefill tokens/s of each, alternating, and each sampler on both."""
-    from . import EntropixError
-    from .loading import load_model
+    from .. import EntropixError
+    from ..loading import load_model
 
     try:
         twin = load_model(lm.source, backend="torch", device="cpu" if lm.device.startswith("cpu") else "auto", dtype=lm.dtype,
@@ -204,7 +204,7 @@ def run_backend_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 6
 def _compile_counter(lm: LoadedModel):
     """A function returning the backend's compilations so far (0 for eager backends)."""
     if lm.backend == "jax":
-        from .backends.jax.compiled import compilations
+        from ..backends.jax.compiled import compilations
 
         return compilations
     return lambda: 0

@@ -28,8 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import EntropixError
-from .dslider import ARGMAX, DIRICHLET, DSLIDER_STATES, INLIER, OOD, DSlider, DSliderConfig
-from .lookahead import Lookahead
+from ..decode.records import Request
+from ..sampler.dslider import ARGMAX, DIRICHLET, DSLIDER_REGIMES, INLIER, OOD, DSlider, DSliderConfig
+from ..sampler.lookahead import Lookahead
+from .calibrate import collect_metrics
 
 OUTLIER_QUANTILE = 0.90  # of the outlier score: 10% of tokens are outliers
 DIRICHLET_QUANTILE = 0.50  # of the Dirichlet margin among outliers: half of them take "dirichlet"
@@ -52,8 +54,6 @@ def collect_dslider(lm, prompts: Sequence[str], base: DSliderConfig, max_tokens:
     """Per-token DSlider quantities [N] along the greedy text of every prompt (chat template):
     raw outlier score (without the bias), top-k entropy and its running average, the Dirichlet
     NLL and its running average, and the full distribution's entropy (bits)."""
-    from ..decode.records import Request
-
     if max_tokens < 1:
         raise EntropixError(f"--max-tokens must be at least 1, got {max_tokens}")
     if batch_size < 1:
@@ -70,7 +70,7 @@ def collect_dslider(lm, prompts: Sequence[str], base: DSliderConfig, max_tokens:
                  for j, p in enumerate(prompts[start:start + batch_size])])
         while eng.active:
             for r in eng.step():
-                off_path += r.state != "argmax"
+                off_path += r.regime != "argmax"
                 for k, name in keys.items():
                     cols[k].append(r.extra[name])
                 cols["entropy"].append(r.entropy)
@@ -85,7 +85,7 @@ def collect_dslider(lm, prompts: Sequence[str], base: DSliderConfig, max_tokens:
 
 
 def branch_codes(cfg: DSliderConfig, m: dict[str, np.ndarray]) -> np.ndarray:
-    """The branch each collected token would take under cfg (its state as on the greedy text)."""
+    """The branch (regime code) each collected token would take under cfg (its running state as on the greedy text)."""
     outlier = m["score"] + cfg.outlier_bias > 0
     is_argmax = m["topk"] < cfg.argmax_threshold[0] * m["topk_avg"] + cfg.argmax_threshold[1]
     use_dir = m["nll"] < cfg.dirichlet_threshold[0] * m["nll_avg"] + cfg.dirichlet_threshold[1]
@@ -103,7 +103,7 @@ def dslider_thresholds(base: DSliderConfig, m: dict[str, np.ndarray]) -> DSlider
 
 
 def _shares(codes: np.ndarray) -> dict[str, float]:
-    return {s: round(float((codes == i).mean()), 4) for i, s in enumerate(DSLIDER_STATES)}
+    return {s: round(float((codes == i).mean()), 4) for i, s in enumerate(DSLIDER_REGIMES)}
 
 
 def calibrate_dslider(lm, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 64,
@@ -120,8 +120,8 @@ def calibrate_dslider(lm, prompts: Sequence[str], max_tokens: int = 64, batch_si
         "quantiles": {"outlier_bias": f"-(outlier score q{OUTLIER_QUANTILE:g})",
                       "dirichlet_threshold": f"bias: (nll - w * running nll) q{DIRICHLET_QUANTILE:g} among outliers"},
         "metric_quantiles": {k: {f"q{q:g}": round(float(np.quantile(v, q)), 4) for q in QS} for k, v in m.items()},
-        "state_shares": _shares(branch_codes(cfg, m)),
-        "state_shares_base": _shares(branch_codes(base, m)),
+        "regime_shares": _shares(branch_codes(cfg, m)),
+        "regime_shares_base": _shares(branch_codes(base, m)),
     }
     return cfg, stats
 
@@ -129,8 +129,6 @@ def calibrate_dslider(lm, prompts: Sequence[str], max_tokens: int = 64, batch_si
 def calibrate_lookahead(lm, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 64,
                         base: Lookahead | None = None, progress: bool = False) -> tuple[Lookahead, dict[str, Any]]:
     """base (default: the catalogue's lookahead) with min_entropy from the greedy text's entropy."""
-    from .calibrate import collect_metrics
-
     base = base or Lookahead()
     H = collect_metrics(lm, prompts, max_tokens, batch_size, (), progress)["entropy"]
     if H.size < 20:

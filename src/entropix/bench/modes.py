@@ -28,18 +28,18 @@ from typing import Any
 
 import torch
 
-from . import EntropixError
-from .bench import _prompt, load_transformers, time_transformers, timed_mode
-from .decode.records import Request
-from .loading import LoadedModel, load_model
-from .sampler.policy import Greedy
+from .. import EntropixError
+from .speed import _prompt, load_transformers, time_transformers, timed_mode
+from ..decode.records import Request
+from ..loading import LoadedModel, load_model
+from ..sampler.policy import Greedy
 
 PEERS = ("llama.cpp",)
 
 
 def parse_modes(text: str | None) -> list[str]:
     """'none,int8,int4+compile' -> names, each checked (one-line error for a bad one)."""
-    from .backends.torch.quant import CHOICES
+    from ..backends.torch.quant import CHOICES
 
     names = [m.strip().lower() for m in (text or "none,int8,int4").split(",") if m.strip()]
     for m in names:
@@ -52,7 +52,7 @@ def parse_modes(text: str | None) -> list[str]:
 def _load(source: str, mode: str) -> LoadedModel:
     lm = load_model(source, quant=mode.removesuffix("+compile"), progress=False)
     if mode.endswith("+compile"):
-        from .backends.torch.compiled import compile_decode
+        from ..backends.torch.compiled import compile_decode
 
         compile_decode(lm.model)
     return lm
@@ -90,7 +90,7 @@ def parity(lm: LoadedModel, prompt: list[int], ref_tokens: list[int], ref_logits
 
 def weight_mb(lm: LoadedModel) -> float:
     """Bytes of parameters, buffers and packed copies (the tied embedding once), in MB."""
-    from .backends.torch.model import PackedLinear
+    from ..backends.torch.layers import PackedLinear
 
     seen, total = set(), 0
     for t in [*lm.model.parameters(), *lm.model.buffers()]:
@@ -109,7 +109,7 @@ class _LlamaCpp:
     def __init__(self, source: str, threads: int, n_ctx: int) -> None:
         if not source.endswith(".gguf"):
             raise EntropixError(f"--peer llama.cpp reads GGUF files; {source} is not one")
-        from .adapters.llamacpp import open_llama
+        from ..adapters.llamacpp import open_llama
 
         self.llm = open_llama(source, n_ctx=n_ctx, n_threads=threads)
 
@@ -138,7 +138,7 @@ def run_modes_bench(lm: LoadedModel, modes: list[str], peers: list[str] = (), to
         if p not in PEERS:
             raise EntropixError(f"bench: unknown peer {p!r} (known: {', '.join(PEERS)})")
     if "llama.cpp" in peers:
-        from .adapters.llamacpp import _llama_cpp
+        from ..adapters.llamacpp import _llama_cpp
 
         if not lm.source.endswith(".gguf"):
             raise EntropixError(f"--peer llama.cpp reads GGUF files; {lm.source} is not one")
@@ -196,7 +196,7 @@ def _cpu_name() -> str:
 
 def _rss(source: str, who: str, threads: int) -> float | None:
     """Peak RSS (MB) of a fresh process that loads `who` and decodes 16 tokens."""
-    code = f"import sys; from entropix.bench_modes import _rss_child; _rss_child({source!r}, {who!r}, {threads})"
+    code = f"import sys; from entropix.bench.modes import _rss_child; _rss_child({source!r}, {who!r}, {threads})"
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
         return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -207,7 +207,7 @@ def _rss(source: str, who: str, threads: int) -> float | None:
 def _rss_child(source: str, who: str, threads: int) -> None:
     from types import SimpleNamespace
 
-    from .io.source import open_checkpoint
+    from ..io.source import open_checkpoint
 
     torch.set_num_threads(threads)
     ids = open_checkpoint(source).tokenizer.encode("Entropy measures how uncertain a language model is about its next token.")
