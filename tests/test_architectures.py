@@ -90,6 +90,7 @@ def cli_json(args, capsys) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_32_greedy_tokens_identical_through_the_cli(family, folders, models, capsys):
     folder = folders[family]
@@ -165,6 +166,7 @@ def test_attention_statistics_match_transformers_attentions(family, folders, mod
         assert s.entropy.max().item() <= math.log2(lm.config.sliding_window) + 1e-4
 
 
+@pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 @pytest.mark.parametrize("family", MAIN)
 def test_entropix_sampler_and_cot_through_the_cli(family, folders, capsys):
     base = ["generate", PROMPT, "--model", str(folders[family]), "--json", "--max-tokens", "6", "--device", "cpu"]
@@ -178,6 +180,7 @@ def test_entropix_sampler_and_cot_through_the_cli(family, folders, capsys):
     assert "branches" in cot and len(cot["branches"]) == 3
 
 
+@pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 @pytest.mark.parametrize("family", MAIN)
 def test_server_end_to_end(family, models):
     from entropix.serve import ServerThread, create_app
@@ -265,6 +268,7 @@ def test_unsupported_gguf_architecture_lists_the_supported(tmp_path):
         load_model(str(path), progress=False)
 
 
+@pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 def test_bench_compares_with_transformers_on_a_moe_folder(models):
     """`entropix bench` loads the same MoE folder in transformers and reports a ratio from one run
     (a figure, not asserted: speed is measured in benchmarks, not in unit tests)."""
@@ -293,6 +297,7 @@ def llama3_folder(tmp_path_factory, gguf_path):
     return write_hf_model(tmp_path_factory.mktemp("llama3") / "tiny", gguf_path)
 
 
+@pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_fp32_folders_keep_their_precision_under_the_defaults(family, folders, llama3_folder, capsys):
     """No --quant, --dtype or --device: a checkpoint stored in fp32 is computed as stored, so

@@ -86,10 +86,11 @@ def test_entropix_same_decisions_with_the_same_draws(smol, smol_mlx):
     recs = []
     for m in (smol, smol_mlx):
         eng = m.engine(dec.capture_layers)
-        eng.add([Request(prompt=ids, policy=dec.policy, max_tokens=8, seed=s, n=1) for s in (11, 12)])
+        eng.add([Request(prompt=ids, policy=dec.policy, max_tokens=8, seed=11, n=2)])  # two rows, one prefill
         out = []
         while eng.active:
             out.extend(eng.step())
         recs.append(out)
-    assert [(r.index, r.token, r.state) for r in recs[0]] == [(r.index, r.token, r.state) for r in recs[1]]
+    assert [(r.choice, r.index, r.token, r.state) for r in recs[0]] == \
+        [(r.choice, r.index, r.token, r.state) for r in recs[1]]
     assert len({r.state for r in recs[0]}) >= 3

@@ -59,6 +59,7 @@ def test_qwen2_ragged_batch_matches_transformers(qwen, qwen_dir):
     assert np.array(b.attn_valid).all() and np.isfinite(np.array(b.attn)).all()
 
 
+@pytest.mark.slow  # the CLI / server end to end on mlx
 def test_cli_generate_runs_on_mlx(qwen_dir, capsys):
     rc = main(["generate", "Hello", "--model", str(qwen_dir[0]), "--backend", "mlx", "--device", "cpu",
                "--raw", "--max-tokens", "6", "--sampler", "entropix", "--seed", "3", "--json"])
@@ -67,6 +68,7 @@ def test_cli_generate_runs_on_mlx(qwen_dir, capsys):
     assert all(r["state"] for r in out["records"])
 
 
+@pytest.mark.slow  # the CLI / server end to end on mlx
 def test_cli_cot_and_eval_run_on_mlx(qwen_dir, capsys):
     rc = main(["generate", "Tom has 3 apples", "--model", str(qwen_dir[0]), "--backend", "mlx", "--raw",
                "--max-tokens", "5", "--sampler", "cot", "--branches", "3", "--json"])
@@ -78,6 +80,7 @@ def test_cli_cot_and_eval_run_on_mlx(qwen_dir, capsys):
     assert rc == 0 and res
 
 
+@pytest.mark.slow  # the CLI / server end to end on mlx
 def test_server_runs_on_mlx(qwen):
     import httpx
 
@@ -127,6 +130,7 @@ def test_bench_reports_mlx_and_torch_side_by_side(llama_dir, capsys):
     assert out["mlx_vs_torch"] == pytest.approx(out["mlx_tps"] / out["torch_tps"], rel=0.01)
 
 
+@pytest.mark.slow  # the CLI / server end to end on mlx
 def test_quantized_mlx_folder_runs(qwen_dir, qwen, tmp_path, capsys):
     """A 4-bit MLX folder as the mlx-community organisation publishes them (mlx_lm.convert, offline)."""
     from mlx_lm import convert

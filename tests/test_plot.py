@@ -23,14 +23,17 @@ def png_size(path):
 
 
 @pytest.fixture(scope="module")
-def run_json(tmp_path_factory):
-    """A real run of the entropix sampler on the embedded model, as `generate --json` writes it."""
+def run_json(tmp_path_factory, smol):
+    """A real run of the entropix sampler on the embedded model (fp32: the session's `smol`), as
+    `generate --json` writes it."""
     import contextlib
     import io
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("entropix.cli.generate.load", lambda args, quiet=False: smol)
         rc = main(["generate", "--sampler", "entropix", "--seed", "11", "--json", "--max-tokens", "24",
+                   "--quant", "none", "--dtype", "float32", "--device", "cpu",
                    "How many times does the letter r appear in strawberry?"])
     assert rc == 0
     path = tmp_path_factory.mktemp("plot") / "run.json"
