@@ -54,7 +54,7 @@ install-llamacpp: install
 
 demo: install
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96
-	@echo "--- the same question with the entropix sampler (tokens coloured by strategy on a terminal):"
+	@echo "--- the same question with the entropix sampler (tokens coloured by regime on a terminal):"
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96 --sampler entropix --seed 11
 
 # The layering contracts (pyproject [tool.importlinter]: no arrow up, no cycle), the linter and the

@@ -180,8 +180,7 @@ def hf_model(gguf_path):
     from filelock import FileLock
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    st = gguf_path.stat()
-    saved = Path(CACHE) / "models" / f"{gguf_path.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    saved = Path(CACHE) / "models" / f"{tiny.file_key(gguf_path)}-transformers{transformers.__version__}"
     try:
         saved.parent.mkdir(parents=True, exist_ok=True)
     except OSError:

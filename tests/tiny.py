@@ -69,8 +69,7 @@ def _saved_gguf_tokenizer(gguf_path: Path) -> Path | None:
         SHARED_DIR.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    st = gguf_path.stat()
-    saved = SHARED_DIR / f"tokenizer-{gguf_path.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    saved = SHARED_DIR / f"tokenizer-{file_key(gguf_path)}-transformers{transformers.__version__}"
     with FileLock(str(saved) + ".lock"):
         if not saved.is_dir():
             part = saved.with_name(saved.name + ".part")
@@ -78,6 +77,20 @@ def _saved_gguf_tokenizer(gguf_path: Path) -> Path | None:
             gguf_tokenizer(gguf_path).save_pretrained(part)
             part.rename(saved)
     return saved
+
+
+@lru_cache(maxsize=8)
+def file_key(path: Path) -> str:
+    """The file's name, size and a digest of its first and last MiB: the same file under another
+    install (another mtime, another folder) keeps its key."""
+    import hashlib
+
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{path.stem}-{size}-{h.hexdigest()[:16]}"
 
 
 def save_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:
