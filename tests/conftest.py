@@ -72,7 +72,7 @@ def smol():
 # in both processes. The scheduler below groups by test id instead: a module's tests run in one
 # process (its module fixtures are built once), but for the modules that share a long session
 # fixture (one group), the modules whose tests are independent and long (spread), and the
-# README lines (tests/test_readme_commands.py: one group per set of lines that share files).
+# README lines (tests/test_readme_commands.py: one group, the lines sharing one driver process).
 
 _SHARED_GROUPS = {"test_model": "hf_model", "test_adapters_hf": "hf_model"}  # both use conftest's hf_model
 _SPREAD = {"test_tp"}  # long tests (ranks, subprocesses) over a cheap module fixture
@@ -131,8 +131,8 @@ def cli_load_once(monkeypatch, request):
     """In-process `entropix.cli.main([...])` calls load each model once per test process: the CLI's
     own `load` runs the first time a set of model flags is seen, later calls with the same flags
     get that model back (the fp32 embedded model is the session's `smol`). For tests of what a
-    command does with its model; tests/test_cli.py, tests/test_readme_commands.py and the
-    subprocess tests run the CLI with its own load every time, under the defaults."""
+    command does with its model. The README lines (tests/readme_driver.py) keep their own loads in
+    their driver process; the subprocess tests run the CLI with its own load every time."""
     import importlib
 
     from entropix.backends.torch.quant import check_mode
@@ -181,15 +181,18 @@ def hf_model(gguf_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     saved = Path(CACHE) / "models" / f"{tiny.file_key(gguf_path)}-transformers{transformers.__version__}"
+    def read():
+        with tiny.gguf_read_once():
+            return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                        dtype=torch.float32).eval()
+
     try:
         saved.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
-        return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                    dtype=torch.float32).eval()
+        return read()
     with FileLock(str(saved) + ".lock"):
         if not saved.is_dir():  # transformers will not save a model it read from a GGUF: its weights then
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                         dtype=torch.float32).eval()
+            model = read()
             part = saved.with_name(saved.name + ".part")
             shutil.rmtree(part, ignore_errors=True)
             part.mkdir()

@@ -1,10 +1,12 @@
 """Run by tests/test_jax_sharding.py in a fresh process: XLA's forced host devices must be
 set before jax is imported, and a pytest process has usually imported it already.
 
-`python tests/jax_mesh_check.py tiny` decodes a ragged batch on a tiny model (8 heads, 4
-key/value heads: every split is even) on 1 device, TP=4 and TP=2 x DP=2 and prints one JSON
-object: tokens, logits and the shapes of a few weights' addressable shards per mesh.
-`... cli` runs `entropix generate --backend jax --json` on the embedded model per mesh.
+`python tests/jax_mesh_check.py FOLDER` prints one JSON object with two parts, one process
+start for both (importing jax and torch is a good part of the cost):
+  "tiny": a ragged batch decoded on a tiny in-memory model (8 heads, 4 key/value heads: every
+          split is even) on 1 device, TP=4 and TP=2 x DP=2: tokens, logits and the shapes of
+          a few weights' addressable shards per mesh;
+  "cli":  `entropix generate --backend jax --json` on the checkpoint in FOLDER per mesh.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ MESHES = ((1, 1), (4, 1), (2, 2))  # (tp, dp)
 
 
 def tiny() -> dict:
+    import numpy as np
+
     from entropix.backends.base import SampleGroup
     from entropix.backends.jax.backend import JaxBackend
     from entropix.sampler.policy import Greedy
@@ -48,26 +52,33 @@ def tiny() -> dict:
     return out
 
 
-def cli() -> dict:
-    from entropix.cli import main
+def cli(folder: str) -> dict:
+    from entropix.cli import generate, main
 
+    loaded = []
+
+    def load(args, quiet=False):  # the CLI's own load, its model kept to read the mesh it built
+        loaded.append(real(args, quiet))
+        return loaded[-1]
+
+    real, generate.load = generate.load, load
     out = {}
     for tp, dp in MESHES:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            rc = main(["generate", "What is 2 + 3?", "--backend", "jax", "--device", "cpu", "--dtype", "float32",
-                       "--tp", str(tp), "--dp", str(dp), "-n", "16", "--json", "--top-logprobs", "1"])
+            rc = main(["generate", "What is 2 + 3?", "--model", folder, "--backend", "jax", "--device", "cpu",
+                       "--dtype", "float32", "--tp", str(tp), "--dp", str(dp), "-n", "16", "--json",
+                       "--top-logprobs", "1"])
         res = json.loads(buf.getvalue())
-        out[f"tp{tp}_dp{dp}"] = {"rc": rc, "tokens": res["tokens"],
-                                 "logprobs": [r["logprob"] for r in res["records"]]}
+        q_proj = loaded[-1].model.params["layers"][0]["self_attn"]["q_proj"]
+        out[f"tp{tp}_dp{dp}"] = {"rc": rc, "tokens": res["tokens"], "logprobs": [r["logprob"] for r in res["records"]],
+                                 "q_proj": [list(s.data.shape) for s in q_proj.addressable_shards]}
     return out
 
 
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import jax
-    import numpy as np  # noqa: F401 (used by tiny())
 
-    globals()["np"] = np
     assert len(jax.devices()) == 4, jax.devices()
-    sys.stdout.write(json.dumps({"tiny": tiny, "cli": cli}[sys.argv[1]]()) + "\n")
+    sys.stdout.write(json.dumps({"tiny": tiny(), "cli": cli(sys.argv[1])}) + "\n")

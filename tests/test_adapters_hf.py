@@ -156,15 +156,16 @@ def test_processor_gives_the_cli_no_attention_tokens(hf_model, gguf_path, smol, 
 
 
 def test_full_wrapper_gives_our_engine_states_on_the_embedded_model(hf_model, gguf_path, smol):
+    """A smoke test of 24 tokens (the tiny model's tests above carry the claim in full)."""
     from tiny import hf_gguf_tokenizer
 
     cfg = load_profile(smol.name)
     ids = smol.tokenizer.encode_chat([{"role": "user", "content": STORY}])
     policy = Entropix(cfg, smol.tokenizer.find_token(cfg.pause_text))
     engine = smol.engine(cfg.attention_layers)
-    want = list(generate(engine, [Request(prompt=ids, policy=policy, max_tokens=48, seed=7,
+    want = list(generate(engine, [Request(prompt=ids, policy=policy, max_tokens=24, seed=7,
                                           stop_ids=smol.tokenizer.stop_ids)]))
-    got = list(hf.generate(hf_model, hf_gguf_tokenizer(gguf_path), ids, max_tokens=48, seed=7, sampler_config=cfg))
+    got = list(hf.generate(hf_model, hf_gguf_tokenizer(gguf_path), ids, max_tokens=24, seed=7, sampler_config=cfg))
     assert [r.state for r in got] == [r.state for r in want]
     assert [r.token for r in got] == [r.token for r in want]
     assert all(r.attn is not None for r in got)

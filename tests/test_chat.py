@@ -23,7 +23,9 @@ from tinymodel import tiny_lm
 
 pytestmark = pytest.mark.slow  # headless Chromium (make test-fast leaves it out)
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+# Screenshots go to the suite's cache (ignored by git), not docs/: a test run leaves the checkout as it was.
+# The README's pictures in docs/ are copies of these, made by hand when the pages change.
+SHOTS = Path(__file__).resolve().parents[1] / ".cache" / "tests" / "screenshots"
 STATIC = Path(__file__).resolve().parents[1] / "src" / "entropix" / "static"
 KEY = "sesame-test-key"
 MD = ("## Summing a list\n\nUse the built-in **`sum`**:\n\n```python\nprint(sum([1, 2, 3]))\n```\n\n"
@@ -124,7 +126,8 @@ def _model_menu_fits(page) -> None:
 
 
 def _shot(page, name: str) -> None:
-    path = DOCS / name
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / name
     page.screenshot(path=str(path), animations="disabled")
     assert path.stat().st_size > 10_000
 

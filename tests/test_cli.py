@@ -89,7 +89,7 @@ def test_generation_stops_at_context_end(tiny_short, capsys):
 
 
 @pytest.mark.slow
-def test_generate_json_on_embedded_model(capsys):
+def test_generate_json_on_embedded_model(cli_load_once, capsys):
     rc, out, _ = run_cli(["generate", "What is the capital of France?", "--json", "--max-tokens", "24"], capsys)
     assert rc == 0
     res = json.loads(out)
@@ -112,23 +112,35 @@ def test_same_seed_same_text(cli_load_once, capsys):
     assert a != c
 
 
+def user_env() -> dict[str, str]:
+    """This environment less the ENTROPIX_* variables: the console script runs a user's defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ENTROPIX_")}
+
+
+@pytest.fixture(scope="module")
+def console_chat():
+    """One run of the installed console script: `chat` over stdin, two turns then /quit, under the
+    defaults. It streams each answer as `generate` does (the README's `generate` lines stream to a pipe
+    in tests/test_readme_commands.py); this is the one run of the script itself that loads the model."""
+    return subprocess.run([ENTROPIX, "chat", "--max-tokens", "4"], input="Hello!\nWhat did I just say?\n/quit\n",
+                          capture_output=True, text=True, env=user_env(), timeout=300)
+
+
 @pytest.mark.slow
-def test_console_script_streams_and_exits_cleanly(tmp_path):
-    env = dict(os.environ, ENTROPIX_DEBUG="")
-    p = subprocess.run([ENTROPIX, "generate", "Say hi.", "--max-tokens", "8"], capture_output=True, text=True,
-                       env=env, timeout=300)
+def test_console_script_streams_and_exits_cleanly(console_chat, tmp_path):
+    p = console_chat
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip()
+    replies = p.stdout.split(">>> ")[1:-1]  # the model's text streamed after each prompt
+    assert len(replies) == 2 and all(r.strip() for r in replies), p.stdout
     p = subprocess.run([ENTROPIX, "generate", "hi", "--model", str(tmp_path / "none")], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, env=user_env(), timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("entropix: error:")
 
 
 @pytest.mark.slow
-def test_chat_multi_turn_over_stdin():
-    p = subprocess.run([ENTROPIX, "chat", "--max-tokens", "12"], input="Hello!\nWhat did I just say?\n/quit\n",
-                       capture_output=True, text=True, timeout=300)
+def test_chat_multi_turn_over_stdin(console_chat):
+    p = console_chat
     assert p.returncode == 0, p.stderr
     assert p.stdout.count(">>> ") >= 3  # three prompts shown: two turns answered, then /quit
 

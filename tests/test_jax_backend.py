@@ -1,5 +1,6 @@
 """The JAX backend against the PyTorch one on tiny models: logits, attention statistics,
-tokens and sampler decisions with injected draws; checkpoints; compilations; errors."""
+tokens and sampler decisions with injected draws; compilations; errors. Checkpoint files
+(an HF folder, a GGUF file, bf16): tests/test_jax_e2e.py, on its tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from entropix.sampler.config import SamplerConfig, SamplingParams
 from entropix.sampler.policy import Entropix, Greedy, Ranked, Sample
 
 from jax_helpers import jax_twin
+from jax_parity import assert_close
 from tinymodel import tiny_lm
 
+RAGGED = [[5, 6, 7], list(range(40, 60)), [9] * 11]  # one prefill shape (4 rows of 32) for the tests that share it
 CFG = SamplerConfig(model="test", low_ent=5.0, low_vent=1.0, med_ent=6.0, high_ent=6.5, med_vent=2.0, high_vent=3.0)
 
 
@@ -30,22 +33,14 @@ def pair():
     return lm, jax_twin(lm)
 
 
-def _close(jb: JaxBackend, tb: TorchBackend, tol=1e-4):
-    lj = np.asarray(jb.state[1])[:jb.rows]
-    assert lj.shape == tuple(tb.logits.shape)
-    np.testing.assert_allclose(lj, tb.logits.numpy(), atol=tol, rtol=0)
-    np.testing.assert_allclose(np.asarray(jb.state[2])[:jb.rows], tb.attn.numpy(), atol=tol, rtol=0)
-
-
 def test_ragged_batch_logits_stats_and_tokens_match_torch(pair):
     """Ragged prefill with copies, greedy steps, a fork and a finish, rows joining mid-run,
     and a cache that grows past 256 slots: fp32 logits and attention within 1e-4."""
     lm, jl = pair
     jb, tb = JaxBackend(jl.model), TorchBackend(lm.model)
-    prompts = [[5, 6, 7], list(range(40, 60)), [9] * 11]
     for b in (jb, tb):
-        b.prefill(prompts, [1, 2, 1], True)
-    _close(jb, tb)
+        b.prefill(RAGGED, [1, 2, 1], True)
+    assert_close(jb, tb)
     for step in range(6):
         g = [SampleGroup(Greedy(), tuple(range(tb.rows)))]
         hj, ht = jb.sample(g, 4), tb.sample(g, 4)
@@ -60,7 +55,7 @@ def test_ragged_batch_logits_stats_and_tokens_match_torch(pair):
             for b in (jb, tb):
                 b.select([3, 1, 1, 2])
                 b.prefill([list(range(1, 250))], [1], True)
-        _close(jb, tb)
+        assert_close(jb, tb)
     assert jb.rows == tb.rows == 5 and jb.padded == 8
 
 
@@ -100,14 +95,18 @@ def test_sampler_decisions_match_torch_with_injected_draws(pair):
 
 
 def test_entropix_run_through_the_engine_matches_torch(pair):
-    """Seeded entropix decoding (the host draws the uniforms): same tokens and states."""
+    """Seeded entropix decoding (the host draws the uniforms) of a ragged batch, a request of
+    two rows among them: the same tokens and states, more than one strategy firing. The prompts
+    and rows of the ragged test above: its prefill and decode programs serve this one too."""
     lm, jl = pair
     out = []
     for m in (lm, jl):
-        req = Request(prompt=[7, 8, 9, 10], policy=Entropix(CFG, pause_id=32), max_tokens=24, seed=5,
-                      stop_ids=frozenset(), n=2)
-        out.append([(r.choice, r.token, r.state) for r in generate(m.engine(), [req])])
+        reqs = [Request(prompt=p, policy=Entropix(CFG, pause_id=32), max_tokens=24, seed=5, stop_ids=frozenset(), n=n)
+                for p, n in zip(RAGGED, [1, 2, 1])]
+        which = {q.id: i for i, q in enumerate(reqs)}
+        out.append([(which[r.request_id], r.choice, r.token, r.state) for r in generate(m.engine(), reqs)])
     assert out[0] == out[1]
+    assert len({s for *_, s in out[0]}) >= 2  # several strategies compared, not one
 
 
 def test_a_128_token_run_compiles_a_few_times():
@@ -124,29 +123,6 @@ def test_a_128_token_run_compiles_a_few_times():
     assert len(toks) == 128 and toks == again
     assert 3 <= first <= 8, first
     assert compiled.compilations() == c1
-
-
-@pytest.mark.slow
-def test_hf_folder_and_gguf_load_like_torch(tmp_path, gguf_path):
-    """Llama-3 RoPE scaling from an HF folder, and a GGUF file: the same logits as torch."""
-    from tiny import write_gguf_from_hf, write_hf_model
-
-    folder = write_hf_model(tmp_path / "hf", gguf_path)
-    gguf = write_gguf_from_hf(folder, tmp_path / "tiny.gguf", gguf_path)
-    prompt = [1, 200, 300, 400, 500]
-    for spec in (folder, gguf):
-        lt = load_model(str(spec), backend="torch", device="cpu", dtype="float32", progress=False)
-        lj = load_model(str(spec), backend="jax", device="cpu", dtype="float32", progress=False)
-        assert lj.backend == "jax" and lj.dtype == "float32" and lj.config == lt.config
-        jb, tb = JaxBackend(lj.model), TorchBackend(lt.model)
-        for b in (jb, tb):
-            b.prefill([prompt, prompt[:2]], [1, 1], True)
-            b.advance([7, 8], True)
-        _close(jb, tb)
-    bf = load_model(str(folder), backend="jax", device="cpu", dtype="bfloat16", progress=False)
-    assert bf.dtype == "bfloat16" and bf.model.params["embed_tokens"].dtype == jax.numpy.bfloat16
-    toks = [r.token for r in generate(bf.engine(), [Request(prompt=prompt, policy=Greedy(), max_tokens=4)])]
-    assert len(toks) == 4
 
 
 def test_bad_mesh_and_backend_options_are_one_line_errors():

@@ -1,13 +1,18 @@
 """Every line of the README's "Command line" block runs, as typed, under the defaults users get.
 
 The lines are parsed from README.md (not copied here), so the README cannot drift from what
-works. Each runs as a subprocess of the installed `entropix` script on the embedded model,
-with no --quant/--dtype flag and no ENTROPIX_* variable: the default weight mode is what a
-user gets. The only adaptations are small --max-tokens / --limit (bench: --tokens,
---repeats, --prompt-tokens; --no-transformers, or --no-rss with --peer) so the file stays quick, and a temporary working folder so that
-output files land there. Lines run in README order in one shared folder, so `plot run.json`
-reads what `generate ... --json > run.json` wrote; a line run alone (-k) first runs the lines
-that produce its input files.
+works. Each runs in bash as typed (its quotes, `> FILE` and globs are bash's), with no --quant/--dtype
+flag and no ENTROPIX_* variable: the default weight mode is what a user gets. The `entropix` bash
+finds is a shim that hands the line's argv and file descriptors to one long-lived process running
+`entropix.cli.main` (tests/readme_driver.py), which keeps torch imported and the model the CLI
+loaded between lines; tests/test_cli.py runs the installed console script itself. Each test checks
+that the CLI got the argv this file expects from the line. The only adaptations (readme_driver.adapt)
+are small --max-tokens / --limit (bench: --tokens, --repeats, --prompt-tokens; --no-transformers, or
+--no-rss with --peer), --branches 2 where the sampler is cot or auto, the head of the shipped prompt
+set for calibrate (--prompts), so the file stays quick, and a temporary working folder so that output
+files land there. Lines run in README order in one shared folder, so `plot run.json` reads what
+`generate ... --json > run.json` wrote; a line run alone (-k) first runs the lines that produce its
+input files.
 """
 
 from __future__ import annotations
@@ -21,24 +26,18 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from readme_driver import CALIBRATION_COUNT, adapt, write_shim
+
 pytestmark = pytest.mark.slow  # end to end on the embedded model (make test-fast leaves it out)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-MAX_TOKENS = 6  # generate / calibrate / eval: enough to exercise each sampler's decode loop
-LIMIT = 1  # eval: problems per run
-# bench: one short run instead of 3 x 128 tokens after a 64-token prompt
-BENCH = {"--tokens": "4", "--repeats": "1", "--prompt-tokens": "16"}
-# transformers takes ~20 s to read the GGUF: `bench` skips its baseline (`bench --peer` still runs
-# it), and `--peer` skips the peak-RSS processes, one per contender, each loading its model again
-# (tests/test_quant.py times transformers and measures the processes on a tiny checkpoint)
-BENCH_ONLY_OURS = ("--no-transformers",)
-BENCH_PEER = ("--no-rss",)
 TIMEOUT = 900  # seconds per line: a hang fails the line instead of blocking the suite
 
 OUTPUT_FLAGS = ("-o", "--out", "--compute-plot")  # options whose value is a file the command writes
@@ -91,14 +90,6 @@ class Command:
         return args
 
 
-def _set(argv: list[str], flag: str, value: str) -> None:
-    """Override FLAG's value, or append it."""
-    if flag in argv:
-        argv[argv.index(flag) + 1] = value
-    else:
-        argv += [flag, value]
-
-
 def parse(line: str) -> Command:
     tokens = shlex.split(line, comments=True)
     assert tokens and tokens[0] == "entropix", f"README command line does not start with `entropix`: {line!r}"
@@ -110,16 +101,7 @@ def parse(line: str) -> Command:
     # Lines must be real commands: no "..." placeholder prompts, no [--optional] brackets.
     for tok in tokens:
         assert tok != "..." and not tok.startswith("["), f"README line is not a runnable command: {line!r}"
-    argv = tokens[1:]
-    sub = argv[0]
-    if sub in ("generate", "calibrate", "eval"):
-        _set(argv, "--max-tokens", str(MAX_TOKENS))
-    if sub == "eval":
-        _set(argv, "--limit", str(LIMIT))
-    if sub == "bench":
-        for flag, value in BENCH.items():
-            _set(argv, flag, value)
-        argv += [f for f in (BENCH_PEER if "--peer" in argv else BENCH_ONLY_OURS) if f not in argv]
+    argv = adapt(tokens[1:])
     return Command(line, argv, stdout_file)
 
 
@@ -129,7 +111,7 @@ def skip_reason(cmd: Command) -> str | None:
     if cmd.sub == "serve":
         return "a long-running server: tests/test_server.py and tests/test_serve_concurrent.py start it"
     if cmd.sub == "chat":
-        return "interactive: tests/test_cli.py::test_chat_multi_turn_over_stdin drives it over stdin"
+        return "interactive: tests/test_cli.py::test_chat_multi_turn_over_stdin drives it over stdin (the console script)"
     if "llama.cpp" in cmd.argv:  # --peer llama.cpp / --engine llama.cpp need the optional engine
         try:
             importlib.import_module("llama_cpp")
@@ -138,15 +120,30 @@ def skip_reason(cmd: Command) -> str | None:
     return None
 
 
-def entropix_exe() -> list[str]:
-    script = Path(sys.executable).parent / ("entropix.exe" if os.name == "nt" else "entropix")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "entropix.cli"]
+def producers(index: int) -> list[int]:
+    """Earlier runnable lines that write a file this line reads."""
+    wanted = parse(LINES[index]).inputs()
+    found = []
+    for j in range(index):
+        earlier = parse(LINES[j])
+        if skip_reason(earlier) is None and any(fnmatch.fnmatch(o, w) for o in earlier.outputs() for w in wanted):
+            found.append(j)
+    return found
 
 
-def default_env() -> dict[str, str]:
+def expand(tok: str, cwd: Path) -> list[str]:
+    # What bash makes of a glob (results/*.jsonl) in the working folder: the sorted matches, or
+    # the glob as typed when nothing matches (and the command then reports the missing file).
+    if glob.has_magic(tok):
+        return sorted(glob.glob(tok, root_dir=cwd)) or [tok]
+    return [tok]
+
+
+def default_env(shim_dir: Path) -> dict[str, str]:
     # No ENTROPIX_* variable may reach the command: it runs the defaults a user gets
     # (ENTROPIX_QUANT would change the weight mode, ENTROPIX_API_KEY the server's auth, ...).
-    return {k: v for k, v in os.environ.items() if not k.startswith("ENTROPIX_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENTROPIX_")}
+    return {**env, "PATH": os.pathsep.join([str(shim_dir), env.get("PATH", "")])}
 
 
 @dataclass
@@ -155,58 +152,70 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    ran: list[str] | None  # the argv entropix.cli.main got (None: no command reached it)
+    server_log: str = ""
 
     def why(self) -> str:
-        return f"`{self.cmd.line}` ran as {self.cmd.argv}, exit {self.returncode}; stderr tail:\n{self.stderr[-2000:]}"
+        return (f"`{self.cmd.line}` ran as {self.ran}, exit {self.returncode}; stderr tail:\n{self.stderr[-2000:]}"
+                + (f"\nthe driver's own stderr:\n{self.server_log[-2000:]}" if self.server_log.strip() else ""))
 
 
 class Runner:
-    """Runs README lines in one folder, each at most once, producers before consumers."""
+    """Runs README lines in one folder, each at most once, producers before consumers, through one
+    driver process (tests/readme_driver.py) that bash reaches through the `entropix` shim."""
 
-    def __init__(self, cwd: Path):
-        self.cwd = cwd
+    def __init__(self, base: Path):
+        # base/work: the lines' working folder; base/driver: the driver's socket, log and `entropix` shim;
+        # base itself: the calibration prompts the driver writes for the adapted calibrate line
+        self.cwd, driver = base / "work", base / "driver"
+        self.cwd.mkdir()
+        driver.mkdir()
         self.results: dict[int, Result] = {}
+        self.sock, self.log, self.err = driver / "driver.sock", driver / "ran.jsonl", driver / "driver.err"
+        self.env = default_env(write_shim(driver, self.sock).parent)
+        with open(self.err, "w") as err:
+            self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("readme_driver.py")), "serve",
+                                            str(self.sock), str(self.log)], env=self.env, stdin=subprocess.DEVNULL,
+                                           stdout=err, stderr=err)
+        deadline = time.monotonic() + 120
+        while not self.sock.exists() and self.server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the driver binds its socket before importing anything heavy
+
+    def close(self) -> None:
+        self.server.terminate()
+        try:
+            self.server.wait(30)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
 
     def run(self, index: int) -> Result:
         if index in self.results:
             return self.results[index]
         cmd = parse(LINES[index])
-        for j in self.producers(index):
+        for j in producers(index):
             dep = self.run(j)
             assert dep.returncode == 0, f"input of `{cmd.line}` comes from `{dep.cmd.line}`, which failed: {dep.why()}"
-        argv = [arg for tok in cmd.argv for arg in self.expand(tok)]
-        out_file = open(self.cwd / cmd.stdout_file, "w") if cmd.stdout_file else subprocess.PIPE
-        try:
-            proc = subprocess.run(entropix_exe() + argv, cwd=self.cwd, env=default_env(), stdin=subprocess.DEVNULL,
-                                  stdout=out_file, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
-        finally:
-            if cmd.stdout_file:
-                out_file.close()
+        before = self.ran()
+        proc = subprocess.run(["bash", "-c", cmd.line], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        runs = self.ran()[len(before):]
+        assert len(runs) <= 1, f"`{cmd.line}` ran entropix {len(runs)} times: {runs}"
         stdout = (self.cwd / cmd.stdout_file).read_text() if cmd.stdout_file else proc.stdout
-        result = self.results[index] = Result(cmd, proc.returncode, stdout, proc.stderr)
+        result = self.results[index] = Result(cmd, proc.returncode, stdout, proc.stderr,
+                                              runs[0]["argv"] if runs else None, self.err.read_text())
         return result
 
-    def producers(self, index: int) -> list[int]:
-        """Earlier runnable lines that write a file this line reads."""
-        wanted = parse(LINES[index]).inputs()
-        found = []
-        for j in range(index):
-            earlier = parse(LINES[j])
-            if skip_reason(earlier) is None and any(fnmatch.fnmatch(o, w) for o in earlier.outputs() for w in wanted):
-                found.append(j)
-        return found
-
-    def expand(self, tok: str) -> list[str]:
-        # The shell expands globs (results/*.jsonl) in the working folder; an unmatched glob
-        # stays as typed, as in bash, and the command then reports the missing file.
-        if glob.has_magic(tok):
-            return sorted(glob.glob(tok, root_dir=self.cwd)) or [tok]
-        return [tok]
+    def ran(self) -> list[dict]:
+        """What the driver ran so far, in order."""
+        return [json.loads(ln) for ln in self.log.read_text().splitlines()] if self.log.exists() else []
 
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    return Runner(tmp_path_factory.mktemp("readme_commands"))
+    r = Runner(tmp_path_factory.mktemp("readme_commands"))
+    yield r
+    r.close()
 
 
 def line_id(index: int, line: str) -> str:
@@ -271,23 +280,21 @@ def check_outputs(res: Result, cwd: Path) -> None:
             assert tasks and all(t in text for t in tasks), f"{name} does not mention the tasks {tasks}"
 
 
+def check_calibration_prompts(res: Result, cwd: Path) -> None:
+    """The adapted line calibrated on the head of the shipped prompt set, which the line as typed
+    reads whole."""
+    from entropix.evaluate.calibrate import load_prompts
+
+    shipped, used = load_prompts(), load_prompts(cwd / res.cmd.option("--prompts"))
+    assert used == shipped[:CALIBRATION_COUNT] and len(shipped) > CALIBRATION_COUNT, (len(shipped), used)
+    profile = json.loads((cwd / res.cmd.option("--out", "-o")).read_text())
+    assert profile["_calibration"]["prompts"] == len(used), profile["_calibration"]
+
+
 def xdist_groups() -> list[str]:
-    """One pytest-xdist group per set of lines tied by the files they share (`plot run.json` with
-    the `generate ... > run.json` line before it): such lines run in one process, in README order,
-    so that no line runs twice; the other lines spread over the workers."""
-    root = list(range(len(LINES)))
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            i = root[i]
-        return i
-
-    runner = Runner(Path("."))
-    for i in range(len(LINES)):
-        if skip_reason(parse(LINES[i])) is None:
-            for j in runner.producers(i):
-                root[find(i)] = find(j)
-    return [f"readme-{find(i):02d}" for i in range(len(LINES))]
+    """One pytest-xdist group for all the lines: they share one driver process (its imports and its
+    model), and some share files (`plot run.json` reads what `generate ... > run.json` wrote)."""
+    return ["readme"] * len(LINES)
 
 
 @pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xdist_group(g)) for i, g in enumerate(xdist_groups())],
@@ -299,4 +306,8 @@ def test_readme_command_line(index, runner):
         pytest.skip(f"`{cmd.line.split('  #')[0].strip()}`: {reason}")
     res = runner.run(index)
     assert res.returncode == 0, res.why()
+    # bash's reading of the line (quotes, globs, `> FILE`) gave the CLI the flags read here
+    assert res.ran == [arg for tok in cmd.argv for arg in expand(tok, runner.cwd)], res.why()
     check_outputs(res, runner.cwd)
+    if cmd.sub == "calibrate":
+        check_calibration_prompts(res, runner.cwd)

@@ -1,8 +1,9 @@
 """`entropix serve` as users start it, with requests that arrive together.
 
 The server runs as a subprocess of the installed `entropix` script on the embedded model, with
-no --quant flag (the default weight mode) and again with `--quant int4`, and no ENTROPIX_*
-variable. Two chat requests whose prompts differ clearly in length are sent at the same moment,
+no --quant flag (the default weight mode, which gives this file int4 projections) and no ENTROPIX_*
+variable. Every weight mode (none, int8, int4) serves concurrent ragged requests, chunked prefill
+and auto in-process on tiny models: tests/test_quant_modes.py. Two chat requests whose prompts differ clearly in length are sent at the same moment,
 so the scheduler decodes them in one batch of unequal rows; both must succeed. A `sampler:
 auto` request long enough to reach its CoT vote must succeed as well.
 """
@@ -87,9 +88,9 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module", params=[[], ["--quant", "int4"]], ids=["default", "quant-int4"])
-def server(request, tmp_path_factory):
-    srv = Server(request.param, tmp_path_factory.mktemp("serve") / "server.log")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server([], tmp_path_factory.mktemp("serve") / "server.log")
     try:
         srv.wait_ready()
         models = httpx.get(srv.url + "/v1/models", timeout=30)

@@ -119,62 +119,103 @@ def _groups(i: int, rows: int) -> list[SampleGroup]:
             SampleGroup(smp, b, uniforms=rng.random((len(b), smp.draws)))]
 
 
-def _check_parity(one, spec: str | None, world: int, prompts, tokens: int = 12) -> None:
-    """Rank 0 here, the other ranks spawned: logits, attention statistics, sampled tokens and
-    entropix states per step as on one device, then the same greedy text."""
-    from entropix.loading import load_tensor_parallel as start
+def _check_parity(one, lm, prompts, tokens: int = 12) -> set:
+    """`lm` over its ranks (rank 0 here): logits, attention statistics, sampled tokens and entropix
+    states per step as on one device `one`, then the same greedy text; the entropix rows' states."""
+    ref, got = _steps(one.engine().backend, _groups), _steps(lm.engine().backend, _groups)
+    states = set()
+    for (l1, a1, h1), (l2, a2, h2) in zip(ref, got):
+        assert (l1 - l2).abs().max() < 1e-4
+        assert (a1 - a2).abs().max() < 1e-5  # attention statistics, gathered over ranks
+        assert np.array_equal(h1.token, h2.token) and np.array_equal(h1.code, h2.code)
+        np.testing.assert_allclose(h1.entropy, h2.entropy, atol=1e-4)
+        states |= set(h1.code[::2].tolist())
+    reqs = [Request(prompt=p, policy=Greedy(), max_tokens=tokens, stop_ids=frozenset()) for p in prompts]
+    toks = [[r.token for r in generate(x.engine(), reqs)] for x in (one, lm)]
+    assert toks[0] == toks[1] and len(toks[0]) == tokens * len(prompts)
+    return states
 
-    lm = start(spec, world, device="cpu", dtype="float32", exit_on_lost=False)
-    try:
-        ref, got = _steps(one.engine().backend, _groups), _steps(lm.engine().backend, _groups)
-        states = set()
-        for (l1, a1, h1), (l2, a2, h2) in zip(ref, got):
-            assert (l1 - l2).abs().max() < 1e-4
-            assert (a1 - a2).abs().max() < 1e-5  # attention statistics, gathered over ranks
-            assert np.array_equal(h1.token, h2.token) and np.array_equal(h1.code, h2.code)
-            np.testing.assert_allclose(h1.entropy, h2.entropy, atol=1e-4)
-            states |= set(h1.code[::2].tolist())
-        reqs = [Request(prompt=p, policy=Greedy(), max_tokens=tokens, stop_ids=frozenset()) for p in prompts]
-        toks = [[r.token for r in generate(x.engine(), reqs)] for x in (one, lm)]
-        assert toks[0] == toks[1] and len(toks[0]) == tokens * len(prompts)
-        return states
-    finally:
-        lm.close()
+
+def _check_dropped(lm) -> None:
+    """A backend dropped on rank 0 is dropped on every rank: its id goes out with the next step."""
+    import gc
+
+    gc.collect()  # the backends of earlier checks over these ranks are gone before this one starts
+    a, b = lm.engine().backend, lm.engine().backend
+    a.prefill(PROMPTS, [1, 1], capture=False)
+    gone = a.id
+    del a
+    gc.collect()
+    assert lm.session._freed == [gone]
+    b.prefill(PROMPTS[:1], [1], capture=False)  # the step that tells the other ranks
+    assert lm.session._freed == [] and b.rows == 1
+
+
+# -- the command line, and parity over the ranks it started ------------------------------------------
+#
+# Each set of ranks costs a process per rank (torch's import, the model's load), so one set serves
+# all the checks of its world: `entropix generate --tp N` runs here as rank 0, and the ranks it
+# started then answer the step-by-step parity checks. The CLI as a process of its own, exiting when
+# done: test_torchrun_ranks_follow_rank_0 and the server test.
+
+GENERATE = ["generate", "What is 7 times 6?", "--json", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture
+def cli(cli_load_once, capsys, monkeypatch):
+    """`entropix generate ... --tp N` run here (rank 0 for N > 1: the CLI spawns the other ranks,
+    which stay up for more checks until the test ends): its tokens and the model it used."""
+    import entropix.cli.generate as command
+    from entropix.cli import main
+
+    used, load = [], command.load
+
+    def keep(args, quiet=False):
+        lm = load(args, quiet)
+        if lm.session is not None:
+            lm.session.exit_on_lost = False  # a rank lost fails the test instead of ending this process
+        used.append(lm)
+        return lm
+
+    def run(model: str, tp: int, extra=()):
+        rc = main(GENERATE + ["--model", model, "--tp", str(tp), *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return json.loads(out)["tokens"], used[-1]
+
+    monkeypatch.setattr(command, "load", keep)
+    yield run
+    for lm in used:
+        lm.close()  # the ranks, if any
+
+
+@pytest.fixture
+def one_device(cli):
+    """`entropix generate ... --tp 1` run here (the model loaded once per test process): its tokens."""
+    return lambda model, extra=(): cli(model, 1, extra)[0]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_tp_matches_one_device(gqa_folder, world):
-    from entropix.loading import load_model
-
-    one = load_model(str(gqa_folder), device="cpu", dtype="float32", progress=False)
-    states = _check_parity(one, str(gqa_folder), world, PROMPTS)
+def test_tp_matches_one_device(gqa_folder, cli, world):
+    """`entropix generate --tp N` prints one device's tokens; then, over the same ranks, every step
+    matches one device, and a backend dropped on rank 0 is dropped on every rank."""
+    ref, one = cli(str(gqa_folder), 1, ["--max-tokens", "16"])
+    tokens, lm = cli(str(gqa_folder), world, ["--max-tokens", "16"])
+    assert len(ref) == 16 and tokens == ref
+    assert lm.session.world == world and one.session is None
+    assert (one.quant, one.dtype, lm.dtype) == ("none", "float32", "float32")  # the one device: dense fp32
+    states = _check_parity(one, lm, PROMPTS)
     assert len(states) >= 3, states  # the entropix rows went through several states
+    _check_dropped(lm)
 
 
-def test_dropped_backends_are_dropped_on_every_rank(gqa_folder):
-    import gc
-
-    from entropix.loading import load_tensor_parallel as start
-
-    lm = start(str(gqa_folder), 2, device="cpu", dtype="float32", exit_on_lost=False)
-    try:
-        a, b = lm.engine().backend, lm.engine().backend
-        a.prefill(PROMPTS, [1, 1], capture=False)
-        gone = a.id
-        del a
-        gc.collect()
-        assert lm.session._freed == [gone]
-        b.prefill(PROMPTS[:1], [1], capture=False)  # the step that tells the other ranks
-        assert lm.session._freed == [] and b.rows == 1
-    finally:
-        lm.close()
-
-
-def test_tp_matches_one_device_embedded(smol, world=2):
-    """The embedded model over two ranks (worlds 2, 3 and 4: test_tp_matches_one_device on a tiny checkpoint)."""
-    prompts = [smol.tokenizer.encode_chat([{"role": "user", "content": q}])
-               for q in ("What is 7 times 6?", "Name a colour.")]
-    _check_parity(smol, None, world, prompts, tokens=4)
+def test_tp_matches_one_device_embedded(smol, cli):
+    """The embedded model over two ranks, a smoke test of a few tokens (worlds 2, 3 and 4:
+    test_tp_matches_one_device on a tiny checkpoint)."""
+    ref, _ = cli("default", 1, ["--max-tokens", "8"])
+    tokens, lm = cli("default", 2, ["--max-tokens", "8"])
+    assert tokens == ref and len(ref) == 8 and lm.session.world == 2
+    _check_parity(smol, lm, [smol.tokenizer.encode(q) for q in ("What is 7 times 6?", "Name a colour.")], tokens=4)
 
 
 def test_tp_errors_are_one_line(gqa_folder, capsys):
@@ -185,43 +226,6 @@ def test_tp_errors_are_one_line(gqa_folder, capsys):
     assert "more than the model's 8 attention heads" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["generate", "hi", "--model", str(gqa_folder), "--tp", "0"]) == 2
     assert "--tp must be at least 1" in capsys.readouterr().err
-
-
-# -- the command line --------------------------------------------------------------------------
-
-GENERATE = ["generate", "What is 7 times 6?", "--json", "--device", "cpu", "--dtype", "float32"]
-
-
-def _generate(model: str, tp: int, extra=()) -> list[int]:
-    r = subprocess.run(ENTROPIX + GENERATE + ["--model", model, "--tp", str(tp), *extra],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["tokens"]
-
-
-@pytest.fixture
-def one_device(cli_load_once, capsys):
-    """`entropix generate ... --tp 1` run here (the model loaded once per test process): its tokens."""
-    from entropix.cli import main
-
-    def run(model: str, extra=()) -> list[int]:
-        rc = main(GENERATE + ["--model", model, "--tp", "1", *extra])
-        out, err = capsys.readouterr()
-        assert rc == 0, err
-        return json.loads(out)["tokens"]
-
-    return run
-
-
-def test_cli_generate_same_tokens_tiny(gqa_folder, one_device):
-    one = one_device(str(gqa_folder), ["--max-tokens", "16"])
-    assert len(one) == 16
-    assert _generate(str(gqa_folder), 2, ["--max-tokens", "16"]) == one
-    assert _generate(str(gqa_folder), 4, ["--max-tokens", "16"]) == one
-
-
-def test_cli_generate_same_tokens_embedded(one_device):
-    assert _generate("default", 2, ["--max-tokens", "8"]) == one_device("default", ["--max-tokens", "8"])
 
 
 # -- memory per rank ---------------------------------------------------------------------------
@@ -243,8 +247,10 @@ print(status("VmHWM") - before, sum(p.numel() * p.element_size() for p in m.para
 
 def _write_big(folder: Path, src: Path) -> Path:
     """A bf16 Llama of about 300 MB (6 layers, hidden 1024, ffn 4096, vocab 49152); constant weights
-    (only memory is measured), with the tiny model's tokenizer."""
+    (only memory is measured), with a byte-level tokenizer: a folder opens only with one, and each
+    measuring process opens it in ~1 ms where the tiny model's 49k tokens take ~0.5 s."""
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     folder.mkdir()
     cfg = json.loads((src / "config.json").read_text())
@@ -252,9 +258,11 @@ def _write_big(folder: Path, src: Path) -> Path:
     cfg.update(hidden_size=C, intermediate_size=Fd, num_hidden_layers=L, num_attention_heads=16,
                num_key_value_heads=4, head_dim=64, torch_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(cfg))
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            (folder / f.name).write_bytes(f.read_bytes())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+
     def full(*shape):
         return torch.full(shape, 2.0 ** -7, dtype=torch.bfloat16)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,12 +44,37 @@ def write_hf_model(folder: Path, gguf_path: Path, seed: int = 0, **over) -> Path
     return folder
 
 
+@contextmanager
+def gguf_read_once():
+    """transformers' GGUF loading as it is, minus repeated work: it parses a file's metadata (49k
+    token strings for the embedded model) once for the config and again for the weights, and builds
+    the gguf package's tensor-name map anew for every tensor. Both are pure functions of their
+    arguments, so memoising them changes nothing transformers reads; it halves the reference's
+    load time. The gguf package's own names come back on exit."""
+    import gguf
+
+    real_reader, real_map, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 @lru_cache(maxsize=2)
 def gguf_tokenizer(gguf_path: Path):
     """transformers' tokenizer of a GGUF file, built once per session (it takes seconds)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with gguf_read_once():
+        return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
 # Set by tests/conftest.py: a cache folder that test processes share, this run's and later ones'

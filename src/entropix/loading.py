@@ -73,8 +73,9 @@ def load_model(spec: str | None = None, *, backend: str = "torch", device: str |
     from .io.source import open_checkpoint
 
     ckpt = open_checkpoint(spec)
+    tokenizer = ckpt.tokenizer  # before the weights: a broken tokenizer fails at once
     model, config, dev, dt = _LOADERS[backend](ckpt, device, dtype, progress, **mesh)
-    lm = LoadedModel(name=ckpt.name, config=config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+    lm = LoadedModel(name=ckpt.name, config=config, tokenizer=tokenizer, source=ckpt.source,
                      backend=backend, model=model, device=dev, dtype=dt)
     if backend == "torch":
         from .backends.torch.quant import quant_mode

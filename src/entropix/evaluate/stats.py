@@ -32,8 +32,10 @@ def mcnemar_exact(b: int, c: int) -> float:
     n = b + c
     if n == 0:
         return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1))
+    tail = term = 1  # C(n, 0); each next term from the last, so the tail costs k steps, not k binomials
+    for i in range(min(b, c)):
+        term = term * (n - i) // (i + 1)  # exact: C(n, i) * (n - i) is divisible by i + 1
+        tail += term
     # Integer arithmetic keeps this exact for any n; int / int rounds once at the end.
     return min(1.0, 2 * tail / 2**n)
 

@@ -75,13 +75,25 @@ class Checkpoint:
     """A model's config, tokenizer and tensors, read lazily from where they are stored."""
 
     config: ModelConfig
-    tokenizer: TextTokenizer
     name: str  # what profiles and the server call the model
     source: str  # the file or folder
     native_dtype: str  # the dtype the weights are stored in ("float32" for quantized GGUF)
     rope_freq_factors: np.ndarray | None = None  # GGUF's Llama-3 RoPE scaling, as divisors
     torch_files: tuple[Path, ...] = ()  # pytorch_model*.bin: only a torch loader can read them
     _derived: Derived = {}  # tensors built from stored ones (stacked experts): name -> (shape, read)
+
+    _tokenizer: TextTokenizer | None = None
+
+    def _build_tokenizer(self) -> TextTokenizer:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """Built on first use: tensor-parallel ranks read weights only, and parsing a 49k-token
+        vocabulary costs about half a second per open."""
+        if self._tokenizer is None:
+            self._tokenizer = self._build_tokenizer()
+        return self._tokenizer
 
     def _read_derived(self, name: str) -> HostTensor:
         arr, dtype = self._derived[name][1]()
@@ -162,11 +174,7 @@ class GGUFCheckpoint(Checkpoint):
         self.config = ModelConfig.from_gguf(meta, n_vocab).replace(tie_word_embeddings=tied)
         if "blk.0.attn_q.bias" in self._tensors:  # Qwen2: biases on q, k, v
             self.config = self.config.replace(qkv_bias=True)
-        try:
-            self.tokenizer = TextTokenizer.from_gguf_metadata(meta)
-        except (ValueError, KeyError) as e:
-            raise EntropixError(f"{path}: cannot build its tokenizer ({e})") from None
-        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, self.tokenizer.fallback_template)
+        self._meta = meta
         # a name that survives renaming the file: profiles are chosen by it
         parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
         self.name = "-".join(parts).lower() if parts else path.stem
@@ -181,6 +189,14 @@ class GGUFCheckpoint(Checkpoint):
             for ours, (theirs, heads) in gguf_layer_names(self.config, self.config.arch, i).items():
                 self._map[f"layers.{i}.{ours}"] = (theirs, heads)
         self._derived = gguf_derived(self.config, self._tensors, self._decode)
+
+    def _build_tokenizer(self) -> TextTokenizer:
+        try:
+            tok = TextTokenizer.from_gguf_metadata(self._meta)
+        except (ValueError, KeyError) as e:
+            raise EntropixError(f"{self._path}: cannot build its tokenizer ({e})") from None
+        tok.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, tok.fallback_template)
+        return tok
 
     def _decode(self, gguf_name: str) -> tuple[np.ndarray, str]:
         if gguf_name not in self._tensors:
@@ -352,11 +368,6 @@ class HFCheckpoint(Checkpoint):
         self._stored: dict[str, _Stored] = {}
         for f in _shard_files(folder):
             self._stored.update({k.removeprefix("model."): v for k, v in _read_header(f).items()})
-        try:
-            self.tokenizer = TextTokenizer.from_dir(folder)
-        except ValueError as e:
-            raise EntropixError(str(e)) from None
-        self.tokenizer.fallback_template = FAMILY_TEMPLATES.get(cfg.arch, self.tokenizer.fallback_template)
         if not self._stored:
             self.torch_files = tuple(sorted(folder.glob("pytorch_model*.bin")))
             if not self.torch_files:
@@ -371,6 +382,14 @@ class HFCheckpoint(Checkpoint):
         self.config = cfg
         self._derived, self._replaced = hf_expert_stacks(
             cfg, self._stored, lambda n: self._stored[n].shape, lambda n: self._read_stored(n))
+
+    def _build_tokenizer(self) -> TextTokenizer:
+        try:
+            tok = TextTokenizer.from_dir(self._folder)
+        except ValueError as e:
+            raise EntropixError(str(e)) from None
+        tok.fallback_template = FAMILY_TEMPLATES.get(self.config.arch, tok.fallback_template)
+        return tok
 
     def names(self) -> list[str]:
         tied = self.config.tie_word_embeddings

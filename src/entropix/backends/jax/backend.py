@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ...sampler.policy import Entropix, Greedy, Ranked, Sample
-from ..base import ATTN_VALID, SampleGroup, StepHost, TableCache, candidates, entropix_arrays, pause_flags, policy_op
+from ..base import ATTN_VALID, SampleGroup, StepHost, TableCache, candidates, entropix_arrays, policy_op
 from . import compiled as C
 from .loader import JaxModel
 
@@ -165,8 +165,9 @@ class JaxBackend:
         p = g.policy
         flags = np.zeros((self.padded, 2), bool)
         flags[rows] = g.flags
-        prev, ok = pause_flags(g)
-        kind = ("entropix", candidates(p, self.vocab_size), p.draws, prev is not None, ok is not None)
+        # Both pause ops always run (all-false flags leave the tokens as they are): a step program
+        # per combination of flags would cost a compile (seconds) each, the ops microseconds.
+        kind = ("entropix", candidates(p, self.vocab_size), p.draws, True, True)
         return kind, {"u": self._spread(g.uniforms, rows, p.draws), "flags": flags, "table": self._tables(p)}
 
     # The policies' host sides (static kind, per-row arrays); `compiled.KINDS` has their device ops.
