@@ -49,7 +49,7 @@ def test_int4_groups_follow_the_kernel_layout():
     assert torch.allclose(lin(x).float(), x.bfloat16().float() @ deq.t(), atol=0.15, rtol=0.03)
 
 
-@pytest.mark.parametrize("shape", [(96, 64), (576, 1536)])
+@pytest.mark.parametrize("shape", [(128, 64), (576, 1536)])
 def test_wide_products_multiply_the_same_int4_weights_densely(shape):
     """From WIDE_ROWS rows the packed weights are dequantized onto an fp32 GEMM: exactly
     (q - 8) * scale + zero with the stored bf16 scales, fp32 inputs; fewer rows take the kernel
@@ -60,7 +60,7 @@ def test_wide_products_multiply_the_same_int4_weights_densely(shape):
     N, K = shape
     g = int4_groups(torch.randn(N, K))
     lin = Int4Linear(g)
-    assert int4_wide.layout_known() and lin.wide
+    assert int4_wide.block_rows() in (32, 64) and lin.wide
     assert torch.equal(int4_wide.unpack(lin.packed, N, K), g.q)
     s, z = g.scale.bfloat16().float(), g.zero.bfloat16().float()
     w = ((g.q.float() - 8).view(N, K // 32, 32) * s[..., None] + z[..., None]).view(N, K)
@@ -70,6 +70,20 @@ def test_wide_products_multiply_the_same_int4_weights_densely(shape):
     ref = narrow @ w.t()
     err = (lin(narrow) - ref).abs().max() / ref.abs().max()
     assert 0 < err < 0.02  # the kernel: bf16 activations
+
+
+def test_rows_that_do_not_fill_a_packed_block_stay_on_the_kernel():
+    """96 rows fill three 32-row blocks (AVX2) but not 64-row ones (AVX-512): there the wide
+    path is off and the kernel multiplies every width, within its bf16 rounding."""
+    from entropix.backends.torch import int4_wide
+
+    torch.manual_seed(4)
+    g = int4_groups(torch.randn(96, 64))
+    lin = Int4Linear(g)
+    assert lin.wide == (96 % int4_wide.block_rows() == 0)
+    x = torch.randn(int4_wide.WIDE_ROWS + 3, 64)
+    ref = x @ lin.dequantized().t()
+    assert (lin(x) - ref).abs().max() / ref.abs().max() < 0.02
 
 
 def test_a_dequantized_q4_1_block_comes_back_to_its_own_levels():
@@ -315,11 +329,13 @@ def test_the_cli_default_is_auto(monkeypatch):
 
 
 def test_shapes_the_int8_kernel_cannot_take_stay_dense():
-    """The int8 kernel crashes the process on an input width that is not a multiple of 8 (a
-    20-wide DeepSeek expert did): such a layer stays dense, and building one directly refuses."""
-    lin = torch.nn.Linear(20, 48, bias=False)
-    assert quant.quantize_linear(lin, "int8") is lin and quant.quantize_linear(lin, "int4") is lin
-    with pytest.raises(EntropixError, match="in_features % 8"):
-        Int8Linear.from_float(torch.randn(48, 20))
-    assert quant.kind_of(None, "w", (48, 20), "int4") == "dense"
-    assert quant.kind_of(None, "w", (48, 24), "int4") == "int8"  # 48 rows fit int8, not int4's K % 32
+    """The int8 kernel crashes the process, or returns NaN, on an input width that is not a
+    multiple of its vector (8 on AVX2, 16 on AVX-512: a 20-wide DeepSeek expert, a 24-wide
+    Qwen2 projection): such a layer stays dense, and building one directly refuses."""
+    for width in (20, 24, 40):
+        lin = torch.nn.Linear(width, 48, bias=False)
+        assert quant.quantize_linear(lin, "int8") is lin and quant.quantize_linear(lin, "int4") is lin
+        with pytest.raises(EntropixError, match="in_features % 16"):
+            Int8Linear.from_float(torch.randn(48, width))
+        assert quant.kind_of(None, "w", (48, width), "int4") == "dense"
+    assert quant.kind_of(None, "w", (48, 48), "int4") == "int8"  # 48 rows fit int8, not int4's K % 32

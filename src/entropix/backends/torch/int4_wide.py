@@ -6,9 +6,11 @@ long prompt's prefill, a prefill chunk, a wide batch) dequantizing the weights i
 buffer and multiplying densely is faster on this repository's CPU: 1.4x at 128 rows, more
 beyond (`benchmarks/bench_int4_wide.py` measures it). Below that the kernel stays (decode).
 
-The packed tensor is in PyTorch's own layout for `_weight_int4pack_mm_for_cpu`: for each 32
-output rows, for each input k, 16 bytes whose low nibbles are rows 0-15 and high nibbles rows
-16-31. That layout is private, so it is checked against the packer once before it is used.
+The packed tensor is in PyTorch's own layout for `_weight_int4pack_mm_for_cpu`: for each block
+of B output rows, for each input k, B/2 bytes whose low nibbles are the block's first half and
+high nibbles its second. B is the CPU's vector: 32 rows on AVX2, 64 on AVX-512. That layout is
+private, so the block is found from the packer once, before it is used; a weight whose rows do
+not fill whole blocks stays on the kernel.
 """
 
 from __future__ import annotations
@@ -36,44 +38,51 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The 4-bit codes [N, K] (uint8, 0..15) of a packed weight (N a multiple of 32)."""
-    v = packed.reshape(N // 32, K, 16)
+def unpack(packed: torch.Tensor, N: int, K: int, rows: int = 0) -> torch.Tensor:
+    """The 4-bit codes [N, K] (uint8, 0..15) of a packed weight (N a multiple of the block)."""
+    rows = rows or block_rows()
+    v = packed.reshape(N // rows, K, rows // 2)
     return torch.cat([v & 15, v >> 4], -1).permute(0, 2, 1).reshape(N, K)
 
 
 @functools.cache
-def layout_known() -> bool:
-    """Whether this PyTorch packs as `unpack` reads (checked once on a random matrix)."""
-    q = torch.randint(0, 16, (64, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+def block_rows() -> int:
+    """The output rows per packed block of this PyTorch on this CPU (32 or 64), found on a random
+    matrix; 0 where the packing is neither."""
+    q = torch.randint(0, 16, (128, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     except (AttributeError, RuntimeError):
-        return False
-    return packed.numel() * 2 == q.numel() and torch.equal(unpack(packed, 64, 96).to(torch.int32), q)
+        return 0
+    if packed.numel() * 2 != q.numel():
+        return 0
+    return next((b for b in (32, 64) if torch.equal(unpack(packed, 128, 96, b).to(torch.int32), q)), 0)
 
 
 def usable(N: int, K: int, group: int) -> bool:
-    return N % 32 == 0 and K % group == 0 and layout_known()
+    rows = block_rows()
+    return rows > 0 and N % rows == 0 and K % group == 0
 
 
 def wide_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] @ W.T in fp32 for W = (q - 8) * scale + zero, read from the kernel's packing
-    (`scales_zeros` [K / group, N, 2]); 32 output rows at a time form one small batched GEMM."""
+    (`scales_zeros` [K / group, N, 2]); one block of output rows at a time forms one small
+    batched GEMM."""
     KG, N, _ = scales_zeros.shape
-    K, nb, M = KG * group, N // 32, x.shape[0]
-    codes = packed.reshape(nb, KG, group, 16)
-    sz = scales_zeros.float().view(KG, nb, 32, 2).permute(1, 0, 2, 3)  # [nb, KG, 32, 2]
-    scale = sz[..., 0].unsqueeze(2).contiguous()  # [nb, KG, 1, 32]
+    B = block_rows()
+    K, nb, M = KG * group, N // B, x.shape[0]
+    codes = packed.reshape(nb, KG, group, B // 2)
+    sz = scales_zeros.float().view(KG, nb, B, 2).permute(1, 0, 2, 3)  # [nb, KG, B, 2]
+    scale = sz[..., 0].unsqueeze(2).contiguous()  # [nb, KG, 1, B]
     zero = (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(2).contiguous()
     xf, y = x.float(), torch.empty(M, N)
-    step = max(1, BLOCK // (32 * K))
+    step = max(1, BLOCK // (B * K))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
-        q = _scratch((b1 - b0, KG, group, 32), torch.uint8)
-        torch.bitwise_and(codes[b0:b1], 15, out=q[..., :16])
-        torch.bitwise_right_shift(codes[b0:b1], 4, out=q[..., 16:])
+        q = _scratch((b1 - b0, KG, group, B), torch.uint8)
+        torch.bitwise_and(codes[b0:b1], 15, out=q[..., :B // 2])
+        torch.bitwise_right_shift(codes[b0:b1], 4, out=q[..., B // 2:])
         w = torch.addcmul(zero[b0:b1], q, scale[b0:b1], out=_scratch(q.shape, torch.float32))
-        part = torch.matmul(xf, w.view(b1 - b0, K, 32))  # [blocks, M, 32]
-        y[:, b0 * 32:b1 * 32] = part.permute(1, 0, 2).reshape(M, -1)
+        part = torch.matmul(xf, w.view(b1 - b0, K, B))  # [blocks, M, B]
+        y[:, b0 * B:b1 * B] = part.permute(1, 0, 2).reshape(M, -1)
     return y
