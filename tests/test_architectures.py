@@ -333,3 +333,13 @@ def test_explicit_quant_modes_load_every_family(family, mode, folders, models):
     task = Task([ids[0, -12:].tolist(), ids[1, -5:].tolist()], [6, 6], [0, 0])
     res = run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, 256))
     assert all(len(r["branches"]) == 3 and r["tokens_generated"] >= 18 for r in res)
+
+
+@pytest.mark.parametrize("family, has", [("mistral", "a sliding window"), ("qwen2", "q/k/v biases"),
+                                         ("qwen3", "q/k norms"), ("deepseek_v2", "latent attention, experts")])
+def test_the_jax_backend_refuses_what_its_llama_block_would_compute_wrongly(family, has, folders, capsys):
+    """The JAX model is Llama's block: it would drop biases, norms, windows and experts silently."""
+    rc = main(["generate", "hi", "--model", str(folders[family]), "--backend", "jax", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (f"entropix: error: the jax backend runs Llama-style models; this {family} model "
+                                   f"has {has}: use --backend torch")

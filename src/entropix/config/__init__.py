@@ -74,6 +74,13 @@ class ModelConfig:
         """How many dimensions of each query/key head RoPE turns."""
         return self.qk_rope_head_dim if self.mla else self.head_dim
 
+    def beyond_llama(self, window: bool = True) -> list[str]:
+        """What this model has that a Llama-style block lacks (a sliding window counts unless `window`
+        says the caller handles it): a code path that runs only Llama's block refuses these."""
+        return [name for name, on in (("q/k/v biases", self.qkv_bias or self.o_bias), ("q/k norms", self.qk_norm),
+                                      ("a sliding window", self.sliding_window > 0 and not window),
+                                      ("latent attention", self.mla), ("experts", self.n_routed_experts > 0)) if on]
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
 

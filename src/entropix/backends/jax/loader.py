@@ -122,6 +122,10 @@ def load(ckpt: Checkpoint, device: str | None = "auto", dtype: str | None = "aut
     """The checkpoint's model on a (dp, tp) mesh of `device`'s platform."""
     if ckpt.torch_files:
         raise EntropixError(f"{ckpt.source} holds pytorch_model*.bin weights, which only the torch backend reads")
+    extra = ckpt.config.beyond_llama(window=False)  # its model is Llama's block, without a window
+    if extra:
+        raise EntropixError(f"the jax backend runs Llama-style models; this {ckpt.config.arch} model has "
+                            f"{', '.join(extra)}: use --backend torch")
     devices = resolve_devices(device)
     mesh = sharding.make_mesh(tp, dp, devices)
     dt = resolve_dtype(dtype, devices[0].platform, ckpt.native_dtype)

@@ -153,8 +153,7 @@ def sharded_head_stats(s: RankSlices, n_heads: int, group):
 
 def _check_supported(cfg: ModelConfig) -> None:
     """Tensor parallelism splits Llama-style attention and MLP modules; refuse what it would get wrong."""
-    extra = [name for name, on in (("q/k/v biases", cfg.qkv_bias or cfg.o_bias), ("q/k norms", cfg.qk_norm),
-                                   ("latent attention", cfg.mla), ("experts", cfg.n_routed_experts > 0)) if on]
+    extra = cfg.beyond_llama()
     if extra:
         raise EntropixError(f"--tp runs Llama-style models (llama, mistral) for now; this {cfg.arch} model has "
                             f"{', '.join(extra)}: run it with --tp 1")
