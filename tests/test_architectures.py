@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 
-import httpx
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from entropix import EntropixError
 from entropix.cli import main
 from entropix.loading import load_model
 
+from family_parity import serve_entropix_and_cot, cli_json, fp32_models, tiny_folders, hf_logits, hf_model, ragged
 from tiny import write_family_gguf, write_family_model
 
 FAMILIES = ["mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v2_full", "qwen2_window"]
@@ -25,36 +25,12 @@ PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have? The qu
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {f: write_family_model(root / f, f) for f in FAMILIES}
+    return tiny_folders(tmp_path_factory.mktemp("families"), FAMILIES, write_family_model)
 
 
 @pytest.fixture(scope="module")
 def models(folders):
-    return {f: load_model(str(p), device="cpu", dtype="float32", progress=False) for f, p in folders.items()}
-
-
-def hf_model(folder, eager: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    kw = {"attn_implementation": "eager"} if eager else {}
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
-
-
-def ragged(vocab: int, lens: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random ids [B, P] and their attention mask."""
-    P = max(lens)
-    ids = torch.randint(10, vocab, (len(lens), P), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(len(lens), P, dtype=torch.long)
-    for b, n in enumerate(lens):
-        mask[b, P - n:] = 1
-    return ids, mask
-
-
-def hf_logits(hf, ids, mask):
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        return hf(ids, attention_mask=mask, position_ids=pos).logits
+    return fp32_models(folders)
 
 
 def prefill(model, ids, mask):
@@ -81,13 +57,6 @@ def test_logits_match_transformers_over_a_ragged_batch(family, folders, models):
     P = ids.shape[1]
     err = max((ours[b, P - n:] - ref[b, P - n:]).abs().max().item() for b, n in enumerate(lens))
     assert err < 1e-4, f"{family}: max |ours - transformers| = {err:.2e}"
-
-
-def cli_json(args, capsys) -> dict:
-    rc = main(args)
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out)
 
 
 @pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
@@ -183,20 +152,7 @@ def test_entropix_sampler_and_cot_through_the_cli(family, folders, capsys):
 @pytest.mark.slow  # each family end to end (the CLI and the server on the tiny Llama: test_cli*.py, test_server.py)
 @pytest.mark.parametrize("family", MAIN)
 def test_server_end_to_end(family, models):
-    from entropix.serve import ServerThread, create_app
-
-    lm = models[family]
-    with ServerThread(create_app(lm, max_rows=8, max_n=4)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
-        msgs = [{"role": "user", "content": "What is 3 + 4?"}]
-        r = c.post("/v1/chat/completions", json={"model": lm.name, "messages": msgs, "max_tokens": 6,
-                                                 "sampler": "entropix", "seed": 1})
-        assert r.status_code == 200, r.text
-        ch = r.json()["choices"][0]
-        assert ch["message"]["content"] and ch["entropix"]
-        r = c.post("/v1/chat/completions", json={"model": lm.name, "messages": msgs, "max_tokens": 6,
-                                                 "sampler": "cot", "branches": 2})
-        assert r.status_code == 200, r.text
-        assert len(r.json()["choices"]) == 2
+    serve_entropix_and_cot(models[family])
 
 
 def test_chat_templates_of_the_families(models):

@@ -22,7 +22,7 @@ from entropix.decode.records import Request
 from entropix.io.checkpoint import open_path
 from entropix.sampler.config import SamplerConfig, SamplingParams
 from entropix.sampler.policy import Entropix, Greedy, Sample
-from tiny import write_gguf_from_hf, write_hf_model
+from tiny import write_family_model, write_gemma_model, write_gguf_from_hf, write_hf_model
 
 pytestmark = pytest.mark.slow  # tensor parallelism spawns gloo ranks (make test-fast leaves it out)
 
@@ -91,11 +91,11 @@ def test_column_slices_are_read_in_blocks(gqa_folder):
 
 # -- parity with one device, in this process as rank 0 ---------------------------------------------
 
-def _steps(backend, groups_of, steps: int = 6):
+def _steps(backend, groups_of, prompts, steps: int = 6):
     """Prefill two prompts (the second as two rows), then a fork and `steps` decode steps:
     every step's logits and sampled matrix."""
     out = []
-    backend.prefill(PROMPTS, [1, 2], capture=True)
+    backend.prefill(prompts, [1, 2], capture=True)
     for i in range(steps):
         local = getattr(backend, "local", backend)
         host = backend.sample(groups_of(i, backend.rows), 4)
@@ -122,7 +122,7 @@ def _groups(i: int, rows: int) -> list[SampleGroup]:
 def _check_parity(one, lm, prompts, tokens: int = 12) -> set:
     """`lm` over its ranks (rank 0 here): logits, attention statistics, sampled tokens and entropix
     states per step as on one device `one`, then the same greedy text; the entropix rows' states."""
-    ref, got = _steps(one.engine().backend, _groups), _steps(lm.engine().backend, _groups)
+    ref, got = (_steps(x.engine().backend, _groups, prompts) for x in (one, lm))
     states = set()
     for (l1, a1, h1), (l2, a2, h2) in zip(ref, got):
         assert (l1 - l2).abs().max() < 1e-4
@@ -358,6 +358,22 @@ def test_serve_tp2_answers_and_stops_with_503_when_a_rank_dies(gqa_folder):
             server.kill()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+def test_tp_runs_gemma_and_qwen3(family, tmp_path, cli):
+    """Gemma over two ranks (3 or 5 query heads split unevenly, one KV head on both): its extra norms
+    and per-head q/k norms (Gemma 3, Qwen3) whole on each rank, its score scale and soft cap in the
+    gathered attention statistics; prompts longer than the sliding window (8)."""
+    write = write_family_model if family == "qwen3" else write_gemma_model
+    folder = write(tmp_path / family, family)
+    ref, one = cli(str(folder), 1, ["--max-tokens", "16"])
+    tokens, lm = cli(str(folder), 2, ["--max-tokens", "16"])
+    assert len(ref) == 16 and tokens == ref and lm.session.world == 2
+    texts = ("Tom has 3 apples and buys 4 more. How many apples does he have?", "The quick brown fox jumps over the lazy dog")
+    prompts = [one.tokenizer.encode(t) for t in texts]
+    assert min(map(len, prompts)) > max(one.config.sliding_window, 8)
+    _check_parity(one, lm, prompts)
+
+
 def test_torchrun_ranks_follow_rank_0(gqa_folder, one_device):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "entropix.cli", "generate", "What is 7 times 6?", "--model", str(gqa_folder), "--json",
@@ -367,8 +383,7 @@ def test_torchrun_ranks_follow_rank_0(gqa_folder, one_device):
     assert json.loads(r.stdout)["tokens"] == one_device(str(gqa_folder), ["--max-tokens", "16"])
 
 
-@pytest.mark.parametrize("field, value, what", [("qkv_bias", True, "biases"), ("qk_norm", True, "q/k norms"),
-                                                 ("kv_lora_rank", 8, "latent attention"),
+@pytest.mark.parametrize("field, value, what", [("qkv_bias", True, "biases"), ("kv_lora_rank", 8, "latent attention"),
                                                  ("n_routed_experts", 4, "experts")])
 def test_tp_refuses_what_it_would_split_wrongly(field, value, what):
     from dataclasses import replace

@@ -466,3 +466,135 @@ def _family_gguf_names(ours: str, arr: np.ndarray, i: int, cfg: dict, split_kv_b
         return [(fmt[T.ATTN_K_B].format(bid=i) + ".weight", kv[:, :dn].transpose(0, 2, 1)),
                 (fmt[T.ATTN_V_B].format(bid=i) + ".weight", kv[:, dn:])]
     return [(gguf.TENSOR_NAMES[table[module]].format(bid=i) + "." + leaf, arr)]
+
+
+# -- Gemma 2 / Gemma 3 (text) ------------------------------------------------------------------
+
+# odd sizes: 3 and 5 query heads on one key/value head, head_dim 16 not hidden / heads; a window of 8
+# (prompts are longer) on a mix of sliding and global layers; a score scale other than head_dim's,
+# soft caps small enough to bend (Gemma 2), linear RoPE scaling on Gemma 3's global layers only
+GEMMA = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=48, intermediate_size=72, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=3.0,
+        final_logit_softcapping=5.0, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=80, intermediate_size=96, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=1,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3,
+        max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+}
+
+
+def write_gemma_model(folder: Path, family: str, seed: int = 0, std: float = 0.08, **over) -> Path:
+    """A random Gemma2ForCausalLM / Gemma3ForCausalLM (`family` a key of GEMMA) saved by transformers,
+    tied as Gemma is, with the small tokenizer. Norm weights (Gemma scales by 1 + w) scatter around 0;
+    the special tokens' rows are zero so that greedy decoding never stops early."""
+    import transformers
+
+    cfg_name, model_name, kw = GEMMA[family]
+    tok = small_tokenizer()
+    cfg = getattr(transformers, cfg_name)(vocab_size=tok.get_vocab_size(), bos_token_id=None,
+                                          eos_token_id=tok.token_to_id("<|im_end|>"),
+                                          pad_token_id=tok.token_to_id("<|endoftext|>"), **{**kw, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, std if p.dim() >= 2 else 0.2)
+        for s in SPECIALS:
+            model.get_input_embeddings().weight[tok.token_to_id(s)] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder, "mistral")
+    return folder
+
+
+def gemma_spm_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary of exactly `n` pieces, as Gemma's GGUF files hold one: <pad>,
+    <eos>, <bos>, <unk>, the 256 byte pieces <0xAB>, then the corpus's characters and every prefix
+    of its words (U+2581 for the space), higher scores first. (tokens, scores, token types)"""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3, 3, 3, 2] + [6] * 256
+    text = _CORPUS.replace(" ", "\u2581")
+    pieces = sorted(set(text))
+    for word in _CORPUS.split():
+        w = "\u2581" + word
+        pieces += [w[:k] for k in range(2, len(w) + 1)]
+    seen = set(tokens)
+    for p in pieces:
+        if len(tokens) == n:
+            break
+        if p not in seen:
+            seen.add(p)
+            tokens.append(p)
+            types.append(1)
+    assert len(tokens) == n, f"the corpus spells {len(tokens)} pieces, fewer than {n}"
+    return tokens, [0.0] * 260 + [-float(i) for i in range(n - 260)], types
+
+
+def write_gemma_gguf(folder: Path, out: Path) -> Path:
+    """A gemma2 / gemma3 GGUF file of a write_gemma_model folder in llama.cpp's layout (F32): norm
+    weights with the 1 added as llama.cpp's converter stores them, no output.weight (tied), the
+    window and its layer pattern, soft caps and linear RoPE scaling as metadata, and a
+    SentencePiece-style vocabulary (gemma_spm_vocab) in place of the folder's byte-level one."""
+    import gguf
+    from gguf import MODEL_TENSOR as T
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    sd = {k.removeprefix("model."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[cfg["model_type"]]
+    w = gguf.GGUFWriter(str(out), arch)
+    a = arch + "."
+    for key, value in (("block_count", cfg["num_hidden_layers"]), ("context_length", cfg["max_position_embeddings"]),
+                       ("embedding_length", cfg["hidden_size"]), ("feed_forward_length", cfg["intermediate_size"]),
+                       ("attention.head_count", cfg["num_attention_heads"]),
+                       ("attention.head_count_kv", cfg["num_key_value_heads"]),
+                       ("attention.key_length", cfg["head_dim"]), ("attention.value_length", cfg["head_dim"]),
+                       ("attention.sliding_window", cfg["sliding_window"])):
+        w.add_uint32(a + key, value)
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
+    rope = cfg["rope_parameters"].get("full_attention", cfg["rope_parameters"])
+    w.add_float32(a + "rope.freq_base", rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        w.add_string(a + "rope.scaling.type", "linear")
+        w.add_float32(a + "rope.scaling.factor", rope["factor"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key):
+            w.add_float32(a + key, cfg[key])
+    if arch == "gemma3":
+        w.add_uint32(a + "attention.sliding_window_pattern", cfg["sliding_window_pattern"])
+    tokens, scores, types = gemma_spm_vocab(cfg["vocab_size"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for key, value in (("bos_token_id", 2), ("eos_token_id", 1), ("unknown_token_id", 3), ("padding_token_id", 0)):
+        w.add_uint32("tokenizer.ggml." + key, value)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_space_prefix", False)
+    table = {"input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.ATTN_POST_NORM,
+             "pre_feedforward_layernorm": T.FFN_PRE_NORM, "post_feedforward_layernorm": T.FFN_POST_NORM,
+             "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+             "self_attn.o_proj": T.ATTN_OUT, "self_attn.q_norm": T.ATTN_Q_NORM, "self_attn.k_norm": T.ATTN_K_NORM,
+             "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN}
+
+    def put(name, arr):
+        arr = arr + 1 if name.endswith("norm.weight") else arr  # llama.cpp's converter adds Gemma's 1
+        w.add_tensor(name, np.ascontiguousarray(arr.astype(np.float32)))
+
+    put(gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", sd["embed_tokens.weight"])
+    put(gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", sd["norm.weight"])
+    for name, arr in sd.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            module, _, leaf = rest.rpartition(".")
+            put(gguf.TENSOR_NAMES[table[module]].format(bid=int(i)) + "." + leaf, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -7,10 +7,12 @@ from typing import Any
 
 from .. import EntropixError
 from .families import gguf_family_fields, hf_family_fields
+from .gemma import GEMMA_ARCHS, normalise_gemma
 
 # HF `model_type`s and GGUF `general.architecture`s that entropix runs
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2")
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "deepseek2", "gemma2", "gemma3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,22 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = False
+    # Gemma 2 / 3 (config/gemma.py); the defaults change nothing for the other families
+    hidden_act: str = "silu"  # the MLP's gate: silu, gelu_pytorch_tanh (GeGLU) or gelu
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): 1 for Gemma's HF norms
+    query_pre_attn_scalar: float = 0.0  # scores scaled by its ** -0.5 (0: 1/sqrt(head_dim))
+    attn_logit_softcapping: float = 0.0  # cap * tanh(score / cap) before the softmax (0: off)
+    final_logit_softcapping: float = 0.0  # the same on the output logits
+    rope_local_theta: float = 0.0  # sliding layers' own RoPE base, unscaled (0: as every other layer)
 
     @property
     def mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's block: norms around attention and the MLP, embeddings scaled by sqrt(hidden)."""
+        return self.arch in GEMMA_ARCHS
 
     @property
     def rope_dim(self) -> int:
@@ -79,7 +93,8 @@ class ModelConfig:
         says the caller handles it): a code path that runs only Llama's block refuses these."""
         return [name for name, on in (("q/k/v biases", self.qkv_bias or self.o_bias), ("q/k norms", self.qk_norm),
                                       ("a sliding window", self.sliding_window > 0 and not window),
-                                      ("latent attention", self.mla), ("experts", self.n_routed_experts > 0)) if on]
+                                      ("latent attention", self.mla), ("experts", self.n_routed_experts > 0),
+                                      ("Gemma blocks", self.gemma)) if on]
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
@@ -93,8 +108,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.rope_type not in ("default", "llama3", "yarn"):
-            raise EntropixError(f"unsupported rope scaling type {self.rope_type!r} (supported: default, llama3, yarn)")
+        if self.rope_type not in ROPE_TYPES:
+            raise EntropixError(f"unsupported rope scaling type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
         if self.n_routed_experts and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
             raise EntropixError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..n_routed_experts "
                                 f"({self.n_routed_experts})")
@@ -111,6 +126,9 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise EntropixError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         try:
+            if arch in GEMMA_ARCHS:
+                cfg = normalise_gemma(cfg)
+                arch = cfg["model_type"]
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import EntropixError
+from .gemma import GEMMA_ARCHS, gemma_gguf_fields, gemma_hf_fields
 
 
 def _sliding(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -74,6 +75,8 @@ def hf_family_fields(cfg: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any
         out.update(qk_norm=True)
     if arch == "deepseek_v2":
         out.update(_deepseek_v2(cfg))
+    if arch in GEMMA_ARCHS:
+        out.update(gemma_hf_fields(cfg))
     return out
 
 
@@ -94,6 +97,8 @@ def gguf_family_fields(meta: dict[str, Any], arch: str) -> dict[str, Any]:
                                                                       meta.get(p + "context_length", 2048))))
     if arch == "deepseek2":
         out.update(_deepseek2_gguf(meta, p))
+    if arch in ("gemma2", "gemma3"):
+        out.update(gemma_gguf_fields(meta, arch))
     return out
 
 

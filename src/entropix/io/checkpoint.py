@@ -21,7 +21,7 @@ import numpy as np
 from .. import EntropixError
 from ..config import ModelConfig
 from . import gguf
-from .layouts import Derived, gguf_derived, gguf_layer_names, hf_expert_stacks
+from .layouts import Derived, gguf_derived, gguf_layer_names, hf_expert_stacks, language_model_part
 from .tokenizer import FAMILY_TEMPLATES, TextTokenizer
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -368,6 +368,8 @@ class HFCheckpoint(Checkpoint):
         self._stored: dict[str, _Stored] = {}
         for f in _shard_files(folder):
             self._stored.update({k.removeprefix("model."): v for k, v in _read_header(f).items()})
+        if raw.get("model_type") == "gemma3":  # image-text folder: its text model only
+            self._stored = language_model_part(self._stored)
         if not self._stored:
             self.torch_files = tuple(sorted(folder.glob("pytorch_model*.bin")))
             if not self.torch_files:

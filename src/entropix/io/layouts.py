@@ -51,9 +51,28 @@ def hf_expert_stacks(cfg: ModelConfig, stored: dict, shape_of: Callable[[str], t
     return derived, used
 
 
+def language_model_part(stored: dict) -> dict:
+    """A multimodal folder's (Gemma 3's) language model under our names: `language_model.model.x`
+    (the Hub's layout) or `model.language_model.x` (transformers 5 in memory) becomes `x`,
+    `language_model.lm_head.weight` `lm_head.weight`; the vision tower and projector are left out.
+    `stored` is keyed with the leading "model." already removed."""
+    out = {}
+    for name, entry in stored.items():
+        if name.startswith("language_model."):
+            out[name.removeprefix("language_model.").removeprefix("model.")] = entry
+        elif name == "lm_head.weight":
+            out[name] = entry
+    return out
+
+
 # -- GGUF ---------------------------------------------------------------------------------
 
 _NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
+# Gemma: norms on both sides of attention and of the MLP
+_GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight",
+                "post_attention_layernorm.weight": "post_attention_norm.weight",
+                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 _ATTN = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output"}
 _MLP = {"mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
@@ -70,10 +89,10 @@ _SHARED = {"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.shared_experts.gate_pr
 
 def gguf_layer_names(cfg: ModelConfig, arch: str, i: int) -> dict[str, tuple[str, int | None]]:
     """Layer i: our name -> (the GGUF name, heads to un-permute by or None). llama.cpp permutes
-    Q/K rows only for its llama architecture; qwen2/qwen3 (rotate-half) and deepseek2
-    (interleaved, as DeepSeek's own checkpoints) are stored as Hugging Face has them."""
+    Q/K rows only for its llama architecture; qwen2/qwen3 and gemma2/gemma3 (rotate-half) and
+    deepseek2 (interleaved, as DeepSeek's own checkpoints) are stored as Hugging Face has them."""
     b = f"blk.{i}."
-    out = {ours: (b + theirs, None) for ours, theirs in _NORMS.items()}
+    out = {ours: (b + theirs, None) for ours, theirs in (_GEMMA_NORMS if cfg.gemma else _NORMS).items()}
     if cfg.mla:
         out.update({ours: (b + theirs, None) for ours, theirs in _MLA.items()})
     else:

@@ -87,7 +87,8 @@ def _forward(block: Block, state: _State, eager):
 def compilable(block: Block) -> bool:
     """Plain fused attention and MLP without a sliding window (the others stay eager)."""
     a = block.self_attn
-    return type(a) is Attention and a.qkv_proj is not None and type(block.mlp) is MLP
+    # type(block) is Block: a Gemma block reuses Attention and MLP between its own norms and scales
+    return type(block) is Block and type(a) is Attention and a.qkv_proj is not None and type(block.mlp) is MLP
 
 
 def compile_decode(model, mode: str | None = None) -> bool:

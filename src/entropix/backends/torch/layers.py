@@ -76,6 +76,32 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: normalised and scaled by (offset + weight) in fp32, then cast (HF folders
+    store weight - 1, so offset 1; llama.cpp's GGUF files store the sum, offset 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float) -> None:
+        super().__init__(dim, eps)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.float() + self.offset if self.offset else self.weight.float()
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, scale, self.eps)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype)
+
+
+def norm_for(cfg: ModelConfig, dim: int) -> RMSNorm:
+    """The family's RMSNorm over `dim` features."""
+    return GemmaRMSNorm(dim, cfg.rms_norm_eps, cfg.norm_weight_offset) if cfg.gemma else RMSNorm(dim, cfg.rms_norm_eps)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma's soft cap: cap * tanh(x / cap), a smooth clamp to (-cap, cap)."""
+    return torch.tanh(x / cap) * cap
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -91,9 +117,9 @@ class HeadStats:
 
 
 def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                       scale: float | None = None) -> HeadStats:
+                       scale: float | None = None, cap: float = 0.0) -> HeadStats:
     """Statistics of q [B, H, D] (the newest query) against keys [B, Hkv, S, D], valid [B, S];
-    `scale` multiplies the scores (1/sqrt(D) unless given).
+    `scale` multiplies the scores (1/sqrt(D) unless given), `cap` soft-caps them (Gemma 2).
 
     Only this query's scores are formed ([B, H, S] in fp32), never the prompt x cache matrix.
     """
@@ -102,6 +128,8 @@ def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
     qg = q.view(B, Hkv, H // Hkv, D)  # query head h reads key head h // (H / Hkv)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * scale  # [B, H, S]
+    if cap:
+        scores = softcap(scores, cap)
     scores = scores.masked_fill(~valid[:, None, :], 0.0)
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
     entropy = torch.special.entr(probs).sum(-1) * (1.0 / math.log(2))  # entr is 0 where p is 0
@@ -118,6 +146,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(C, Fd, bias=False)
         self.down_proj = Linear(Fd, C, bias=False)
         self.gate_up_proj: Linear | None = None  # set by fuse()
+        # GeGLU (Gemma) instead of SwiGLU: tanh-approximated or exact GELU on the gate
+        self.gelu = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(cfg.hidden_act)
 
     def fuse(self) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
@@ -130,4 +160,6 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gelu is not None:
+            return self.down_proj(F.gelu(gate, approximate=self.gelu) * up)
         return self.down_proj(F.silu(gate) * up)

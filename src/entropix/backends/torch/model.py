@@ -19,7 +19,7 @@ from torch import nn
 from ...config import ModelConfig
 from .kvcache import KVCache
 from .layers import (MKLDNN_PACKED, MLP, HeadStats, Linear, PackedLinear, RMSNorm,  # noqa: F401 (re-exported)
-                     newest_query_stats, rotate_half)
+                     newest_query_stats, norm_for, rotate_half, softcap)
 from .rope import rope_amplitude, yarn_inv_freq
 from .window import sliding_mask
 
@@ -29,6 +29,8 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
     d = cfg.rope_dim
     if cfg.rope_type == "yarn":
         return yarn_inv_freq(cfg)
+    if cfg.rope_type == "linear":  # positions divided by the factor, as transformers computes it (fp32)
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) / cfg.rope_factor
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     if freq_factors is not None:  # GGUF stores Llama-3 scaling as per-frequency divisors
         return (inv / freq_factors.to(torch.float64)).float()
@@ -43,6 +45,18 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
     return inv.float()
 
 
+def capped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+                     cap: float) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2): q [B, H, T, D], keys / values [B, Hkv, S, D],
+    mask [B, 1, T, S] (True: seen); the softmax in fp32."""
+    H, Hkv = q.shape[1], keys.shape[1]
+    if H != Hkv:
+        keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+    scores = softcap((q @ keys.transpose(-1, -2)) * scale, cap)
+    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    return probs @ values
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -52,10 +66,13 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, Hkv * D, bias=cfg.qkv_bias)
         self.v_proj = Linear(C, Hkv * D, bias=cfg.qkv_bias)
         self.o_proj = Linear(H * D, C, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: each head of q and k normalised before RoPE
+            self.q_norm = norm_for(cfg, D)
+            self.k_norm = norm_for(cfg, D)
         self.qk_norm = cfg.qk_norm
+        # Gemma: scores scaled by query_pre_attn_scalar ** -0.5 and soft-capped (None / 0: SDPA's own)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.cap = cfg.attn_logit_softcapping
         self.qkv_proj: Linear | None = None  # set by fuse(): one matmul on a single device
 
     def fuse(self) -> None:
@@ -70,7 +87,9 @@ class Attention(nn.Module):
 
     def head_stats(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
         """What capture computes; tensor parallelism (tp.py) sets a version per module that gathers over ranks."""
-        return newest_query_stats(q, keys, valid)
+        if self.scale is None:
+            return newest_query_stats(q, keys, valid)
+        return newest_query_stats(q, keys, valid, self.scale, self.cap)
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask, capture: bool):
         B, T, _ = x.shape
@@ -93,7 +112,12 @@ class Attention(nn.Module):
         S = mask.shape[-1]
         keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, D]
         # SDPA whether or not statistics are captured: a row's output never depends on its neighbours' needs
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
+        if self.cap:  # SDPA cannot soft-cap
+            out = capped_attention(q, keys, values, mask, self.scale or D ** -0.5, self.cap)
+        elif self.scale is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hkv != H, scale=self.scale)
         stats = self.head_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D)), stats
 
@@ -129,11 +153,17 @@ class Transformer(nn.Module):
         # an explicit weight skips the random init (on the meta device it would import torch._dynamo)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.gemma:
+            from .gemma import GemmaBlock
+
+            self.layers = nn.ModuleList(GemmaBlock(cfg, Attention(cfg)) for _ in range(cfg.num_hidden_layers))
+        else:
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = norm_for(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # RoPE frequencies stay fp32 whatever .to() does to the weights: a plain attribute, not a buffer
         self.inv_freq = torch.empty(cfg.rope_dim // 2)
+        self.local_inv_freq: torch.Tensor | None = None  # Gemma 3's sliding layers turn at their own base
 
     def finish_setup(self, rope_freq_factors: torch.Tensor | None = None) -> None:
         """Tie the output to the embedding if the config says so and compute RoPE's
@@ -141,6 +171,9 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.inv_freq = rope_inv_freq(self.config, rope_freq_factors).to(self.embed_tokens.weight.device)
+        if self.config.rope_local_theta:
+            local = self.config.replace(rope_theta=self.config.rope_local_theta, rope_type="default")
+            self.local_inv_freq = rope_inv_freq(local).to(self.embed_tokens.weight.device)
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up into one matmul each (single device; tensor parallelism
@@ -193,24 +226,37 @@ class Transformer(nn.Module):
         mask, pos = cache.attention_mask(T)  # [B, 1, T, S], [B, T]
         if self.inv_freq.device != pos.device:  # the model moved
             self.inv_freq = self.inv_freq.to(pos.device)
-        ang = pos[..., None].float() * self.inv_freq  # [B, T, D/2]
-        ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B, 1, T, D]
-        cos, sin = ang.cos(), ang.sin()
-        amp = rope_amplitude(self.config)
-        if amp != 1.0:  # YaRN's attention factor rides on cos and sin
-            cos, sin = cos * amp, sin * amp
-        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        cos, sin = self._rotary(pos, self.inv_freq, rope_amplitude(self.config))
+        local = self._rotary(pos, self.local_inv_freq) if self.local_inv_freq is not None else None
         window = self.config.sliding_window
         slid = sliding_mask(mask, cache, T, window) if window else mask
 
         x = self.embed_tokens(tokens)  # [B, T, C]
+        if self.config.gemma:  # sqrt(hidden) in the weights' dtype first, as Gemma's own code rounds it
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
         stats: dict[int, HeadStats] = {}
         for i, layer in enumerate(self.layers):
-            m = slid if window and self.config.slides(i) else mask
-            x, s = layer(x, cos, sin, cache, i, m, i in capture)
+            sliding = window and self.config.slides(i)
+            m = slid if sliding else mask
+            c, s_ = local if sliding and local is not None else (cos, sin)
+            x, s = layer(x, c, s_, cache, i, m, i in capture)
             if s is not None:
                 stats[i] = s
         cache.advance(T)
         if last_only:
             x = x[:, -1]
-        return self.lm_head(self.norm(x)).float(), stats
+        logits = self.lm_head(self.norm(x)).float()
+        if self.config.final_logit_softcapping:
+            logits = softcap(logits, self.config.final_logit_softcapping)
+        return logits, stats
+
+    def _rotary(self, pos: torch.Tensor, inv_freq: torch.Tensor, amp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, 1, T, D] in the model's dtype for positions [B, T] (fp32 angles)."""
+        if inv_freq.device != pos.device:
+            inv_freq = inv_freq.to(pos.device)
+        ang = pos[..., None].float() * inv_freq  # [B, T, D/2]
+        ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B, 1, T, D]
+        cos, sin = ang.cos(), ang.sin()
+        if amp != 1.0:  # YaRN's attention factor rides on cos and sin
+            cos, sin = cos * amp, sin * amp
+        return cos.to(self.dtype), sin.to(self.dtype)

@@ -37,7 +37,7 @@ from ...plan import balanced, split_heads
 from .kvcache import KVCache
 from .loader import resolve_device, resolve_dtype, tensor_source
 from .params import place
-from .layers import HeadStats, Linear
+from .layers import HeadStats, Linear, softcap
 from .model import Transformer
 
 
@@ -130,14 +130,18 @@ class VocabEmbedding(nn.Module):
         return _all_reduce(x * inside[..., None].to(x.dtype), self.group)
 
 
-def sharded_head_stats(s: RankSlices, n_heads: int, group):
+def sharded_head_stats(s: RankSlices, n_heads: int, group, scale: float | None = None, cap: float = 0.0):
     """The model's newest-query statistics over this rank's heads, gathered over ranks. The
-    deviation compares each head with the mean over all heads: that mean is all-reduced."""
+    deviation compares each head with the mean over all heads: that mean is all-reduced. `scale`
+    and `cap` as the attention's own (Gemma: query_pre_attn_scalar, soft cap)."""
 
     def head_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> HeadStats:
         B, Hl, D = q.shape
         Hkv, S = keys.shape[1], keys.shape[2]
-        scores = (q.view(B, Hkv, Hl // Hkv, D) @ keys.transpose(-1, -2)).view(B, Hl, S).float() * (1.0 / math.sqrt(D))
+        scores = (q.view(B, Hkv, Hl // Hkv, D) @ keys.transpose(-1, -2)).view(B, Hl, S).float()
+        scores = scores * (1.0 / math.sqrt(D) if scale is None else scale)
+        if cap:
+            scores = softcap(scores, cap)
         scores = scores.masked_fill(~valid[:, None, :], 0.0)
         probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
         mean = _all_reduce(probs.sum(1, keepdim=True), group) / n_heads
@@ -152,10 +156,11 @@ def sharded_head_stats(s: RankSlices, n_heads: int, group):
 
 
 def _check_supported(cfg: ModelConfig) -> None:
-    """Tensor parallelism splits Llama-style attention and MLP modules; refuse what it would get wrong."""
-    extra = cfg.beyond_llama()
+    """Tensor parallelism splits Llama-style attention and MLP modules; refuse what it would get wrong.
+    Per-head q/k norms (one weight for every head) and Gemma's extra norms stay whole on each rank."""
+    extra = [e for e in cfg.beyond_llama() if e not in ("q/k norms", "Gemma blocks")]
     if extra:
-        raise EntropixError(f"--tp runs Llama-style models (llama, mistral) for now; this {cfg.arch} model has "
+        raise EntropixError(f"--tp runs Llama-style models (llama, mistral, qwen3, gemma2, gemma3) for now; this {cfg.arch} model has "
                             f"{', '.join(extra)}: run it with --tp 1")
 
 
@@ -172,7 +177,7 @@ def shard(model: Transformer, s: RankSlices, group) -> Transformer:
             a.q_proj, a.k_proj, a.v_proj = Linear(C, Hl * D, bias=False), Linear(C, Hkvl * D, bias=False), \
                 Linear(C, Hkvl * D, bias=False)
             a.o_proj = RowParallelLinear(Hl * D, C, bias=False)
-            a.head_stats = sharded_head_stats(s, cfg.num_attention_heads, group)
+            a.head_stats = sharded_head_stats(s, cfg.num_attention_heads, group, a.scale, a.cap)
             m.gate_proj, m.up_proj = Linear(C, Fl, bias=False), Linear(C, Fl, bias=False)
             m.down_proj = RowParallelLinear(Fl, C, bias=False)
             a.o_proj.group = m.down_proj.group = group

@@ -7,6 +7,7 @@ from typing import Any
 
 from tokenizers import AddedToken, normalizers, pre_tokenizers
 
+from .gguf_spm import spm_tokenizer_args
 from .vocab import (
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
@@ -73,9 +74,12 @@ def _engine(meta: dict, tokens: list[str], types: list[int], pre: str):
 def gguf_tokenizer_args(meta: dict) -> dict[str, Any]:
     """TextTokenizer arguments from GGUF metadata (key -> value as ``GGUFReader`` field ``contents()``)."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return spm_tokenizer_args(meta)
     if kind != "gpt2":
         raise ValueError(
-            f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE ('gpt2') is supported"
+            f"unsupported GGUF tokenizer model {kind!r}: byte-level BPE ('gpt2') and SentencePiece ('llama') "
+            "are supported"
         )
     tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
     types = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
