@@ -182,21 +182,35 @@ def test_bad_quant_input_is_one_line(args, needle, capsys):
     assert rc != 0 and len(lines) == 1 and needle in lines[0], err
 
 
+NEAR_TIE = 0.05  # nats between fp32's top two: int4/int8 rounding (and the CPU's kernel) may flip such a step
+
+
 @pytest.mark.slow  # the embedded model, 48 tokens in two weight modes
-def test_auto_keeps_the_demo_prompt_greedy_text(smol):
+@pytest.mark.parametrize("prompt", [DEMO, "How many r's are in strawberry?"])
+def test_auto_follows_fp32_greedy_except_at_near_ties(smol, prompt):
     """The README's claim: the default (auto: the file's Q4_1 blocks on the int4 kernel, its Q8_0
-    embedding as int8 rows) gives fp32's greedy answer to the demo prompt."""
+    embedding as int8 rows), fed fp32's greedy text, picks fp32's token at every step where fp32's
+    top two are more than NEAR_TIE apart; decoding freely, it leaves fp32's text only at a near-tie."""
     from entropix.loading import load_model
 
     auto = load_model(None, progress=False)
     assert auto.quant == "int4" and quant.weight_kinds(auto.model) == {"int4": 120, "int8": 1, "dense": 0}
-    ids = smol.tokenizer.encode_chat([{"role": "user", "content": DEMO}])
+    ids = smol.tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
-    def text(m):
+    def run(m):
         req = Request(prompt=ids, policy=Greedy(), max_tokens=48, stop_ids=m.tokenizer.stop_ids)
-        return [r.token for r in generate(m.engine(()), [req])]
+        return list(generate(m.engine(()), [req]))
 
-    assert text(auto) == text(smol)
+    ref = run(smol)
+    full = ids + [r.token for r in ref]
+    with torch.inference_mode():
+        logits, _ = auto.model(torch.tensor([full]), auto.model.new_cache(1, len(full)), last_only=False)
+    picked = logits[0, len(ids) - 1:len(full) - 1].argmax(-1).tolist()
+    clear = [k for k, r in enumerate(ref) if r.margin > NEAR_TIE]
+    assert len(clear) >= 0.8 * len(ref) and all(picked[k] == ref[k].token for k in clear)
+    own = [r.token for r in run(auto)]
+    split = next((k for k, (a, b) in enumerate(zip(own, full[len(ids):])) if a != b), None)
+    assert split is None or ref[split].margin <= NEAR_TIE, (split, ref[split].margin)
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
