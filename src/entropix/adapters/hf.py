@@ -75,22 +75,28 @@ class EntropixLogitsProcessor:
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tokens[:, None].to(scores.device), 0.0)
 
-    @torch.inference_mode()
     def _choose(self, scores: torch.Tensor):
-        g = hooks.group(self.policy, self.rows)
-        dev = scores.device
         if self._table is None:
-            self._table = tops.entropix_table_tensors(self.policy, dev)
-        logp, H, V = tops.logit_metrics(scores)
-        K = min(self.config.max_top_k, scores.shape[-1])
-        top_id = tops.top_sorted(scores, max(K, 2))[1]  # by logit, ties by lower id, as every backend ranks
-        top_lp = logp.gather(1, top_id)
-        prev, ok = (torch.from_numpy(f).to(dev) if f.any() else None for f in (g.flags[:, 0], g.flags[:, 1]))
-        u = torch.from_numpy(g.uniforms.astype(np.float32)).to(dev)
-        attn = torch.zeros(scores.shape[0], 4, device=dev)  # logits only: the table gives them no weight
-        tokens, codes = tops.entropix_tokens(self._table, self.policy, top_lp[:, :K], top_id[:, :K], H, V, attn,
-                                             u, prev, ok)
-        return tokens, codes, H.cpu().numpy(), V.cpu().numpy()
+            self._table = tops.entropix_table_tensors(self.policy, scores.device)
+        return choose_tokens(self.policy, self.rows, scores, self._table)
+
+
+@torch.inference_mode()
+def choose_tokens(policy: Entropix, rows: Sequence[hooks.RowState], scores: torch.Tensor, table: Any):
+    """The logits-only entropix choice for rows whose next-token logits are scores [B, V], on the
+    logits' device: (tokens [B], regime codes [B], entropy [B], varentropy [B]); consumes the rows'
+    draws. `table`: tops.entropix_table_tensors(policy, device), built once per processor."""
+    g = hooks.group(policy, rows)
+    dev = scores.device
+    logp, H, V = tops.logit_metrics(scores)
+    K = min(policy.config.max_top_k, scores.shape[-1])
+    top_id = tops.top_sorted(scores, max(K, 2))[1]  # by logit, ties by lower id, as every backend ranks
+    top_lp = logp.gather(1, top_id)
+    prev, ok = (torch.from_numpy(f).to(dev) if f.any() else None for f in (g.flags[:, 0], g.flags[:, 1]))
+    u = torch.from_numpy(g.uniforms.astype(np.float32)).to(dev)
+    attn = torch.zeros(scores.shape[0], 4, device=dev)  # logits only: the table gives them no weight
+    tokens, codes = tops.entropix_tokens(table, policy, top_lp[:, :K], top_id[:, :K], H, V, attn, u, prev, ok)
+    return tokens, codes, H.cpu().numpy(), V.cpu().numpy()
 
 
 def pause_token_id(tokenizer: Any, config: Any = None, model_name: str | None = None) -> int:

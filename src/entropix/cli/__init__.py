@@ -9,11 +9,11 @@ import argparse
 import os
 
 from .. import EntropixError, __version__
-from . import bench, calibrate, chat, download, eval, generate, plan, plot, serve
+from . import bench, calibrate, chat, download, eval, export, generate, plan, plot, serve
 from .common import eprint
 
 # the order of `entropix --help`
-SUBCOMMANDS = (generate, chat, bench, download, calibrate, plot, serve, eval, plan)
+SUBCOMMANDS = (generate, chat, bench, download, export, calibrate, plot, serve, eval, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

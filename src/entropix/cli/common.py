@@ -85,6 +85,8 @@ def load(args, quiet: bool = False):
         from ..adapters import llamacpp
 
         return llamacpp.load(args.model)
+    if getattr(args, "engine", "entropix") == "openai":  # an OpenAI-compatible server computes
+        return load_upstream(args)
 
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
@@ -111,14 +113,38 @@ def _quant_note(lm) -> str:
     return "" if quant == "none" else f", {quant} weights"
 
 
+def load_upstream(args):
+    """The model behind --base-url; the tokenizer of --model when given, else the upstream's own."""
+    import os
+
+    from ..adapters.upstream import connect
+
+    if not args.base_url:
+        raise EntropixError("--engine openai needs --base-url (an OpenAI-compatible server's .../v1)")
+    tok = None
+    if args.model is not None:
+        from ..io.source import open_checkpoint
+
+        tok = open_checkpoint(args.model).tokenizer
+    key = os.environ.get("ENTROPIX_UPSTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return connect(args.base_url, args.upstream_model, tok, key)
+
+
+def sampler_name(args) -> str:
+    """The catalogue name the sampling flags pick (a default from --temperature and the filters)."""
+    from ..sampler import catalog
+
+    filters = any(v is not None for v in (args.top_k, args.top_p, args.min_p))
+    return catalog.variant(args.sampler or catalog.default_name(args.temperature, filters),
+                           branching=getattr(args, "branching", False),
+                           no_attention=getattr(args, "no_attention", False))
+
+
 def decoder_from_args(args, lm=None):
     """The catalogue's Decoder for the sampling flags (checked before the model loads when lm is None)."""
     from ..sampler import catalog
 
-    filters = any(v is not None for v in (args.top_k, args.top_p, args.min_p))
-    name = catalog.variant(args.sampler or catalog.default_name(args.temperature, filters),
-                           branching=getattr(args, "branching", False),
-                           no_attention=getattr(args, "no_attention", False))
+    name = sampler_name(args)
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  sampler_config=args.sampler_config, branches=getattr(args, "branches", None),
                  aggregate=getattr(args, "aggregate", None), samples=getattr(args, "samples", None))

@@ -14,13 +14,17 @@ from ..decode.records import Request
 from ..decode.strategies import Task, decode, run
 from ..sampler import catalog
 from .common import (add_model_args, add_sampling_args, decoder_from_args, end_line, eprint, load, paint,
-                     prompt_ids, regime_summary)
+                     prompt_ids, regime_summary, sampler_name)
 
 
 def cmd_generate(args) -> int:
     if args.max_tokens < 1:
         raise EntropixError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     decoder_from_args(args)  # bad sampler flags fail before the model loads
+    if args.engine == "openai":
+        from ..adapters.upstream import check_sampler
+
+        check_sampler(sampler_name(args))
     lm = load(args, quiet=args.json)
     dec = decoder_from_args(args, lm)
     if args.engine == "llama.cpp":
@@ -29,6 +33,10 @@ def cmd_generate(args) -> int:
         dec, note = adapt_decoder(dec)
         if note and not args.json:
             eprint(note)
+    if args.engine == "openai":
+        from ..adapters.upstream import check_policy
+
+        check_policy(dec.policy, dec.name)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     if dec.strategy != "single":  # multi-row decoders: CoT, self-consistency, branching
         return _generate_multi(args, lm, dec, ids)
@@ -120,6 +128,11 @@ def register(sub) -> None:
     g.add_argument("--branching", action="store_true", help="entropix: fork rows where the metrics say 'branch'")
     g.add_argument("--no-attention", action="store_true",
                    help="entropix from the logits alone, as the engine adapters run it (no attention metrics)")
-    g.add_argument("--engine", default="entropix", choices=("entropix", "llama.cpp"),
-                   help="who runs the model: our backend (default) or llama.cpp (a GGUF --model; pip install entropix[llamacpp])")
+    g.add_argument("--engine", default="entropix", choices=("entropix", "llama.cpp", "openai"),
+                   help="who runs the model: our backend (default), llama.cpp (a GGUF --model; pip install "
+                        "entropix[llamacpp]) or an OpenAI-compatible server (--base-url; greedy, cot, auto, "
+                        "self-consistency)")
+    g.add_argument("--base-url", default=None, help="--engine openai: the server's URL, e.g. http://127.0.0.1:8000/v1 "
+                                                    "(key from ENTROPIX_UPSTREAM_API_KEY or OPENAI_API_KEY)")
+    g.add_argument("--upstream-model", default=None, help="--engine openai: the model to ask (default: its first)")
     g.set_defaults(fn=cmd_generate)

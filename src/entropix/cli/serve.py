@@ -52,6 +52,8 @@ def cmd_serve(args) -> int:
     from ..serve.routes import create_app
     from ..serve.security import allowed_hosts
 
+    if args.upstream:  # CoT, auto and self-consistency over another OpenAI-compatible server
+        args.engine, args.base_url = "openai", args.upstream
     lm = load(args)
     hosts = allowed_hosts(args.allowed_hosts or (), args.host)
     app = create_app(lm, api_key=key, max_rows=args.max_rows, cors_origins=args.cors_origin or (),
@@ -107,4 +109,8 @@ def register(sub) -> None:
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled between two decode steps (default: the backend's)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--upstream", default=None, metavar="URL",
+                   help="decode through this OpenAI-compatible server (its .../v1) instead of a model here: "
+                        "greedy, cot, auto and self-consistency (key from ENTROPIX_UPSTREAM_API_KEY)")
+    s.add_argument("--upstream-model", default=None, help="--upstream: the model to ask (default: its first)")
     s.set_defaults(fn=cmd_serve)

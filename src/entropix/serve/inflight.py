@@ -82,6 +82,10 @@ def resolve_decoder(p: Params, lm: Any, max_n: int) -> Decoder:
     """The catalogue's Decoder for a request's sampler fields (APIError for bad combinations)."""
     spec = _spec(p)
     _check_options(p, spec, max_n)
+    allowed = getattr(lm, "samplers", None)  # a model that runs only some (an upstream: adapters/upstream.py)
+    if allowed is not None and spec.name not in allowed:
+        raise bad_request(f"the {spec.name} sampler needs the whole next-token distribution; this server decodes "
+                          f"through an upstream: use one of {', '.join(allowed)}", "sampler", "invalid_sampler")
     given = {k: getattr(p, k) for k in FILTERS + EXTRA_OPTIONS}
     try:
         dec = catalog.build(spec.name, catalog.parameters(spec.name, **given), lm)
@@ -165,6 +169,7 @@ class InFlight:
         self.ctx, self.decoder, self.task = ctx, decoder, task
         self.tok = ctx.lm.tokenizer
         self.top_logprobs = top_logprobs  # None: no logprobs
+        self.tokens_as_ids = False  # completions' return_tokens_as_token_ids
         self.metrics = metrics
         self.thresholds = (decoder.thresholds() or ctx.thresholds()) if metrics else None
         self.choices: dict[int, Choice] = {}

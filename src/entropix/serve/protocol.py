@@ -84,6 +84,7 @@ class CompletionRequest(Params):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
@@ -215,13 +216,17 @@ def message_text(m: ChatMessage, i: int) -> str:
 
 
 def chat_prompt(p: ChatRequest, tokenizer: Any) -> list[int]:
+    return chat_ids(p.messages, tokenizer)
+
+
+def chat_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
     """The messages rendered with the model's chat template (developer counts as system).
 
     Only the template writes special tokens: message contents are tokenized as plain text, so
     "<|im_end|>" typed by a user stays text and cannot open a system or assistant turn.
     """
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
-            for i, m in enumerate(p.messages)]
+            for i, m in enumerate(messages)]
     try:
         if hasattr(tokenizer, "encode_plain") and hasattr(tokenizer, "render_chat"):
             return plain_content_chat(tokenizer, msgs)

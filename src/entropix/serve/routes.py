@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from ..sampler import catalog
-from . import protocol, security, streaming
+from . import protocol, security, streaming, tokenize
 from .errors import install_handlers
 from .inflight import open_request
 from .scheduler import Scheduler
@@ -112,6 +112,7 @@ async def completions(request: HTTPRequest):
     mts = [protocol.budget(ctx.max_context, len(x), p.max_tokens, protocol.COMPLETION_DEFAULT_TOKENS,
                            "max_tokens", "prompt") for x in ids]
     run = open_request(ctx, p, ids, mts, stop, p.logprobs)
+    run.tokens_as_ids = bool(p.return_tokens_as_token_ids)
     echo = [pr if isinstance(pr, str) else ctx.lm.tokenizer.decode(pr) for pr in prompts] if p.echo else None
     if p.stream:
         return streaming.sse_response(run, streaming.completion_stream(run, p.include_usage, echo))
@@ -176,5 +177,6 @@ def create_app(lm, api_key: str | None = None, *, max_rows: int = 32, max_n: int
     app.add_middleware(security.Guard, hosts=allowed_hosts)  # outermost: refusals carry no CORS headers
     install_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

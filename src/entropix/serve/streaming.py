@@ -63,11 +63,12 @@ def chat_logprob(tok: Any, rec: TokenRecord, k: int) -> dict[str, Any]:
 
 def completion_logprobs(run: InFlight, recs: list[TokenRecord], offset: int) -> dict[str, Any]:
     k = run.top_logprobs or 0
+    as_ids = getattr(run, "tokens_as_ids", False)  # exact ids for a client that continues from them
     tokens, lps, tops, offs = [], [], [], []
     for r in recs:
-        tokens.append(run.tok.token_text(r.token))
+        tokens.append(f"token_id:{r.token}" if as_ids else run.tok.token_text(r.token))
         lps.append(_lp(r.logprob))
-        tops.append({s: _lp(lp) for _, s, lp in r.top[:k]} if k else None)
+        tops.append({(f"token_id:{t}" if as_ids else s): _lp(lp) for t, s, lp in r.top[:k]} if k else None)
         offs.append(offset)
         offset += len(r.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
