@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
+import sys
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,45 +39,84 @@ def _vllm_ready() -> str | None:
     return None if r.returncode == 0 else f"vLLM does not import: {r.stderr.strip().splitlines()[-1]}"
 
 
+def readme_lines() -> list[str]:
+    """The command lines of the README's ```bash blocks under "Serving at scale with vLLM"
+    (continuations joined, comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Serving at scale with vLLM\n(.*?)^## ", text, re.M | re.S)
+    assert section, "README.md has no section 'Serving at scale with vLLM'"
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", section.group(1), re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def readme_line(start: str, port: int | None = None) -> list[str]:
+    """The README line that starts with `start`, split as bash splits it; its port 8000 becomes `port`."""
+    (line,) = [ln for ln in readme_lines() if ln.startswith(start)]
+    return shlex.split(line.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("--port 8000", f"--port {port}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_readme_section_holds_the_lines_these_tests_run():
+    """Every line of the section is run below, except the install (`.ci/run` runs it) and the 70B line."""
+    starts = ["make install-vllm", "entropix export", ".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server",
+              "vllm serve meta-llama/", "entropix generate", "entropix serve --upstream"]
+    assert [next(s for s in starts if ln.startswith(s)) for ln in readme_lines()] == starts
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """The embedded model as an fp32 folder; its name finds the model's sampler profile, as the GGUF's does."""
+    """The README's export line as typed (the console script, in a fresh folder): the embedded model
+    as an fp32 folder, whose name finds the model's sampler profile, as the GGUF's does."""
     why = _vllm_ready()
     if why:
         pytest.skip(why)
-    out = tmp_path_factory.mktemp("vllm") / "SmolLM2-135M-Instruct-hf"
-    assert main(["export", "--out", str(out)]) == 0
-    return out
+    cwd = tmp_path_factory.mktemp("vllm")
+    argv = readme_line("entropix export")
+    r = subprocess.run([str(Path(sys.executable).parent / "entropix"), *argv[1:]], cwd=cwd, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return cwd / argv[argv.index("--out") + 1]
 
 
 @pytest.fixture(scope="module")
 def server(folder):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """vLLM's server started by the README's line as typed (in the export's folder, on a free port)."""
+    argv = readme_line(".venv-vllm/bin/python", free_port())
+    port = int(argv[argv.index("--port") + 1])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: vLLM's CPU default takes most of the RAM
            "ENTROPIX_VLLM_TRACE": str(folder.parent / "trace.jsonl")}  # the processor's records of its regimes
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-           "--logits-processors", "entropix.adapters.vllm:EntropixLogitsProcessor"]
     log = folder.parent / "vllm.log"  # its own log, for a failure's cause
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([str(ROOT / argv[0]), *argv[1:]], cwd=folder.parent, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail("vLLM's server ended: " + log.read_text()[-2000:])
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url
+        yield _wait_up(f"http://127.0.0.1:{port}", proc, log)
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def _wait_up(url: str, proc, log: Path) -> str:
+    for _ in range(600):
+        if proc.poll() is not None:
+            pytest.fail("the server ended: " + log.read_text()[-2000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("the server did not come up: " + log.read_text()[-2000:])
 
 
 def vllm_tokens(url: str, ids: list[int], xargs: dict | None, max_tokens: int = 48) -> list[int]:
@@ -159,13 +201,14 @@ def test_n_rows_streaming_and_a_profile(server, folder):
 
 
 def test_cot_over_vllm(server, folder, capsys):
-    """Five branches whose first tokens are vLLM's top five; branch 0 is vLLM's greedy text."""
-    rc = main(["generate", PROMPT, "--engine", "openai", "--base-url", server + "/v1", "--sampler", "cot",
-               "--branches", "5", "--max-tokens", "24", "--json"])
+    """The README's line (24 tokens): five branches whose first tokens are vLLM's top five; branch 0
+    is vLLM's greedy text."""
+    argv = readme_line("entropix generate", int(server.rsplit(":", 1)[1]))
+    rc = main([*argv[1:], "--max-tokens", "24"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     res = json.loads(out)
-    ids = _prompt_ids(folder)
+    ids = _prompt_ids(folder, argv[2])
     top = httpx.post(server + "/v1/completions", json={"model": _model(server), "prompt": ids, "max_tokens": 1,
                                                        "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
                                                        "ignore_eos": True}, timeout=60).json()
@@ -175,10 +218,36 @@ def test_cot_over_vllm(server, folder, capsys):
     assert _without_stop(res["branches"][0]["tokens"]) == _without_stop(greedy)
 
 
-def _prompt_ids(folder: Path) -> list[int]:
+def test_serve_upstream_over_vllm(server, folder):
+    """The README's `entropix serve --upstream` line (its port free): our API over vLLM answers CoT
+    with five branch choices, the first of them vLLM's greedy answer."""
+    port = free_port()
+    argv = readme_line("entropix serve --upstream", int(server.rsplit(":", 1)[1]))
+    argv[argv.index("--port") + 1] = str(port)
+    log = folder.parent / "upstream.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "entropix"), *argv[1:]], cwd=folder.parent,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = _wait_up(f"http://127.0.0.1:{port}", proc, log)
+        body = {"model": _model(url), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24,
+                "sampler": "cot", "branches": 5}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 5 and all("confidence" in c for c in choices)
+    greedy = httpx.post(server + "/v1/completions", json={"model": _model(server), "prompt": _prompt_ids(folder),
+                                                          "max_tokens": 24, "temperature": 0}, timeout=300).json()
+    assert choices[0]["message"]["content"].strip() == greedy["choices"][0]["text"].strip()
+
+
+def _prompt_ids(folder: Path, prompt: str = PROMPT) -> list[int]:
     from entropix.io.source import open_checkpoint
 
-    return open_checkpoint(str(folder)).tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    return open_checkpoint(str(folder)).tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
 
 def _without_stop(tokens: list[int]) -> list[int]:
