@@ -106,6 +106,23 @@ def server(folder):
         proc.wait(60)
 
 
+@pytest.fixture(scope="module")
+def plain_server(folder):
+    """The same vLLM server without the plug-in: what requests without vllm_xargs must equal."""
+    argv = readme_line(".venv-vllm/bin/python", free_port())
+    i = argv.index("--logits-processors")
+    argv, port = argv[:i] + argv[i + 2:], int(argv[argv.index("--port") + 1])
+    log = folder.parent / "vllm-plain.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(ROOT / argv[0]), *argv[1:]], cwd=folder.parent, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, text=True)
+    try:
+        yield _wait_up(f"http://127.0.0.1:{port}", proc, log)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def _wait_up(url: str, proc, log: Path) -> str:
     for _ in range(600):
         if proc.poll() is not None:
@@ -155,6 +172,19 @@ def test_opted_in_requests_get_our_engines_tokens_and_the_rest_vllms_greedy(serv
         for s, r in zip(steps, ref["records"]):
             assert abs(s["entropy"] - r["entropy"]) < 1e-3 and abs(s["varentropy"] - r["varentropy"]) < 1e-2
     assert _without_stop(vllm_tokens(server, ids, None)) == _without_stop(ours(folder, capsys)["tokens"])
+
+
+def test_requests_without_xargs_decode_as_vllm_without_the_plug_in(server, plain_server, folder):
+    """Greedy and seeded sampling (n = 2), with the same logprobs: the plug-in leaves their rows alone."""
+    ids = _prompt_ids(folder)
+    for extra in ({"temperature": 0}, {"temperature": 0.9, "top_p": 0.95, "seed": 7, "n": 2}):
+        body = {"model": _model(server), "prompt": ids, "max_tokens": 32, "logprobs": 2, **extra}
+        got = [httpx.post(url + "/v1/completions", json=body, timeout=300).json()["choices"]
+               for url in (server, plain_server)]
+        for a, b in zip(*(sorted(c, key=lambda c: c["index"]) for c in got)):
+            assert a["text"] == b["text"] and a["text"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"])) < 1e-4
+    assert got[0][0]["text"] != got[0][1]["text"]  # the two seeded rows differ: sampling was exercised
 
 
 def test_sixteen_concurrent_requests_half_with_entropix(server, folder):
