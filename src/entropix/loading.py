@@ -27,7 +27,8 @@ class LoadedModel:
     device: str  # e.g. "cpu", "cuda:0"
     dtype: str  # e.g. "float32", "bfloat16"
     quant: str = "none"  # torch: weight-only quantized projections, "none" / "int8" / "int4"
-    # torch tensor parallelism (backends.torch.ranks.Session): engines run on every rank
+    # torch tensor parallelism (backends.torch.ranks.Session) or a jax job of several processes
+    # (backends.jax.multihost.Session): engines run on every rank / process
     session: Any = None
 
     def engine(self, capture_layers: tuple[int, ...] = (-1,)) -> Engine:
@@ -37,11 +38,11 @@ class LoadedModel:
 
     @property
     def unavailable(self) -> str | None:
-        """Why this model can no longer compute (a tensor-parallel rank died), or None."""
+        """Why this model can no longer compute (a rank or process died or stalled), or None."""
         return self.session.dead if self.session else None
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks, if any."""
+        """Stop the tensor-parallel ranks or the job's other processes, if any."""
         if self.session:
             self.session.close()
 
@@ -103,16 +104,40 @@ def _load_jax(ckpt, device, dtype, progress, tp=1, dp=1):
 
 
 def load_tensor_parallel(spec: str | None, tp: int | None = None, *, device: str | None = "auto",
-                         dtype: str | None = "auto", exit_on_lost: bool = True) -> LoadedModel:
+                         dtype: str | None = "auto", exit_on_lost: bool = True,
+                         peer_timeout: float | None = None) -> LoadedModel:
     """The torch model over `tp` ranks (spawned here, or torchrun's; see backends/torch/ranks.py).
     On torchrun's other ranks this never returns: they follow rank 0 and exit."""
     from .backends.torch.ranks import start
 
-    session, ckpt = start(spec, tp, device=device, dtype=dtype, exit_on_lost=exit_on_lost)
+    session, ckpt = start(spec, tp, device=device, dtype=dtype, exit_on_lost=exit_on_lost, peer_timeout=peer_timeout)
     m = session.model
     return LoadedModel(name=ckpt.name, config=ckpt.config, tokenizer=ckpt.tokenizer, source=ckpt.source,
                        backend="torch", model=m, device=str(m.device), dtype=str(m.dtype).removeprefix("torch."),
                        session=session)
+
+
+def load_jax_multihost(spec: str | None, tp: int = 1, dp: int = 1, *, device: str | None = "auto",
+                       dtype: str | None = "auto", cluster: Any = None, peer_timeout: float | None = None,
+                       exit_on_lost: bool = True) -> LoadedModel | None:
+    """The jax model over a mesh that spans the job's processes (backends/jax/multihost.py), or
+    None when the job has one process. On processes 1..N-1 this never returns: they follow
+    process 0 and exit."""
+    try:
+        from .backends.jax import multihost
+    except ImportError as e:
+        raise EntropixError(f"the jax backend needs jax ({e}): pip install 'entropix[jax]'") from None
+    from .backends.peers import DEFAULT_TIMEOUT_S
+
+    started = multihost.start(spec, tp, dp, device=device, dtype=dtype, cluster=cluster or multihost.Cluster(),
+                              peer_timeout=DEFAULT_TIMEOUT_S if peer_timeout is None else peer_timeout,
+                              exit_on_lost=exit_on_lost)
+    if started is None:
+        return None
+    session, ckpt = started
+    m = session.model
+    return LoadedModel(name=ckpt.name, config=ckpt.config, tokenizer=ckpt.tokenizer, source=ckpt.source,
+                       backend="jax", model=m, device=m.device, dtype=m.dtype_name, session=session)
 
 
 # backend name -> (checkpoint, device, dtype, progress) -> (model, config, device, dtype names)

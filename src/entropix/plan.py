@@ -5,7 +5,8 @@ over ranks (the same split as `backends/torch/tp.py`: query heads in balanced ru
 rank keeping the KV heads its queries read, feed-forward units and vocabulary rows in
 balanced runs, norms whole), bytes per parameter of the dtype, and the KV cache per token.
 Dense Llama-style configs and DeepSeek-V2-style ones (multi-head latent attention, routed
-and shared experts) are covered. Framework-free: no torch import.
+and shared experts) are covered. Framework-free: no torch import. TPU slices, sized under the JAX
+backend's sharding rules, are in plan_tpu.py.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def plan(cfg: dict, devices: int, device_bytes: int, dtype: str = "bf16", kv_dty
     roomy = [o for o in opts if o.fits and o.weight_bytes <= (1 - KV_SHARE) * usable]
     one_row = [o for o in opts if o.batch_at_context >= 1]
     fitting = [o for o in opts if o.fits]
-    best = (roomy or one_row or fitting or [None])[0]
+    best = next(iter(roomy or one_row or fitting), None)
     return {"params": total_params(cfg), "devices": devices, "device_bytes": device_bytes, "dtype": dtype,
             "kv_dtype": kv_dtype, "context": ctx, "utilization": UTILIZATION,
             "options": [asdict(o) for o in opts], "recommended_tp": best.tp if best else None}

@@ -8,6 +8,7 @@ import time
 from typing import Any, Iterable
 
 from .. import EntropixError
+from ..backends.peers import DEFAULT_TIMEOUT_S
 
 REGIME_COLOURS = {  # ANSI colours per sampler regime, shared by every subcommand that streams
     "flowing": "\033[38;5;250m", "treading": "\033[38;5;214m", "branch": "\033[38;5;45m",
@@ -42,6 +43,14 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel ranks: torch starts N processes here (gloo on CPU, NCCL on CUDA), or "
                         "uses torchrun's; jax: the mesh's tp axis")
     p.add_argument("--dp", type=int, default=1, help="--backend jax: data-parallel devices (batch rows)")
+    p.add_argument("--peer-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a tensor-parallel rank or JAX process may stay silent before requests fail "
+                        "with 503 and the others exit (default: %(default)s)")
+    g = p.add_argument_group("--backend jax over several processes (one per host; none of these on a TPU pod "
+                             "slice, where JAX finds its peers itself)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, the same on every host")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's number, 0 to N-1")
 
 
 def _given(args, name: str) -> int:
@@ -57,11 +66,31 @@ def load_torch_tp(args):
     tp = getattr(args, "tp", None)  # None: one device, or torchrun's world size
     if tp is not None and tp < 1:
         raise EntropixError(f"--tp must be at least 1, got {tp}")
+    peer_timeout = getattr(args, "peer_timeout", None)
+    if peer_timeout is not None and not 0 < peer_timeout < float("inf"):
+        raise EntropixError(f"--peer-timeout must be a number of seconds above 0, got {peer_timeout}")
     if getattr(args, "backend", "torch") != "torch" or not ((tp or 1) > 1 or under_torchrun()):
         return None
     if getattr(args, "quant", "none") not in ("none", "auto"):  # auto means none there
         raise EntropixError(f"--quant {args.quant} runs on one device: tensor parallelism (--tp) takes --quant none")
-    return load_tensor_parallel(args.model, tp, device=args.device, dtype=args.dtype)
+    return load_tensor_parallel(args.model, tp, device=args.device, dtype=args.dtype, peer_timeout=peer_timeout)
+
+
+def load_jax_job(args):
+    """--backend jax over the processes of a job (--coordinator ..., or a TPU pod slice), else None."""
+    from ..backends.jax.multihost import Cluster, on_tpu_pod
+    from ..loading import load_jax_multihost
+
+    cluster = Cluster(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                      getattr(args, "process_id", None))
+    if getattr(args, "backend", "torch") != "jax":
+        if cluster.given:
+            raise EntropixError("--coordinator, --num-processes and --process-id take --backend jax")
+        return None
+    if not cluster.given and not on_tpu_pod():
+        return None
+    return load_jax_multihost(args.model, _given(args, "tp"), _given(args, "dp"), device=args.device,
+                              dtype=args.dtype, cluster=cluster, peer_timeout=getattr(args, "peer_timeout", None))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +117,7 @@ def load(args, quiet: bool = False):
     if getattr(args, "engine", "entropix") == "openai":  # an OpenAI-compatible server computes
         return load_upstream(args)
 
+    quiet = quiet or bool(getattr(args, "process_id", None))  # a job's processes 1..N-1 print nothing
     if not quiet:
         eprint(f"loading model {args.model or 'default (SmolLM2-135M-Instruct, embedded)'} ...")
     t = time.perf_counter()
@@ -98,7 +128,7 @@ def load(args, quiet: bool = False):
         args.quant = check_mode(args.quant)
         if backend != "torch" and args.quant not in ("none", "auto"):
             raise EntropixError(f"--quant {args.quant} takes --backend torch (the {backend} backend keeps its dtype)")
-    lm = load_torch_tp(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
+    lm = load_torch_tp(args) or load_jax_job(args) or load_model(args.model, backend=backend, device=args.device, dtype=args.dtype,
                                            progress=not quiet, tp=1 if backend == "torch" else _given(args, "tp"),
                                            dp=_given(args, "dp"),  # torch's --tp ranks: load_torch_tp
                                            **({"quant": args.quant} if backend == "torch" and hasattr(args, "quant") else {}))

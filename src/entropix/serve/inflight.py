@@ -264,11 +264,13 @@ class InFlight:
                         yield ev
             self._phase = self._advance(got)
 
+    unavailable_poll_s = 0.5  # how often a request waiting for records looks whether the model became unavailable
+
     async def _records(self, jobs: int) -> AsyncIterator[list[TokenRecord]]:
         """Each step's records of a phase's jobs, until all of them ended."""
         left = jobs
         while left:
-            job, kind, payload = await self._queue.get()
+            job, kind, payload = await self._next()
             if kind == "records":
                 self.generated += len(payload)
                 yield payload
@@ -276,15 +278,34 @@ class InFlight:
             left -= 1
             if kind == "error":
                 self.cancel()
-                gone = getattr(self.ctx.lm, "unavailable", None)  # a tensor-parallel rank died (backends/torch/ranks.py)
-                if gone:
-                    raise APIError(503, f"the model is unavailable: {gone}; the server is stopping", "server_error",
-                                   None, "backend_unavailable")
+                self._check_available()
                 raise APIError(500, f"generation failed: {payload}", "server_error", None, "generation_failed")
             if kind == "cancelled":
                 self.cancel()
                 raise APIError(503, "the request was cancelled (server shutting down)", "server_error", None,
                                "cancelled")
+
+    async def _next(self) -> tuple[Any, str, Any]:
+        """The queue's next item. A stalled tensor-parallel rank delivers nothing at all, so the wait
+        also looks, every unavailable_poll_s, whether the model became unavailable (503 then)."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        self._check_available()
+        get = asyncio.ensure_future(self._queue.get())
+        try:
+            while not (await asyncio.wait({get}, timeout=self.unavailable_poll_s))[0]:
+                self._check_available()  # asyncio.wait leaves `get` running: no item is lost to a timeout
+            return get.result()
+        finally:
+            get.cancel()  # a no-op once done; otherwise the item it did not take stays queued
+
+    def _check_available(self) -> None:
+        """503 once the model can compute no more (a tensor-parallel rank died or stalled: backends/torch/ranks.py)."""
+        gone = getattr(self.ctx.lm, "unavailable", None)
+        if gone:
+            self.cancel()
+            raise APIError(503, f"the model is unavailable: {gone}; the server is stopping", "server_error", None,
+                           "backend_unavailable")
 
     def _feed(self, rec: TokenRecord) -> tuple[Choice, list[TokenRecord], str] | None:
         idx = self._choice_of.get((rec.request_id, rec.choice))

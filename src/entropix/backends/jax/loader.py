@@ -2,7 +2,9 @@
 
 Each tensor is read through the framework-free checkpoint (io/checkpoint.py), converted to
 the target dtype on the host and placed on the mesh with its sharding (sharding.py), so the
-host holds at most one tensor beyond what is already on the devices.
+host holds at most one tensor beyond what is already on the devices. When the mesh spans
+several processes (backends/jax/multihost.py), each process reads only the slices its own
+devices hold: a host of a pod slice never reads the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class JaxModel:
     def device(self) -> str:
         d = self.mesh.devices.flat[0]
         n = self.mesh.devices.size
-        return f"{d.platform}" + (f" x{n} (dp={self.mesh.shape['dp']}, tp={self.mesh.shape['tp']})" if n > 1 else "")
+        procs = len({d.process_index for d in self.mesh.devices.flat})
+        return f"{d.platform}" + (f" x{n} (dp={self.mesh.shape['dp']}, tp={self.mesh.shape['tp']})" if n > 1 else "") \
+            + (f" over {procs} processes" if procs > 1 else "")
 
     @property
     def dtype_name(self) -> str:
@@ -63,19 +67,50 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# (name, dim, start, stop) -> host array: rows / columns [start, stop) of dimension dim
+SliceReader = Callable[[str, int, int, int], np.ndarray]
+
+
+def _check_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(shape) != want:
+        raise EntropixError(f"weights do not fit the model: {name}.weight is {tuple(shape)}, "
+                            f"the config wants {want}")
+
+
+def _place_slices(name: str, want: tuple[int, ...], sh, dtype, get_slice: SliceReader, shape_of) -> jax.Array:
+    """A parameter of a mesh over several processes, built from the slices this process's
+    devices hold (replicas of one slice on several local devices read it once)."""
+    _check_shape(name, shape_of(name + ".weight"), want)
+    spec = tuple(sh.spec) + (None,) * (len(want) - len(sh.spec))
+    dim = next((d for d, axis in enumerate(spec) if axis is not None), None)
+    read: dict[tuple[int, int], np.ndarray] = {}
+
+    def part(index: tuple[slice, ...]) -> np.ndarray:
+        lo, hi, _ = index[dim].indices(want[dim]) if dim is not None else (0, want[0], 1)
+        if (lo, hi) not in read:
+            arr = get_slice(name + ".weight", 0 if dim is None else dim, lo, hi)
+            read[(lo, hi)] = np.asarray(arr).astype(jnp.dtype(dtype), copy=False)
+        return read[(lo, hi)]
+
+    return jax.make_array_from_callback(want, sh, part)
+
+
 def build(cfg: ModelConfig, get: Callable[[str], np.ndarray], mesh, dtype, freq_factors=None,
-          progress: Callable | None = None) -> JaxModel:
-    """The model from `get(name) -> host array` (names as in checkpoints, ".weight" included)."""
+          progress: Callable | None = None, get_slice: SliceReader | None = None, shape_of=None) -> JaxModel:
+    """The model from `get(name) -> host array` (names as in checkpoints, ".weight" included);
+    with `get_slice` and `shape_of`, a mesh that spans processes reads only this one's slices."""
     flat = {}
     shapes = expected_shapes(cfg)
     items = list(shapes.items())
+    partial = get_slice is not None and jax.process_count() > 1
     for name, want in (progress(items) if progress else items):
+        sh = sharding.param_sharding(mesh, name, want)
+        if partial:
+            flat[name] = _place_slices(name, want, sh, dtype, get_slice, shape_of)
+            continue
         arr = np.asarray(get(name + ".weight"))
-        if tuple(arr.shape) != want:
-            raise EntropixError(f"weights do not fit the model: {name}.weight is {tuple(arr.shape)}, "
-                                f"the config wants {want}")
-        host = arr.astype(jnp.dtype(dtype), copy=False)
-        flat[name] = jax.device_put(host, sharding.param_sharding(mesh, name, want))
+        _check_shape(name, arr.shape, want)
+        flat[name] = jax.device_put(arr.astype(jnp.dtype(dtype), copy=False), sh)
     params: dict = {k: flat[k] for k in ("embed_tokens", "norm", "lm_head") if k in flat}
     params["layers"] = []
     for i in range(cfg.num_hidden_layers):
@@ -137,4 +172,5 @@ def load(ckpt: Checkpoint, device: str | None = "auto", dtype: str | None = "aut
 
         return tqdm(items, desc=f"loading {ckpt.name}", unit="tensor", leave=False, file=sys.stderr)
 
-    return build(ckpt.config, lambda name: host_array(ckpt.read(name)), mesh, dt, ckpt.rope_freq_factors, bar)
+    return build(ckpt.config, lambda name: host_array(ckpt.read(name)), mesh, dt, ckpt.rope_freq_factors, bar,
+                 lambda name, dim, lo, hi: host_array(ckpt.read_slice(name, dim, lo, hi)), ckpt.shape)

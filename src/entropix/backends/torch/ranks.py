@@ -12,12 +12,16 @@ Two ways to get ranks:
   rank 0 goes on with it, the others call `follow` inside `start` and exit when rank 0 is done.
 
 A rank that dies makes every later call raise `WorkerLost` (its message says which rank),
-and, with `exit_on_lost`, rank 0 exits a moment later (the server first answers 503).
+and, with `exit_on_lost`, rank 0 exits a moment later (the server first answers 503). A rank
+that stalls without dying would hold rank 0 in a collective for ever: heartbeats over TCP
+(backends/peers.py) notice it after `peer_timeout` seconds, and rank 0 then kills its ranks, as
+if that one had died. The other ranks exit when rank 0 is gone or silent as long.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import subprocess
 import sys
@@ -25,11 +29,14 @@ import threading
 import time
 import weakref
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Callable
 
 from ... import EntropixError
 from ...io.checkpoint import Checkpoint
 from ...io.source import open_checkpoint
+from .. import peers
+from ..lockstep import LockstepBackend
+from ..peers import DEFAULT_TIMEOUT_S
 from .backend import TorchBackend
 from .tp import load_shard, rank_slices
 
@@ -59,6 +66,8 @@ class Session:
         self.model = None  # this rank's part (backends.torch.tp)
         self.ctrl = None  # the gloo group rank 0 broadcasts its steps over
         self.threads = 0  # this process's CPU threads before the ranks shared the cores
+        self.peers: peers.Watch | None = None  # rank 0: the other ranks' heartbeats
+        self.beat: peers.Beat | None = None  # the others: rank 0's
         self._lock = threading.RLock()
         self._next_id, self._freed, self._closed = 0, [], False
 
@@ -119,6 +128,13 @@ class Session:
         if self.exit_on_lost:
             threading.Thread(target=self._exit_soon, daemon=True).start()
 
+    def peer_lost(self, why: str) -> None:
+        """Rank 0's heartbeat watch lost a rank: the group is dead, and its ranks are killed (SIGKILL
+        ends a stopped one too), which also ends a collective waiting on it here."""
+        self._children_gone(0.5)  # a rank that exited: say so, with its status
+        self.lost(self.dead or f"tensor-parallel {why}")
+        self._kill_children()
+
     def _exit_soon(self) -> None:
         time.sleep(EXIT_GRACE_S)
         print(f"entropix: error: {self.dead}; stopping", file=sys.stderr, flush=True)
@@ -156,6 +172,8 @@ class Session:
                 except subprocess.TimeoutExpired:
                     pass
             self._kill_children()
+            if self.peers is not None and not self.dead:  # after a loss the others must see rank 0 go, not a goodbye
+                self.peers.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
             if self.threads:
@@ -169,32 +187,13 @@ class Session:
                 p.kill()
 
 
-class ShardedBackend:
+class ShardedBackend(LockstepBackend):
     """The Backend protocol on rank 0: every call that runs the model is made on all ranks."""
 
     name = "torch"
 
     def __init__(self, session: Session, capture_layers: tuple[int, ...] = (-1,)) -> None:
-        self.session, self.capture_layers = session, tuple(capture_layers)
-        self.local = TorchBackend(session.model, self.capture_layers)
-        self.vocab_size = self.local.vocab_size
-        self.id = session.new_id(self)
-
-    @property
-    def rows(self) -> int:
-        return self.local.rows
-
-    def _all(self, op: str, *args) -> None:
-        self.session.run(self.id, self.capture_layers, op, args, lambda: getattr(self.local, op)(*args))
-
-    def prefill(self, prompts: Sequence[Sequence[int]], copies: Sequence[int], capture: bool) -> None:
-        self._all("prefill", [list(p) for p in prompts], list(copies), bool(capture))
-
-    def select(self, rows: Sequence[int]) -> None:
-        self._all("select", list(rows))
-
-    def advance(self, tokens: Sequence[int], capture: bool) -> None:
-        self._all("advance", [int(t) for t in tokens], bool(capture))
+        super().__init__(session, TorchBackend(session.model, tuple(capture_layers)), capture_layers)
 
     def sample(self, groups, top_k: int):
         if self.session.dead:
@@ -271,11 +270,12 @@ def _compute_group():
     return dist.group.WORLD
 
 
-def _spawn(spec: str | None, world: int, device: str | None, dtype: str | None, port: int) -> list[subprocess.Popen]:
+def _spawn(spec: str | None, world: int, device: str | None, dtype: str | None, port: int,
+           extra_env: dict[str, str]) -> list[subprocess.Popen]:
     children = []
     for r in range(1, world):
         env = dict(os.environ, ENTROPIX_TP_RANK=str(r), ENTROPIX_TP_WORLD=str(world), ENTROPIX_TP_PORT=str(port),
-                   ENTROPIX_TP_PARENT=str(os.getpid()))
+                   ENTROPIX_TP_PARENT=str(os.getpid()), **extra_env)
         cmd = [sys.executable, "-m", "entropix.backends.torch.ranks", "--model", spec or "", "--device", device or "auto",
                "--dtype", dtype or "auto"]
         children.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
@@ -283,37 +283,23 @@ def _spawn(spec: str | None, world: int, device: str | None, dtype: str | None, 
 
 
 def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
-          exit_on_lost: bool = True) -> tuple[Session, Checkpoint]:
+          exit_on_lost: bool = True, peer_timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[Session, Checkpoint]:
     """Rank 0's session over `tp` ranks (spawned here, or torchrun's) and the checkpoint it read.
     On torchrun's other ranks this follows rank 0 and exits the process when it is done: it
-    never returns there."""
+    never returns there. `peer_timeout`: seconds a rank may stay silent (None: the default)."""
     import torch.distributed as dist
 
-    ckpt = None
+    timeout = _check_peer_timeout(peer_timeout)
     if under_torchrun():
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        if tp not in (None, world):
-            raise EntropixError(f"--tp {tp} under torchrun with {world} processes: they must agree")
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        session = Session(rank, world, local, _rank_device(device, local), exit_on_lost=exit_on_lost)
-        _init_group(session)
-        if rank != 0:
-            _follower_main(session, spec, dtype)
+        session, ckpt = _join_torchrun(spec, tp, device, dtype, exit_on_lost, timeout), None
     else:
-        world = int(tp or 1)
-        if world < 1:
-            raise EntropixError(f"--tp must be at least 1, got {world}")
-        ckpt = open_checkpoint(spec)  # bad paths and impossible splits fail before any rank starts
-        rank_slices(ckpt.config, 0, world)
-        dev = _rank_device(device, 0)
-        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
-        session = Session(0, world, 0, dev, _spawn(spec, world, device, dtype, store.port), exit_on_lost)
-        session.watch()
-        _init_group(session, store)
+        session, ckpt = _spawn_ranks(spec, tp, device, dtype, exit_on_lost, timeout)
     atexit.register(session.close)
     try:
         ckpt = _load_part(session, spec, dtype, ckpt)
         dist.barrier(group=session.ctrl)  # every rank has its part
+        if session.peers is not None:
+            session.peers.wait_connected(timeout)  # each connected before loading: this does not wait
     except WorkerLost:
         raise
     except Exception as e:
@@ -322,6 +308,65 @@ def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto
         if session.dead or isinstance(e, dist.DistError):
             raise WorkerLost(f"{session.dead or e} while loading (see its error above)") from None
         raise
+    return session, ckpt
+
+
+def _check_peer_timeout(peer_timeout: float | None) -> float:
+    t = DEFAULT_TIMEOUT_S if peer_timeout is None else float(peer_timeout)
+    if not (t > 0 and math.isfinite(t)):
+        raise EntropixError(f"--peer-timeout must be a number of seconds above 0, got {peer_timeout}")
+    return t
+
+
+def _join_torchrun(spec: str | None, tp: int | None, device: str | None, dtype: str | None, exit_on_lost: bool,
+                   timeout: float) -> Session:
+    """This process's session in torchrun's group; on ranks other than 0 this never returns."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if tp not in (None, world):
+        raise EntropixError(f"--tp {tp} under torchrun with {world} processes: they must agree")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    session = Session(rank, world, local, _rank_device(device, local), exit_on_lost=exit_on_lost)
+    _init_group(session)
+    _share_heartbeat(session, timeout)
+    if rank != 0:
+        _follower_main(session, spec, dtype)
+    return session
+
+
+def _share_heartbeat(session: Session, timeout: float) -> None:
+    """Under torchrun: rank 0 listens for heartbeats and tells the others where, over the control group."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if session.rank == 0 and session.world > 1:
+        one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]
+        session.peers = peers.Watch(range(1, session.world), timeout, session.peer_lost, label="rank",
+                                    host="127.0.0.1" if one_node else os.environ["MASTER_ADDR"])
+        box = [(session.peers.address, timeout)]
+    dist.broadcast_object_list(box, src=0, group=session.ctrl)
+    if session.rank != 0:
+        address, timeout = box[0]
+        session.beat = peers.follow_leader(address, session.rank, timeout, _leader_lost(session.rank), label="rank")
+
+
+def _spawn_ranks(spec: str | None, tp: int | None, device: str | None, dtype: str | None, exit_on_lost: bool,
+                 timeout: float) -> tuple[Session, Checkpoint]:
+    """Rank 0 here, with ranks 1..N-1 started as processes of this one."""
+    import torch.distributed as dist
+
+    world = int(tp or 1)
+    if world < 1:
+        raise EntropixError(f"--tp must be at least 1, got {world}")
+    ckpt = open_checkpoint(spec)  # bad paths and impossible splits fail before any rank starts
+    rank_slices(ckpt.config, 0, world)
+    session = Session(0, world, 0, _rank_device(device, 0), exit_on_lost=exit_on_lost)
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
+    if world > 1:  # before the ranks start: they connect first thing, and are watched while loading too
+        session.peers = peers.Watch(range(1, world), timeout, session.peer_lost, label="rank")
+        heartbeat = {"ENTROPIX_TP_HEARTBEAT": session.peers.address, "ENTROPIX_TP_PEER_TIMEOUT": repr(timeout)}
+        session.children = _spawn(spec, world, device, dtype, store.port, heartbeat)
+    session.watch()
+    _init_group(session, store)
     return session, ckpt
 
 
@@ -334,6 +379,8 @@ def _follower_main(session: Session, spec: str | None, dtype: str | None) -> Non
         _load_part(session, spec, dtype)
         dist.barrier(group=session.ctrl)
         follow(session)
+        if session.beat is not None:
+            session.beat.close()  # a normal end: rank 0 is told so, and reports nothing
     except Exception as e:  # rank 0 went away, or this rank failed: say so, once
         print(f"entropix: tensor-parallel rank {session.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
@@ -345,6 +392,15 @@ def _follower_main(session: Session, spec: str | None, dtype: str | None) -> Non
         except Exception:
             pass
         os._exit(code)
+
+
+def _leader_lost(rank: int) -> Callable[[str], None]:
+    """A follower's end when rank 0 is gone or silent: it would otherwise wait in a collective for ever."""
+    def lost(why: str) -> None:
+        print(f"entropix: tensor-parallel rank {rank}: {why}; stopping", file=sys.stderr, flush=True)
+        os._exit(EXIT_STATUS)
+
+    return lost
 
 
 def _watch_parent(parent: int) -> None:
@@ -375,6 +431,9 @@ def _spawned_main(argv: list[str] | None = None) -> None:
     _watch_parent(int(os.environ["ENTROPIX_TP_PARENT"]))
     try:
         session = Session(rank, world, rank, _rank_device(a.device, rank))
+        session.beat = peers.follow_leader(os.environ["ENTROPIX_TP_HEARTBEAT"], rank,
+                                           float(os.environ["ENTROPIX_TP_PEER_TIMEOUT"]), _leader_lost(rank),
+                                           label="rank")
         store = dist.TCPStore("127.0.0.1", int(os.environ["ENTROPIX_TP_PORT"]), world, is_master=False,
                               timeout=START_TIMEOUT)
         _init_group(session, store)
