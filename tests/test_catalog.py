@@ -19,8 +19,8 @@ def test_names_aliases_and_unknown():
     assert catalog.spec("argmax").name == "greedy" and catalog.spec(" SC ").name == "self-consistency"
     with pytest.raises(EntropixError, match="unknown sampler 'beam'.*known: greedy"):
         catalog.spec("beam")
-    assert catalog.names(listed_only=True) == ["greedy", "sample", "entropix", "cot", "self-consistency", "auto",
-                                              "dslider", "lookahead"]
+    assert catalog.names(listed_only=True) == ["greedy", "sample", "entropix", "cot", "self-consistency", "deepconf",
+                                              "sc-early", "auto", "dslider", "lookahead"]
 
 
 def test_default_names_for_the_cli_and_for_openai():

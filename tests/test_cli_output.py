@@ -79,7 +79,7 @@ def test_branching_names_an_answer_only_for_a_question_with_one(prompt, shown, t
     ("Which is larger: 9.11 or 9.9?", "number"),
     ("Sort these numbers from smallest to largest: 3, 1, 2", "list"),
     ("What is the 3rd letter of the word cat?", "text"),
-    ("Is 7 a prime number? Answer yes or no.", "pattern"),
+    ("Is 7 a prime number? Answer yes or no.", "text"),
     ("Which planet is largest?\n(A) Mars\n(B) Jupiter\n(C) Venus", "option"),
     ("Once upon a time", None),
     ("Write a poem about the sea.", None),

@@ -79,19 +79,25 @@ def test_build_report(tmp_path):
     text = build_report(make_rows(), out, title="Test run")
     assert out.read_text() == text
     assert text.startswith("# Test run")
-    assert "| sampler | n | correct | accuracy | 95% CI | tokens/problem | seconds total | McNemar vs greedy (b, c, p) |" in text
+    assert ("| sampler | n | correct | accuracy | 95% CI | tokens/problem | truncated | no answer | commonest answer "
+            "| seconds total | McNemar vs greedy (b, c, p) | Holm p |") in text
     assert "## arithmetic" in text and "## letters" in text
 
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
-    greedy = [c.strip() for c in re.findall(r"\| greedy .*", text)[0].split("|")[1:-1]]
+    greedy = [c.strip() for c in re.findall(r"\| greedy \|.*", text)[0].split("|")[1:-1]]
     assert greedy[:4] == ["greedy", "10", "6", "60.0%"]
     assert greedy[4] == "31.3% – 83.2%"  # Wilson 6/10
-    assert greedy[5:7] == ["100.0", "5.0"]
-    assert greedy[7] == "—"
+    assert greedy[5] == "100.0" and greedy[9] == "5.0"
+    assert greedy[6:9] == ["—", "0 (0.0%)", '"2", 60% of answers']  # no finish reasons recorded; 4 rows say "3"
+    assert greedy[10:] == ["—", "—"]
     ent = [c.strip() for c in lines["entropix"].split("|")[1:-1]]
     assert ent[:4] == ["entropix", "10", "9", "90.0%"]
     assert ent[5] == "150.0"
-    assert ent[7] == f"4, 1, {mcnemar_exact(4, 1):.3g}"
+    assert ent[10] == f"4, 1, {mcnemar_exact(4, 1):.3g}"
+    assert ent[11] == f"{mcnemar_exact(4, 1):.3g}"  # a family of one: Holm leaves p alone
+    # The floor: every arithmetic problem expects "2", so a constant "2" gets all ten.
+    floor = [c.strip() for c in lines['floor: always "2"'].split("|")[1:-1]]
+    assert floor[:5] == ['floor: always "2"', "10", "10", "100.0%", "72.2% – 100.0%"]  # Wilson 10/10
     # Greedy comes first within a task.
     arithmetic = text.split("## arithmetic")[1].split("##")[0]
     assert arithmetic.index("| greedy") < arithmetic.index("| entropix")
@@ -107,6 +113,53 @@ def test_build_report(tmp_path):
         assert data[12:16] == b"IHDR"
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width > 100 and height > 100
+
+
+def two_option_rows(task, greedy_ok, other_ok, greedy_trunc=0):
+    """Rows of a "Which is larger" task whose larger number is always second; greedy's first
+    greedy_trunc rows end at the token cap with no answer."""
+    rows = []
+    for i, (g, o) in enumerate(zip(greedy_ok, other_ok)):
+        base = {"id": f"{task}-{i}", "task": task, "prompt": f"Which is larger: {i}.1 or {i}.5?",
+                "expected": f"{i}.5", "max_tokens": 48}
+        cut = i < greedy_trunc
+        rows.append(dict(base, sampler="greedy", correct=g, tokens=48 if cut else 9,
+                         extracted=None if cut else (f"{i}.5" if g else f"{i}.1"),
+                         finish_reason="length" if cut else "stop"))
+        rows.append(dict(base, sampler="auto", correct=o, tokens=60, extracted=f"{i}.5" if o else f"{i}.1"))
+    return rows
+
+
+def cells(text, task, sampler):
+    section = text.split(f"## {task}\n")[1].split("\n## ")[0]
+    line = next(x for x in section.splitlines() if x.startswith(f"| {sampler} |"))
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def test_report_floor_truncation_and_holm(tmp_path):
+    # Task a: greedy 10/20, auto 20/20 (b=10, c=0), greedy cut off on 4 rows (20%): unfair.
+    # Task b: greedy 10/20, auto 15/20 (b=6, c=1), greedy finishes everywhere: fair.
+    a = two_option_rows("a", [i % 2 == 0 for i in range(20)], [True] * 20, greedy_trunc=4)
+    b = two_option_rows("b", [i < 10 for i in range(20)], [i < 9 or 10 <= i < 16 for i in range(20)])
+    text = build_report(a + b, tmp_path / "r.md")
+    pa, pb = mcnemar_exact(10, 0), mcnemar_exact(6, 1)
+    assert (pa, pb) == (pytest.approx(2 / 1024), pytest.approx(2 * 8 / 128))
+    ha, hb = cells(text, "a", "auto"), cells(text, "b", "auto")
+    # Holm over auto's two tasks: the smaller p doubled, the larger kept (but not below the first).
+    assert ha[10] == f"10, 0, {pa:.3g} †" and ha[11] == f"{2 * pa:.3g}"
+    assert hb[10] == f"6, 1, {pb:.3g}" and hb[11] == f"{max(pb, 2 * pa):.3g}"
+    ga = cells(text, "a", "greedy")
+    assert ga[6:9] == ["4 (20.0%)", "4 (20.0%)", "first option, 50% of option answers"]  # 8 and 8: a tie goes first
+    assert "greedy stops at the token cap (48 tokens) on 4 of 20 rows (20.0%" in text.split("## b")[0]
+    assert "Not a fair comparison" not in text.split("## b\n")[1].split("## Notes")[0]
+    # The floor is "always the second option" (20/20) on both tasks, above greedy and level with auto.
+    assert cells(text, "a", "floor: always the second option")[1:4] == ["20", "20", "100.0%"]
+    floor = text.split("## Against the floor")[1].split("\n## ")[0]
+    row_a = next(x for x in floor.splitlines() if x.startswith("| a |"))
+    assert "always the second option" in row_a and "4 (20.0%)" in row_a and "no †" in row_a
+    assert f"auto better ({2 * pa:.2g})" in row_a
+    row_b = next(x for x in floor.splitlines() if x.startswith("| b |"))
+    assert "| yes |" in row_b and row_b.endswith("| none |")  # p = 0.125 is not significant
 
 
 def test_report_without_greedy_and_with_duplicates(tmp_path):

@@ -184,7 +184,7 @@ def test_multi_row_path(monkeypatch, tmp_path):
 
 def test_answer_kinds():
     coin = make_task("coinflip", 1, 0)[0]
-    assert answer_kind(coin) == ("pattern", r"(?i)\b(yes|no)\b")
+    assert answer_kind(coin) == ("text", r"(?i)\b(yes|no)\b")
     assert answer_kind(make_task("sort", 1, 0)[0]) == ("list", None)
     assert answer_kind(make_task("arithmetic", 1, 0)[0]) == ("number", None)
     assert answer_kind(Problem("o", "Pick.", "B", "option", {"options": {"A": "a", "B": "b"}})) == ("option", None)

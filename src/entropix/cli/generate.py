@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from .. import EntropixError
-from ..answer_format import prompt_answer_format
+from ..answer_format import ANSWER_FORMATS, parse_answer_format, prompt_answer_format, resolve_answer_format
 from ..decode.engine import generate
 from ..decode.records import Request
 from ..decode.strategies import Task, decode, run
@@ -21,6 +21,8 @@ def cmd_generate(args) -> int:
     if args.max_tokens < 1:
         raise EntropixError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     decoder_from_args(args)  # bad sampler flags fail before the model loads
+    _check_answer_format(args)
+    _check_budget(args)
     if args.engine == "openai":
         from ..adapters.upstream import check_sampler
 
@@ -67,22 +69,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_answer_format(args) -> None:
+    """A bad --answer-format fails before the model loads, as bad sampler flags do."""
+    if args.answer_format is None:
+        return
+    parse_answer_format(args.answer_format)
+    name = sampler_name(args)
+    if catalog.spec(name).strategy == "single":  # only the strategies that find answers read one
+        raise EntropixError(f"--answer-format applies to the multi-row samplers (cot, self-consistency, auto, "
+                            f"--branching), not {name}")
+
+
+def _check_budget(args) -> None:
+    if args.token_budget is None:
+        return
+    if args.token_budget < 1:
+        raise EntropixError(f"--token-budget must be at least 1, got {args.token_budget}")
+    if catalog.spec(sampler_name(args)).strategy not in ("deepconf", "sc-early"):
+        raise EntropixError("--token-budget takes --sampler deepconf or sc-early")
+
+
 def _generate_multi(args, lm, dec, ids: list[int]) -> int:
-    found = prompt_answer_format(args.prompt)
-    kind, pattern = found or ("number", None)  # the strategies' own default where the prompt names no format
+    # The one reader the server and `entropix eval` use too: the user's format, else the prompt's wording.
+    kind, pattern = resolve_answer_format(args.prompt, args.answer_format)
+    found = args.answer_format is not None or prompt_answer_format(args.prompt) is not None
     task = Task(prompts=[ids], max_tokens=[args.max_tokens], seeds=[args.seed], stop_ids=lm.tokenizer.stop_ids,
-                kind=kind, pattern=pattern)
+                kind=kind, pattern=pattern, token_budget=args.token_budget)
     on_record = None if args.json else _dot_per_row
     t0 = time.perf_counter()
     res = run(lm.engine(dec.capture_layers), decode(dec, task, lm.tokenizer, lm.config.max_position_embeddings),
               on_record)[0]
     secs = time.perf_counter() - t0
     if args.json:
-        print(json.dumps(res))
+        chosen = res["branches"][res["choice"]] if res.get("branches") else {}
+        print(json.dumps({**res, "tokens": chosen.get("tokens", [])}))  # the answer's row, as greedy's JSON has it
         return 0
     # Branching also runs for open-ended text (a story), where an "answer" would be whatever number
     # the reader stumbled on; CoT, self-consistency and auto exist to find an answer, so they always name one.
-    print_branches(res, sys.stderr, show_answer=found is not None or dec.strategy != "branching")
+    print_branches(res, sys.stderr, show_answer=found or dec.strategy != "branching")
     print(res["text"], flush=True)  # the chosen row alone, so the output pipes like greedy's
     chosen = res["branches"][res["choice"]] if res["branches"] else {}
     # tokens_generated counts every row the strategy decoded (probes and follow-ups too): the work behind the answer
@@ -124,7 +148,13 @@ def register(sub) -> None:
                    help=f"cot: first-token branches (default {catalog.default_of('branches')})")
     g.add_argument("--aggregate", action="store_true", help="cot: choose by summed confidence per answer")
     g.add_argument("--samples", type=int, default=None,
-                   help=f"self-consistency: number of samples (default {catalog.default_of('samples')})")
+                   help=f"self-consistency, deepconf, sc-early: number of samples (default "
+                        f"{catalog.default_of('samples')}; deepconf and sc-early: 16)")
+    g.add_argument("--token-budget", type=int, default=None, metavar="N",
+                   help="deepconf, sc-early: the most tokens the samples may spend (later samples are left out)")
+    g.add_argument("--answer-format", default=None, metavar="FORMAT",
+                   help=f"what multi-row samplers look for in each row: {' | '.join(ANSWER_FORMATS)} "
+                        "(default: read from the prompt's wording, else number)")
     g.add_argument("--branching", action="store_true", help="entropix: fork rows where the metrics say 'branch'")
     g.add_argument("--no-attention", action="store_true",
                    help="entropix from the logits alone, as the engine adapters run it (no attention metrics)")

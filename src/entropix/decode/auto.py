@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from ..sampler.catalog import Decoder
 from ..sampler.policy import Greedy
 from .records import Request
-from .scoring import Branch, _groups, branch_of
+from .scoring import Branch, answer_groups, branch_of
 from .phases import Phase, Strategy, Task, follow_ups
 
 
@@ -44,7 +44,7 @@ def guarded_choice(scored: Sequence[tuple[str | None, float]], margin: float, sc
     if not answered:
         return 0, None
     if score != "max":
-        groups = [[answered[j] for j in g] for g in _groups([a for _, a, _ in answered], kind)]
+        groups = [[answered[j] for j in g] for g in answer_groups([a for _, a, _ in answered], kind)]
         scores = [sum(c for _, _, c in g) for g in groups]
         own = next((s for g, s in zip(groups, scores) if g[0][0] == 0), 0.0)
         best = max(range(len(groups)), key=lambda j: (scores[j], -groups[j][0][0]))

@@ -10,14 +10,15 @@ backend computes and hands back one `StepHost` of named arrays per step.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .. import EntropixError
 from ..backends.base import ATTN_KEYS, Backend, SampleGroup, StepHost, chunked
-from .records import Request, TokenRecord
+from .records import PruneRule, Request, TokenRecord
 from .rng import row_seed, take_draws
+from .scoring import token_confidence
 from .stops import StopText
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class Row:
     pauses: int = 0  # pause tokens among `tokens` (the entropix budget)
     finish_reason: str | None = None
     parent: tuple[int, int] | None = None  # set on a fork until its first record
+    recent: deque = field(default_factory=deque)  # token confidences of the prune rule's window
 
     @property
     def length(self) -> int:
@@ -105,6 +107,8 @@ class Engine:
         bad = [t for t in req.prompt if not 0 <= t < vocab]
         if bad:
             raise EntropixError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if req.prune is not None and not 1 <= req.prune.top_k <= req.top_logprobs or req.prune and req.prune.window < 1:
+            raise EntropixError("a prune rule needs a window of at least 1 token and top_k within top_logprobs")
         if any(len(s) > MAX_STOP_CHARS for s in req.stop_strings):  # held-back text is checked per token
             raise EntropixError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
 
@@ -124,8 +128,8 @@ class Engine:
             self._join(r)
 
     def _join(self, r: Request) -> None:
-        self._requests[r.id] = _RequestState(next_choice=r.n)
-        self.rows.extend(self._new_row(r, c) for c in range(r.n))
+        self._requests[r.id] = _RequestState(next_choice=r.first_choice + r.n)
+        self.rows.extend(self._new_row(r, c) for c in range(r.first_choice, r.first_choice + r.n))
 
     def _prefill_step(self) -> None:
         """One chunk of the oldest prompt in progress; its rows join once it is read."""
@@ -260,6 +264,8 @@ class Engine:
                           margin=float(host.margin[i]), attn=attn, regime=regime_name(req.policy, host.code[i]),
                           finish_reason=row.finish_reason, parent=row.parent, extra=_extra(host, i))
         row.parent = None
+        if req.prune is not None and row.finish_reason is None and _pruned(row, req.prune, rec):
+            row.finish_reason = rec.finish_reason = "pruned"  # its slot is freed at the end of this step
         return rec
 
     def _take(self, row: Row, tok: int) -> str:
@@ -286,6 +292,14 @@ class Engine:
             row.finish_reason = "stop" if stop else "length"
         row.text += delta
         return delta
+
+
+def _pruned(row: Row, rule: PruneRule, rec: TokenRecord) -> bool:
+    """Whether a row's mean confidence over its last rule.window tokens fell below the threshold."""
+    row.recent.append(token_confidence([lp for _, _, lp in rec.top[:rule.top_k]]))
+    if len(row.recent) > rule.window:
+        row.recent.popleft()
+    return len(row.recent) == rule.window and sum(row.recent) / rule.window < rule.threshold
 
 
 def _extra(host: StepHost, i: int) -> dict[str, float] | None:

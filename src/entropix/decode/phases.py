@@ -37,6 +37,7 @@ class Task:
     kind: str = "number"
     pattern: str | None = None
     follow_up: bool = True  # ask "So the answer is" of CoT branches without an answer
+    token_budget: int | None = None  # per prompt, the most tokens a voting strategy may spend (deepconf, sc-early)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..sampler.config import BranchingConfig
@@ -56,6 +56,17 @@ class TokenRecord:
         return d
 
 
+@dataclass(frozen=True)
+class PruneRule:
+    """Stop a row once its confidence over the last `window` tokens falls below `threshold`
+    (confidence-pruned voting, decode/deepconf.py). A token's confidence is the negative mean
+    log-probability of its `top_k` most likely alternatives (scoring.token_confidence)."""
+
+    window: int
+    threshold: float
+    top_k: int = 5
+
+
 @dataclass
 class Request:
     """One prompt decoded by one policy into n rows (more when branching forks them)."""
@@ -69,4 +80,10 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     top_logprobs: int = 5
     branching: BranchingConfig | None = None  # fork rows where the policy's regime is "branch"
+    first_choice: int = 0  # rows are choices first_choice.. (a strategy's later phase goes on numbering)
+    prune: PruneRule | None = None  # stop rows whose recent confidence is low (finish_reason "pruned")
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+    def again(self, **changes: Any) -> "Request":
+        """A new request (its own id) like this one, with some fields changed."""
+        return replace(self, id=f"req-{next(_ids)}", **changes)

@@ -37,6 +37,27 @@ class Branch:
         return d
 
 
+def token_confidence(top_logprobs: Sequence[float]) -> float:
+    """A token's confidence for pruned voting: the negative mean log-probability of the most
+    likely alternatives (high where the distribution is peaked: the runners-up are unlikely)."""
+    return -sum(top_logprobs) / max(len(top_logprobs), 1)
+
+
+def lowest_window_confidence(confidences: Sequence[float], window: int) -> float:
+    """A trace's confidence: the lowest mean token confidence over any `window` consecutive tokens
+    (the whole trace when it is shorter): one stretch of doubt marks a trace as unsure."""
+    n = len(confidences)
+    if n == 0:
+        return 0.0
+    w = min(window, n)
+    total = sum(confidences[:w])
+    low = total
+    for i in range(w, n):
+        total += confidences[i] - confidences[i - w]
+        low = min(low, total)
+    return low / w
+
+
 def answer_confidence(records: Sequence[TokenRecord], kind: str = "number", pattern: str | None = None,
                       prefix: str = "", explicit: bool = False) -> tuple[str | None, float, list[int]]:
     """(answer, confidence, answer token indices) of one decoded sequence.
@@ -82,14 +103,14 @@ def choose(scored: Sequence[tuple[str | None, float]], aggregate: bool,
     if not answered:
         return 0, None
     if aggregate:
-        groups = _groups([a for _, a, _ in answered], kind)
+        groups = answer_groups([a for _, a, _ in answered], kind)
         best = max(groups, key=lambda g: (sum(answered[j][2] for j in g), -g[0]))
         answered = [answered[j] for j in best]
     i, a, _ = max(answered, key=lambda t: (t[2], -t[0]))
     return i, a
 
 
-def _groups(answers: Sequence[str], kind: str) -> list[list[int]]:
+def answer_groups(answers: Sequence[str], kind: str) -> list[list[int]]:
     """Indices of equal answers, in order of first appearance."""
     groups: list[list[int]] = []
     for i, a in enumerate(answers):
@@ -109,7 +130,7 @@ def majority_vote(answers: Sequence[str | None], kind: str = "number") -> tuple[
     if not given:
         return None, 0, {}
     texts = [a for _, a in given]
-    groups = _groups(texts, kind)  # positions in texts, which keeps the answers' order
+    groups = answer_groups(texts, kind)  # positions in texts, which keeps the answers' order
     best = max(groups, key=lambda g: (len(g), -g[0]))
     return texts[best[0]], given[best[0]][0], {texts[g[0]]: len(g) for g in groups}
 

@@ -4,7 +4,8 @@
   row c starts with the c-th most likely first token and continues greedily. A branch's
   confidence is the mean top-1 minus top-2 probability over its answer's tokens; a
   branch without an answer is asked "So the answer is".
-- Self-consistency: k seeded samples, majority vote over their answers.
+- Self-consistency: k seeded samples, majority vote over their answers; its cheaper kin,
+  confidence-pruned voting and early-stopping self-consistency, are in deepconf.py.
 - Entropy-triggered branching: rows fork into their top alternatives where the
   entropix regime is "branch" (the engine does the forking), and the tree is scored.
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..sampler.catalog import Decoder
 from .auto import guarded_cot
+from .deepconf import deepconf, sc_early
 from .phases import (ANSWER_PROMPT, Phase, Records, Strategy, Task, collect, follow_ups, requests_for,
                      run)
 from .records import TokenRecord
@@ -30,7 +32,8 @@ def decode(decoder: Decoder, task: Task, tokenizer: Any, max_context: int) -> St
     """The strategy generator for a decoder."""
     if decoder.strategy == "auto":  # its own file: CoT guarded by a greedy probe
         return guarded_cot(decoder, task, tokenizer, max_context)
-    run = {"single": _single, "cot": _cot, "self-consistency": _self_consistency, "branching": _branching}
+    run = {"single": _single, "cot": _cot, "self-consistency": _self_consistency, "branching": _branching,
+           "deepconf": deepconf, "sc-early": sc_early}
     return run[decoder.strategy](decoder, task, tokenizer, max_context)
 
 

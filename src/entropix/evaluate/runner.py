@@ -25,7 +25,7 @@ from entropix import EntropixError
 from entropix.sampler import catalog
 from entropix.sampler.catalog import Decoder
 from entropix.evaluate.stats import wilson_interval
-from entropix.answer_format import kind_pattern
+from entropix.answer_format import resolve_answer_format
 from entropix.evaluate.tasks import Problem, format_prompt, is_correct
 
 __all__ = ["answer_kind", "load_done", "run_eval", "sampler_params", "summarise"]
@@ -111,10 +111,12 @@ def decode_plain(lm, dec: Decoder, items: Sequence[tuple[int, Problem, list[int]
 def answer_kind(problem: Problem) -> tuple[str, str | None]:
     """The (kind, pattern) a multi-row decoder should look for in this problem's outputs.
 
-    It decides which tokens CoT decoding scores and what self-consistency votes on;
+    Read from the prompt the model is given, by the reader `entropix generate` and the server
+    use on a user's prompt: the decoder measured is the one users run, never one told the task's
+    own format. It decides which tokens CoT decoding scores and what self-consistency votes on;
     grading is separate (tasks.is_correct on the chosen text).
     """
-    return kind_pattern(problem.kind, problem.extra.get("format"), problem.extra.get("pattern"))
+    return resolve_answer_format(format_prompt(problem))
 
 
 def _compact(value: Any, depth: int = 0) -> Any:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, Sequence
 
-__all__ = ["wilson_interval", "mcnemar_exact", "paired_counts"]
+__all__ = ["wilson_interval", "mcnemar_exact", "paired_counts", "holm"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -54,3 +54,20 @@ def paired_counts(a: Mapping[Hashable, bool], b: Mapping[Hashable, bool]) -> tup
         else:
             neither += 1
     return both, only_a, only_b, neither
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the input's order: reject where adjusted p < alpha and the
+    family-wise error rate stays at most alpha for any dependence between the tests."""
+    if any(not 0.0 <= p <= 1.0 for p in pvalues):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(pvalues)}")
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        # The k-th smallest p is scaled by the m - k tests still standing; the running maximum
+        # keeps the adjusted values in the order of the raw ones (step-down).
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out

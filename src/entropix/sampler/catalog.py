@@ -28,7 +28,7 @@ MAX_ROWS_PER_PROMPT = 64
 class SamplerSpec:
     name: str
     help: str
-    strategy: str  # "single", "cot", "self-consistency", "branching" or "auto" (decode/auto.py)
+    strategy: str  # "single", "cot", "self-consistency", "deepconf", "sc-early", "branching" or "auto"
     policy: Callable[[Mapping[str, Any], Any], TokenPolicy]  # (params, model or None) -> policy
     defaults: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()  # parameters the user may set
@@ -65,7 +65,7 @@ class Decoder:
         """Rows one prompt occupies (entropy-triggered branching: a quarter of its cap, as it forks now and then)."""
         if self.strategy in ("cot", "auto"):  # auto: at most (most prompts take one row)
             return self.params["branches"]
-        if self.strategy == "self-consistency":
+        if self.strategy in ("self-consistency", "deepconf", "sc-early"):
             return self.params["samples"]
         if self.branching is not None:
             return max(1, self.branching.max_rows // 4)
@@ -183,6 +183,14 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
+    # self-consistency's samples for less (decode/deepconf.py); settings fixed before any evaluation run
+    SamplerSpec("deepconf", "confidence-pruned voting: {warmup} warm-up samples set a confidence threshold; the rest of "
+                "the {samples} stop where {window} tokens in a row fall below it; a confidence-weighted vote (T={temperature})",
+                "deepconf", _plain, {"samples": 16, "temperature": 0.7, "warmup": 4, "window": 16, "keep": 0.9},
+                ("samples",) + FILTERS, ("sample",)),
+    SamplerSpec("sc-early", "early-stopping self-consistency: {first} samples, and the rest of the {samples} only if "
+                "they disagree; the majority answer wins (T={temperature})", "sc-early", _plain,
+                {"samples": 16, "temperature": 0.7, "first": 4}, ("samples",) + FILTERS, ("sample",)),
     # calibrated on development data: benchmarks/compute_experiments.py, docs/RESULTS.md
     SamplerSpec("auto", "greedy, and {branches} CoT branches (greedy's among them) where the greedy answer's confidence is below "
                 "{gate_confidence}; another answer replaces greedy's only if its {score} beat greedy's by more than {margin}", "auto",

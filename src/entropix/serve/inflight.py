@@ -22,11 +22,12 @@ from ..decode.records import TokenRecord
 from ..sampler import catalog
 from ..sampler.catalog import FILTERS, Decoder
 from .errors import APIError, bad_request, server_error
-from .protocol import Params
+from .protocol import Params, answer_format
 from .scheduler import SchedulerBusy
 
 log = logging.getLogger("entropix.server")
 
+BUDGETED = ("deepconf", "sc-early")  # strategies that take a per-request token budget
 ROW_OPTIONS = ("branches", "samples")  # request fields that set a multi-row strategy's rows per prompt
 EXTRA_OPTIONS = ROW_OPTIONS + ("aggregate", "sampler_config")  # fields only some samplers take
 
@@ -62,9 +63,13 @@ def _check_options(p: Params, spec: catalog.SamplerSpec, max_n: int) -> None:
         if getattr(p, key) is not None and key not in spec.options:
             raise bad_request(f"'{key}' applies to the {_samplers_taking(lambda s: key in s.options)} sampler only",
                               key, "invalid_value")
-    if p.answer_kind is not None and not multi_row(spec.strategy):  # only strategies that find answers use it
-        raise bad_request(f"'answer_kind' applies to the {_samplers_taking(lambda s: multi_row(s.strategy))} "
-                          "sampler only", "answer_kind", "invalid_value")
+    if p.token_budget is not None and spec.strategy not in BUDGETED:
+        raise bad_request(f"'token_budget' applies to the {_samplers_taking(lambda s: s.strategy in BUDGETED)} "
+                          "sampler only", "token_budget", "invalid_value")
+    for key in ("answer_format", "answer_kind"):
+        if getattr(p, key) is not None and not multi_row(spec.strategy):  # only strategies that find answers use it
+            raise bad_request(f"'{key}' applies to the {_samplers_taking(lambda s: multi_row(s.strategy))} "
+                              "sampler only", key, "invalid_value")
     n = p.n if p.n is not None else 1
     if n > max_n:
         raise bad_request(f"n must be at most {max_n} on this server, got {n}", "n", "invalid_value")
@@ -121,12 +126,14 @@ def open_request(ctx: Any, p: Params, prompts: list[list[int]], max_tokens: list
         raise bad_request("too many prompts times n for one request", "n", "invalid_value")
     metrics = p.metrics if p.metrics is not None else (dec.spec.needs_attention or multi_row(dec.strategy))
     tok = ctx.lm.tokenizer
+    # The reader `entropix generate` and `entropix eval` use: the request's format, else the prompt's wording.
+    kind, pattern = answer_format(p, tok) if multi_row(dec.strategy) else ("number", None)
     task = strategies.Task(
         prompts=prompts, max_tokens=max_tokens,
         seeds=[p.seed] * len(prompts),  # the request's seed for every prompt: equal prompts, equal samples
         stop_ids=frozenset() if p.ignore_eos else tok.stop_ids, stop_strings=stop,
         top_logprobs=max(top_logprobs or 0, 5 if metrics else 0, 1),  # the metrics show 5 alternatives
-        n=n, kind=p.answer_kind or "number",
+        n=n, kind=kind, pattern=pattern, token_budget=p.token_budget,
         follow_up=not p.ignore_eos)  # ignore_eos asks for raw rows (benchmarks), not for answers
     return InFlight(ctx, dec, task, top_logprobs=top_logprobs, metrics=metrics)
 
@@ -177,6 +184,7 @@ class InFlight:
         self.generated = 0  # records of every phase, shown or not
         self.jobs: list[Any] = []
         self._choice_of: dict[tuple[str, int], int] = {}  # (request id, engine row) -> choice index
+        self._choice_at: dict[tuple[int, int], int] = {}  # (prompt, engine row) -> choice index, over its phases
         self._prompt_request: list[str] = []  # per prompt, the request whose rows are its choices
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
@@ -241,13 +249,14 @@ class InFlight:
         """Choices for a shown request's rows (the strategies send one request per prompt, in order)."""
         if len(self._prompt_request) <= prompt_index:
             self._prompt_request.append(req.id)
-        for row in range(req.n):
+        for row in range(req.first_choice, req.first_choice + req.n):  # a later phase numbers on (deepconf)
             self._new_choice(req.id, row, prompt_index)
 
     def _new_choice(self, request_id: str, row: int, prompt_index: int) -> Choice:
         ch = Choice(len(self.choices), prompt_index, self.task.stop_ids)
         self.choices[ch.index] = ch
         self._choice_of[(request_id, row)] = ch.index
+        self._choice_at[(prompt_index, row)] = ch.index
         return ch
 
     # -- records --------------------------------------------------------------------------
@@ -344,20 +353,21 @@ class InFlight:
     def _scores(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         """The strategy's results as choice extras; the top-level fields (lists for several prompts)."""
         tops = []
-        for rid, res in zip(self._prompt_request, results):
+        for j, (rid, res) in enumerate(zip(self._prompt_request, results)):
             if "branches" not in res:
                 continue
             if self.decoder.strategy == "branching":
                 tops.append(self._tree(rid, res))
                 continue
             for b in res["branches"]:
-                ch = self.choices[self._choice_of[(rid, b["choice"])]]
+                ch = self.choices[self._choice_at[(j, b["choice"])]]
                 ch.extra = {"confidence": rounded(b["confidence"]), "answer": b["answer"]}
                 if "follow_up" in b:
                     ch.extra["follow_up"] = b["follow_up"]
-            top = {"cot_choice": self._choice_of[(rid, res["choice"])], "answer": res["answer"]}
-            if "votes" in res:
-                top["votes"] = res["votes"]
+            top = {"cot_choice": self._choice_at[(j, res["choice"])], "answer": res["answer"]}
+            # what the voting strategies spent: pruned or skipped samples, tokens over every phase
+            spent = ("pruned", "stopped_early", "tokens_generated") if self.decoder.strategy in BUDGETED else ()
+            top.update({k: res[k] for k in ("votes", *spent) if k in res})
             tops.append(top)
         if len(tops) <= 1:
             return tops[0] if tops else {}

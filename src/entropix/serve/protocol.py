@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..answer_format import AnswerFormatError, parse_answer_format, resolve_answer_format
 from .errors import APIError, bad_request, validation_error
 
 MAX_STOP_STRINGS = 16
@@ -61,8 +62,10 @@ class Params(_Strict):
     sampler_config: dict[str, Any] | None = None
     branches: int | None = Field(None, ge=1)
     samples: int | None = Field(None, ge=1)
+    token_budget: int | None = Field(None, ge=1)  # deepconf, sc-early: the most tokens a prompt's samples spend
     aggregate: bool | None = None
-    answer_kind: Literal["number", "option", "text", "list"] | None = None
+    answer_kind: Literal["number", "option", "text", "list"] | None = None  # answer_format's older name
+    answer_format: str | None = None  # number | option | yes-no | list | text | regex:PATTERN
     metrics: bool | None = None
     ignore_eos: bool | None = None
 
@@ -304,3 +307,40 @@ def completion_prompts(p: CompletionRequest, tokenizer: Any) -> tuple[list[str |
         if not ids[-1]:
             raise bad_request("prompt must not be empty", "prompt", "invalid_value")
     return prompts, ids
+
+
+# -- the answer multi-row samplers look for -------------------------------------------------------
+
+def given_answer_format(p: Params) -> str | None:
+    """The request's answer format (answer_format, or answer_kind, its older name), checked;
+    None: read it from the prompt."""
+    if p.answer_format is not None and p.answer_kind is not None:
+        raise bad_request("give answer_format or answer_kind (its older name), not both", "answer_format",
+                          "invalid_value")
+    if p.answer_format is None:
+        return p.answer_kind
+    try:
+        return parse_answer_format(p.answer_format)
+    except AnswerFormatError as e:
+        raise bad_request(str(e), "answer_format", "invalid_value") from None
+
+
+def reader_texts(p: Params, tokenizer: Any) -> list[str]:
+    """What the answer reader reads: a chat's last user message (what `entropix generate` is given),
+    or each completion prompt (token ids decoded)."""
+    if isinstance(p, ChatRequest):
+        users = [i for i, m in enumerate(p.messages) if m.role == "user"] or [len(p.messages) - 1]
+        return [message_text(p.messages[users[-1]], users[-1])] if p.messages else []
+    if isinstance(p, CompletionRequest):
+        return [pr if isinstance(pr, str) else tokenizer.decode(pr) for pr in prompt_list(p.prompt)]
+    return []
+
+
+def answer_format(p: Params, tokenizer: Any) -> tuple[str, str | None]:
+    """(kind, pattern) for a multi-row request, through the reader the CLI and `entropix eval` use."""
+    given = given_answer_format(p)
+    found = list(dict.fromkeys(resolve_answer_format(t, given) for t in reader_texts(p, tokenizer)))
+    if len(found) > 1:  # one strategy run looks for one kind of answer in every prompt
+        raise bad_request("these prompts ask for different answer formats; send them apart or set answer_format",
+                          "answer_format", "invalid_value")
+    return found[0] if found else ("number", None)

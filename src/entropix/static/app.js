@@ -130,7 +130,7 @@ function buildBody(text) {
   const seed = num("seed", true);
   if (takes("temperature") && seed !== undefined) body.seed = seed;  // the seed field shows for sampling samplers
   if (takes("aggregate") && $("aggregate").checked) body.aggregate = true;
-  if (isMulti(sampler)) body.answer_kind = $("answer_kind").value;
+  if (isMulti(sampler) && $("answer_format").value) body.answer_format = $("answer_format").value;  // else the server reads the prompt
   if (takes("sampler_config") && $("sampler_config").value.trim()) {
     body.sampler_config = JSON.parse($("sampler_config").value); // a SyntaxError is shown to the user
   }
