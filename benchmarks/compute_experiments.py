@@ -276,66 +276,164 @@ def _rows(path: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def derived_lines(seed: int) -> list[str]:
-    """Where auto's gain comes from, read off its own fresh rows: branch 0 is greedy's path,
-    with "So the answer is" asked when it stated no answer (graded like every row)."""
-    from entropix.evaluate.stats import mcnemar_exact
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _acc_ci(rows: list[dict]) -> str:
+    """Accuracy of the rows with its 95% Wilson interval."""
+    from entropix.evaluate.stats import wilson_interval
+
+    k, n = sum(bool(r["correct"]) for r in rows), len(rows)
+    lo, hi = wilson_interval(k, n)
+    return f"{_pct(k / n if n else 0.0)} ({_pct(lo)} – {_pct(hi)})"
+
+
+def _floor_cell(rows: list[dict]) -> str:
+    """The best trivial rule (constant, first or second option) over the rows' problems, and its accuracy."""
+    from entropix.evaluate.baselines import best_baseline
+
+    # keyed by position: pooled rows come from several seeds, and a problem id need not be unique across them
+    floor = best_baseline({i: (r.get("prompt"), r["expected"]) for i, r in enumerate(rows) if "expected" in r})
+    return "—" if floor is None else f"{floor.name}: {_pct(floor.accuracy)}"
+
+
+def _greedy_cap(rows: list[dict]) -> tuple[str, str, bool]:
+    """Greedy's truncated and no-answer cells, and whether it hits the cap too often for a fair test."""
+    from entropix.evaluate.baselines import row_stats
+    from entropix.evaluate.report import FAIR_TRUNCATION
+
+    st = row_stats(rows)
+    trunc = "—" if st.truncated is None or not st.n else f"{st.truncated} ({_pct(st.truncated / st.n)})"
+    no_answer = f"{st.no_answer} ({_pct(st.no_answer / st.n)})" if st.n else "—"
+    return trunc, no_answer, st.n > 0 and (st.truncated or 0) >= FAIR_TRUNCATION * st.n
+
+
+def _tokens(rows: list[dict]) -> str:
+    got = [r["tokens"] for r in rows if isinstance(r.get("tokens"), (int, float))]
+    return f"{sum(got) / len(got):.1f}" if got else "—"
+
+
+def _discordant(first: list[bool], second: list[bool]) -> tuple[int, int]:
+    """(right only in the first, right only in the second), over paired problems."""
+    return (sum(x and not y for x, y in zip(first, second)), sum(y and not x for x, y in zip(first, second)))
+
+
+def _holm_by_column(tests: list[list[float]]) -> list[list[float]]:
+    """Holm's correction within each column of tests (one column per comparison, one row per task)."""
+    from entropix.evaluate.stats import holm
+
+    columns = [holm(list(col)) for col in zip(*tests)]
+    return [list(row) for row in zip(*columns)] if columns else []
+
+
+def _unfair_note(marked: list[str]) -> list[str]:
+    if not marked:
+        return []
+    return ["", f"**Not a fair comparison (†)**: greedy stops at the token cap on 10% or more of the rows of "
+                f"{'; '.join(marked)} (a fair test needs under 10%), so its accuracy there is partly unfinished text."]
+
+
+def _derived_entries(seed: int) -> list[tuple[str, list[dict], list[dict], dict[str, bool]]]:
+    """Per task with both runs: (task, greedy rows, auto rows, greedy+ask right per id), paired by id."""
     from entropix.evaluate.tasks import is_correct
 
     folder, n = FRESH[seed]
-    out = [f"### Where the gain comes from (derived from the seed-{seed} auto rows)", "",
-           "`greedy+ask` = greedy's own path, asked \"So the answer is\" where it stated no answer (auto's branch 0; "
-           "on a sure prompt, greedy itself). b, c: right only in the first, right only in the second.", "",
-           "| task | greedy+ask | vs greedy (b, c, p) | auto vs greedy+ask (b, c, p) | prompts that branched |",
-           "|---|---:|---|---|---:|"]
+    out = []
     for path in sorted(folder.glob("*_auto.jsonl")):
         task = path.name[: -len("_auto.jsonl")]
         if not (folder / f"{task}_greedy.jsonl").exists():
             continue
         auto, greedy = _rows(path), _rows(folder / f"{task}_greedy.jsonl")
-        probs = {p.id: p for p in problems(task, n, seed)}
         ids = [i for i in auto if i in greedy]
         if not ids:
             continue
+        probs = {p.id: p for p in problems(task, n, seed)}
         ask = {i: is_correct(probs[i], auto[i]["branches"][0]["text"])[1] for i in ids}
-        b, c = sum(ask[i] and not greedy[i]["correct"] for i in ids), sum(greedy[i]["correct"] and not ask[i] for i in ids)
-        ab, ac = sum(auto[i]["correct"] and not ask[i] for i in ids), sum(ask[i] and not auto[i]["correct"] for i in ids)
-        out.append(f"| {task} | {sum(ask.values())}/{len(ids)} | {b}, {c}, {mcnemar_exact(b, c):.3g} | "
-                   f"{ab}, {ac}, {mcnemar_exact(ab, ac):.3g} | {sum(len(auto[i]['branches']) > 1 for i in ids)} |")
+        out.append((task, [greedy[i] for i in ids], [auto[i] for i in ids], ask))
     return out
 
 
-def seeds_lines() -> list[str]:
-    """auto against greedy on every fresh seed, and pooled (descriptive: the test is per seed)."""
-    from entropix.evaluate.stats import mcnemar_exact, wilson_interval
+def derived_lines(seed: int) -> list[str]:
+    """Where auto's gain comes from, read off its own fresh rows: branch 0 is greedy's path,
+    with "So the answer is" asked when it stated no answer (graded like every row)."""
+    from entropix.evaluate.stats import mcnemar_exact
 
-    cells: dict[str, list] = {}
+    entries = _derived_entries(seed)
+    counts = []
+    for _, greedy, auto, ask in entries:
+        asked = list(ask.values())  # in the order of the paired rows
+        counts.append((_discordant(asked, [bool(r["correct"]) for r in greedy]),
+                       _discordant([bool(r["correct"]) for r in auto], asked)))
+    adjusted = _holm_by_column([[mcnemar_exact(*bc) for bc in pair] for pair in counts])
+    out = [f"### Where the gain comes from (derived from the seed-{seed} auto rows)", "",
+           "`greedy+ask` = greedy's own path, asked \"So the answer is\" where it stated no answer (auto's branch 0; "
+           "on a sure prompt, greedy itself); its tokens are greedy's plus the follow-up where asked, not counted "
+           "apart. b, c: right only in the first, right only in the second; exact McNemar p. Holm p: within each "
+           "comparison over the tasks of this table; only Holm p < 0.05 is called significant. Floor: the best "
+           "trivial rule (always the commonest answer, or the first or second option) on the same problems.", "",
+           "| task | n | floor | greedy (95% CI) | greedy truncated | greedy no answer | greedy tokens/problem "
+           "| greedy+ask (95% CI) | greedy+ask vs greedy (b, c, p) | Holm p | auto (95% CI) | auto tokens/problem "
+           "| auto vs greedy+ask (b, c, p) | Holm p | prompts that branched |",
+           "|---|---:|---|---|---:|---:|---:|---|---|---:|---|---:|---|---:|---:|"]
+    marked = []
+    for (task, greedy, auto, ask), pair, hp in zip(entries, counts, adjusted):
+        trunc, no_answer, unfair = _greedy_cap(greedy)
+        marked += [f"{task} ({trunc.split()[0]} of {len(greedy)})"] if unfair else []
+        ask_rows = [{"correct": v} for v in ask.values()]
+        tests = [f"{b}, {c}, {mcnemar_exact(b, c):.3g}" for b, c in pair]
+        out.append(f"| {task}{' †' if unfair else ''} | {len(greedy)} | {_floor_cell(greedy)} | {_acc_ci(greedy)} | "
+                   f"{trunc} | {no_answer} | {_tokens(greedy)} | {_acc_ci(ask_rows)} | {tests[0]} | {hp[0]:.3g} | "
+                   f"{_acc_ci(auto)} | {_tokens(auto)} | {tests[1]} | {hp[1]:.3g} | "
+                   f"{sum(len(r['branches']) > 1 for r in auto)} |")
+    return out + _unfair_note(marked)
+
+
+def _paired_runs() -> dict[str, list[tuple[str, list[dict], list[dict]]]]:
+    """task -> [(seed, greedy rows, auto rows)] on the problems both ran, seeds in order."""
+    runs: dict[str, list] = {}
     for seed, (folder, _) in sorted(FRESH.items()):
         for path in sorted(folder.glob("*_auto.jsonl")):
             task = path.name[: -len("_auto.jsonl")]
             if (folder / f"{task}_greedy.jsonl").exists():
                 auto, greedy = _rows(path), _rows(folder / f"{task}_greedy.jsonl")
                 ids = [i for i in auto if i in greedy]
-                pairs = [(greedy[i]["correct"], auto[i]["correct"], auto[i]["tokens"]) for i in ids]
-                if pairs:
-                    cells.setdefault(task, []).append((str(seed), pairs))
-    out = ["### auto against greedy on every fresh seed", "",
-           "b: right only with auto; c: right only with greedy; exact McNemar p. The pooled rows add the seeds' "
-           "problems together; they describe, the per-seed rows test.", "",
-           "| task | seed | n | greedy (95% CI) | auto (95% CI) | b, c | p | auto tokens/problem |",
-           "|---|---|---:|---|---|---|---:|---:|"]
-    def fmt(k, n):
-        lo, hi = wilson_interval(k, n)
-        return f"{k / n:.0%} ({lo:.0%}-{hi:.0%})"
-    for task, per in cells.items():
+                if ids:
+                    runs.setdefault(task, []).append((str(seed), [greedy[i] for i in ids], [auto[i] for i in ids]))
+    return runs
+
+
+def seeds_lines() -> list[str]:
+    """auto against greedy on every fresh seed, and pooled (descriptive: the test is per seed)."""
+    from entropix.evaluate.stats import holm, mcnemar_exact
+
+    entries = []
+    for task, per in _paired_runs().items():
         if len(per) > 1:
-            per = per + [("pooled", [x for _, ps in per for x in ps])]
-        for seed, ps in per:
-            n, g, a = len(ps), sum(x[0] for x in ps), sum(x[1] for x in ps)
-            b, c = sum(x[1] and not x[0] for x in ps), sum(x[0] and not x[1] for x in ps)
-            out.append(f"| {task} | {seed} | {n} | {fmt(g, n)} | {fmt(a, n)} | {b}, {c} | {mcnemar_exact(b, c):.3g} | "
-                       f"{sum(x[2] for x in ps) / n:.0f} |")
-    return out
+            per = per + [("pooled", [r for _, g, _ in per for r in g], [r for _, _, a in per for r in a])]
+        for seed, greedy, auto in per:
+            b, c = _discordant([bool(r["correct"]) for r in auto], [bool(r["correct"]) for r in greedy])
+            entries.append((task, seed, greedy, auto, b, c, None if seed == "pooled" else mcnemar_exact(b, c)))
+    adjusted = iter(holm([e[-1] for e in entries if e[-1] is not None]))
+    tested = sum(e[-1] is not None for e in entries)
+    out = ["### auto against greedy on every fresh seed", "",
+           "b: right only with auto; c: right only with greedy; exact McNemar p per seed. Holm p: over the "
+           f"{tested} per-seed tests of this table; only Holm p < 0.05 is called significant. The pooled rows add "
+           "the seeds' problems together and only describe: no test (p and Holm p —). Floor: the best trivial rule "
+           "(always the commonest answer, or the first or second option) on the same problems.", "",
+           "| task | seed | n | floor | greedy (95% CI) | greedy truncated | greedy no answer | greedy tokens/problem "
+           "| auto (95% CI) | auto tokens/problem | b, c | p | Holm p |",
+           "|---|---|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|"]
+    marked = []
+    for task, seed, greedy, auto, b, c, p in entries:
+        trunc, no_answer, unfair = _greedy_cap(greedy)
+        where = "pooled" if seed == "pooled" else f"seed {seed}"
+        marked += [f"{task} {where} ({trunc.split()[0]} of {len(greedy)})"] if unfair else []
+        tests = "— | —" if p is None else f"{p:.3g} | {next(adjusted):.3g}"
+        out.append(f"| {task}{' †' if unfair else ''} | {seed} | {len(greedy)} | {_floor_cell(greedy)} | "
+                   f"{_acc_ci(greedy)} | {trunc} | {no_answer} | {_tokens(greedy)} | {_acc_ci(auto)} | "
+                   f"{_tokens(auto)} | {b}, {c} | {tests} |")
+    return out + _unfair_note(marked)
 
 
 def regrade(seed: int) -> None:
