@@ -146,9 +146,9 @@ def _check_dropped(lm) -> None:
     gone = a.id
     del a
     gc.collect()
-    assert lm.session._freed == [gone]
+    assert lm.session.ids.pending == [gone]
     b.prefill(PROMPTS[:1], [1], capture=False)  # the step that tells the other ranks
-    assert lm.session._freed == [] and b.rows == 1
+    assert lm.session.ids.pending == [] and b.rows == 1
 
 
 # -- the command line, and parity over the ranks it started ------------------------------------------

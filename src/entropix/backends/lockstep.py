@@ -7,19 +7,48 @@ to every process first (the session's `run`), then is made on the leader's own b
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from collections import deque
 from typing import Any, Sequence
+
+
+class TwinIds:
+    """Ids of the leader's backends, and of those collected since the last call: the other
+    processes keep a twin per id and drop it when told. Thread-safe without a lock (a finalizer
+    may run in any thread): itertools.count and deque's append / popleft are atomic."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count(1)
+        self._freed: deque[int] = deque()
+
+    def new(self, backend: Any) -> int:
+        bid = next(self._next)
+        weakref.finalize(backend, self._freed.append, bid)
+        return bid
+
+    @property
+    def pending(self) -> list[int]:
+        """Ids collected and not yet taken (what the next call will tell the others)."""
+        return list(self._freed)
+
+    def take_freed(self) -> list[int]:
+        out = []
+        while self._freed:
+            out.append(self._freed.popleft())
+        return out
 
 
 class LockstepBackend:
     """The leader's side: `local` is this process's backend, `session` sends calls to the others.
-    The session gives each backend an id (`new_id`), so the others keep a twin per id."""
+    The session's TwinIds (`session.ids`) give each backend an id, so the others keep a twin per id."""
 
     name = ""
 
     def __init__(self, session: Any, local: Any, capture_layers: tuple[int, ...]) -> None:
         self.session, self.local, self.capture_layers = session, local, tuple(capture_layers)
         self.vocab_size = local.vocab_size
-        self.id = session.new_id(self)
+        self.id = session.ids.new(self)
 
     @property
     def rows(self) -> int:

@@ -21,13 +21,12 @@ import secrets
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from ... import EntropixError
 from .. import peers
-from ..lockstep import LockstepBackend
+from ..lockstep import LockstepBackend, TwinIds
 from .link import FollowerLink, LeaderLink, PeerGone
 
 START_TIMEOUT_S = 300.0  # joining, publishing addresses, loading: a 405B checkpoint takes minutes
@@ -126,23 +125,18 @@ class Session:
         self.model: Any = None  # loader.JaxModel: this process's part of the mesh
         self.dead: str | None = None  # why the job can compute no more
         self._lock = threading.RLock()
-        self._next_id, self._freed, self._closed = 0, [], False
+        self.ids = TwinIds()
+        self._closed = False
 
     def backend(self, capture_layers: tuple[int, ...] = (-1,)) -> "LeaderBackend":
         return LeaderBackend(self, capture_layers)
-
-    def new_id(self, backend: Any) -> int:
-        with self._lock:
-            self._next_id += 1
-            weakref.finalize(backend, self._freed.append, self._next_id)  # the others drop their twin later
-            return self._next_id
 
     def run(self, bid: int, capture_layers: tuple[int, ...], op: str, args: tuple, local) -> Any:
         """Send one backend call to the other processes, then make it here."""
         with self._lock:
             if self.dead:
                 raise ProcessLost(self.dead)
-            freed, self._freed = self._freed, []
+            freed = self.ids.take_freed()
             try:
                 self.link.send(("call", freed, bid, capture_layers, op, args))
                 return local()

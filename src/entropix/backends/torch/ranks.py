@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ from ... import EntropixError
 from ...io.checkpoint import Checkpoint
 from ...io.source import open_checkpoint
 from .. import peers
-from ..lockstep import LockstepBackend
+from ..lockstep import LockstepBackend, TwinIds
 from ..peers import DEFAULT_TIMEOUT_S
 from .backend import TorchBackend
 from .tp import load_shard, rank_slices
@@ -69,21 +68,13 @@ class Session:
         self.peers: peers.Watch | None = None  # rank 0: the other ranks' heartbeats
         self.beat: peers.Beat | None = None  # the others: rank 0's
         self._lock = threading.RLock()
-        self._next_id, self._freed, self._closed = 0, [], False
+        self.ids = TwinIds()
+        self._closed = False
 
     # -- rank 0 -------------------------------------------------------------------------
     def backend(self, capture_layers: tuple[int, ...] = (-1,)) -> "ShardedBackend":
         """A fresh backend on rank 0 whose model calls run on every rank."""
         return ShardedBackend(self, capture_layers)
-
-    def new_id(self, backend: Any) -> int:
-        with self._lock:
-            self._next_id += 1
-            weakref.finalize(backend, self._free, self._next_id)
-            return self._next_id
-
-    def _free(self, bid: int) -> None:
-        self._freed.append(bid)  # the other ranks drop their twin with the next step
 
     def run(self, bid: int, capture_layers: tuple[int, ...], op: str, args: tuple, local) -> Any:
         """Broadcast one backend call, then make it here; WorkerLost if a rank is gone."""
@@ -92,7 +83,7 @@ class Session:
         with self._lock:
             if self.dead:
                 raise WorkerLost(self.dead)
-            freed, self._freed = self._freed, []
+            freed = self.ids.take_freed()
             try:
                 dist.broadcast_object_list([("call", freed, bid, capture_layers, op, args)], src=0, group=self.ctrl)
                 return local()
