@@ -15,6 +15,13 @@ moves along it as it would, and each record carries the quantities the tests com
   argmax_threshold      kept: it compares the top-k entropy (in nats, at most ln k) with a running
                           average of itself, a scale that does not depend on the model.
 
+Those quantiles hold along greedy text only: under DSlider's own sampling one surprising token
+raises the running surprisal and a row can stay an outlier for good. So by default (policy
+"onpolicy") the Dirichlet bias is then raised (fewer "ood" steps) and, if need be, the outlier
+bias lowered, decoding the prompts with DSlider itself, until its own samples keep the
+dirichlet+ood share under the target and no row locks in (dslider_onpolicy.py). Policy "greedy"
+stops after the quantiles.
+
 `--sampler lookahead` sets min_entropy (bits) at the 75th percentile of the greedy text's
 entropy: the search runs at the most uncertain quarter of the tokens.
 """
@@ -32,6 +39,7 @@ from ..decode.records import Request
 from ..sampler.dslider import ARGMAX, DIRICHLET, DSLIDER_REGIMES, INLIER, OOD, DSlider, DSliderConfig
 from ..sampler.lookahead import Lookahead
 from .calibrate import collect_metrics
+from .dslider_onpolicy import TARGET, calibrate_onpolicy
 
 OUTLIER_QUANTILE = 0.90  # of the outlier score: 10% of tokens are outliers
 DIRICHLET_QUANTILE = 0.50  # of the Dirichlet margin among outliers: half of them take "dirichlet"
@@ -40,6 +48,7 @@ LOOKAHEAD_QUANTILE = 0.75  # of the entropy (bits): the search runs at a quarter
 # fp32 score keeps ~0.01 of its raw value (ulp 2^-7 at 1e5).
 PROBE_SHIFT = 1e5
 QS = (0.1, 0.25, 0.5, 0.75, 0.9)
+POLICIES = ("onpolicy", "greedy")  # onpolicy: the greedy quantiles, then the search on DSlider's own samples
 
 
 def probe_config(base: DSliderConfig) -> DSliderConfig:
@@ -107,8 +116,15 @@ def _shares(codes: np.ndarray) -> dict[str, float]:
 
 
 def calibrate_dslider(lm, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 64,
-                      base: DSliderConfig | None = None, progress: bool = False) -> tuple[DSliderConfig, dict[str, Any]]:
-    """A DSlider profile for lm: base (default: the spec's defaults) with its two biases calibrated."""
+                      base: DSliderConfig | None = None, progress: bool = False, policy: str = "onpolicy",
+                      target: float = TARGET, seed: int = 0) -> tuple[DSliderConfig, dict[str, Any]]:
+    """A DSlider profile for lm: base (default: the spec's defaults) with its two biases calibrated on
+    the greedy text, then (policy "onpolicy") the outlier bias raised until DSlider's own samples
+    keep to the target (dslider_onpolicy.py)."""
+    if policy not in POLICIES:
+        raise EntropixError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if not 0 < target < 1:  # before the probe's decode
+        raise EntropixError(f"--target must be a share between 0 and 1, got {target}")
     base = base or DSliderConfig()
     m = collect_dslider(lm, prompts, base, max_tokens, batch_size, progress)
     if m["score"].size < 20:
@@ -123,7 +139,17 @@ def calibrate_dslider(lm, prompts: Sequence[str], max_tokens: int = 64, batch_si
         "regime_shares": _shares(branch_codes(cfg, m)),
         "regime_shares_base": _shares(branch_codes(base, m)),
     }
-    return cfg, stats
+    if policy == "greedy":
+        return cfg, stats
+    # The probe's score spread sets stage 2's first step: on-policy scores move on that scale. Stage 1
+    # ends where every token of the greedy text would take "dirichlet" over "ood".
+    step = float(np.quantile(m["score"], OUTLIER_QUANTILE) - np.quantile(m["score"], 0.5))
+    top = float(np.max(m["nll"] - cfg.dirichlet_threshold[0] * m["nll_avg"])) + 1.0
+    cfg, on = calibrate_onpolicy(lm, prompts, cfg, max(step, 1e-3), max(top, cfg.dirichlet_threshold[1]),
+                                 max_tokens, batch_size, target, seed, progress=progress)
+    stats["decoding"] += "; then the biases moved on DSlider's own samples (see on_policy)"
+    stats["regime_shares_greedy_text"] = _shares(branch_codes(cfg, m))
+    return cfg, {**stats, "on_policy": on}
 
 
 def calibrate_lookahead(lm, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 64,
