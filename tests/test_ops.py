@@ -21,3 +21,23 @@ def test_host_uniforms_are_uniform_and_per_row():
     both = uniforms(np.array([7, 9], dtype=np.uint64), np.array([3, 0]), 4)
     assert np.array_equal(both[0], uniforms(np.array([7], dtype=np.uint64), np.array([3]), 4)[0])
     assert not np.array_equal(both[0], both[1])
+
+
+def test_torch_cpu_ranking_mends_ties_as_the_device_route_orders_them():
+    """On the CPU, top_sorted mends the rows a tie crosses at the k-th place; on many-tied rows it
+    picks and orders exactly as the exact (value, lower id) keys every other device uses."""
+    import torch
+
+    from entropix.backends.torch import ops
+
+    g = torch.Generator().manual_seed(0)
+    tied_rows = 0
+    for _ in range(200):
+        V = int(torch.randint(5, 300, (1,), generator=g))
+        k = min(int(torch.randint(1, 20, (1,), generator=g)), V - 1)
+        x = torch.randint(0, 6, (3, V), generator=g).float()
+        vals, ids = ops.top_sorted(x, k)
+        want = ops._order_key(x).topk(k, dim=-1).indices
+        assert torch.equal(ids, want) and torch.equal(vals, x.gather(1, want))
+        tied_rows += int((x.topk(k + 1).values[:, k - 1] == x.topk(k + 1).values[:, k]).sum())
+    assert tied_rows > 100  # the mending path ran

@@ -72,6 +72,18 @@ def test_wide_products_multiply_the_same_int4_weights_densely(shape):
     assert 0 < err < 0.02  # the kernel: bf16 activations
 
 
+def test_wide_products_run_outside_inference_mode_after_inside():
+    """The dense path's reused scratch, first made under inference_mode (a decode), is not an
+    inference tensor written outside it (a later product without that mode)."""
+    from entropix.backends.torch import int4_wide
+
+    lin = Int4Linear(int4_groups(torch.randn(128, 64)))
+    x = torch.randn(int4_wide.WIDE_ROWS, 64)
+    with torch.inference_mode():
+        inside = lin(x)
+    torch.testing.assert_close(lin(x), inside)
+
+
 def test_rows_that_do_not_fill_a_packed_block_stay_on_the_kernel():
     """96 rows fill three 32-row blocks (AVX2) but not 64-row ones (AVX-512): there the wide
     path is off and the kernel multiplies every width, within its bf16 rounding."""
@@ -261,7 +273,7 @@ def test_compiled_decode_gives_the_eager_tokens(mode="int4"):
         return [(order[r.request_id], r.token) for r in generate(m.engine(), reqs)]
 
     assert tokens(eager) == tokens(comp)
-    assert not comp.model.compiled_state.failed
+    assert not comp.model.compiled_step.failed
 
 
 def test_server_decodes_with_quantized_weights():

@@ -37,11 +37,15 @@ from ..sampler.policy import Greedy
 PEERS = ("llama.cpp",)
 
 
+# every weight mode, and the fastest of them compiled (each compile takes about a minute on 2 cores)
+DEFAULT_MODES = "none,int8,int4,int4+compile"
+
+
 def parse_modes(text: str | None) -> list[str]:
     """'none,int8,int4+compile' -> names, each checked (one-line error for a bad one)."""
     from ..backends.torch.quant import CHOICES
 
-    names = [m.strip().lower() for m in (text or "none,int8,int4").split(",") if m.strip()]
+    names = [m.strip().lower() for m in (text or DEFAULT_MODES).split(",") if m.strip()]
     for m in names:
         base = m.removesuffix("+compile")
         if base not in CHOICES or base == "auto" and m != base:
@@ -179,6 +183,11 @@ def run_modes_bench(lm: LoadedModel, modes: list[str], peers: list[str] = (), to
                 row[f"vs_{k}"] = round(tps[f"ours:{m}"] / tps[k], 3)
         row.update(parity(ml, prompt, ref_tokens, ref_logits) if m != "none" else
                    {"logits_max_err": 0.0, "argmax_agree": 1.0, "greedy_same_prefix": tokens})
+        if m.endswith("+compile"):  # the compiled step against the same weights decoded eager
+            base = m.removesuffix("+compile")
+            eager = greedy_tokens(ours.get(base) or _load(lm.source, base), prompt, tokens)[0]
+            own = greedy_tokens(ml, prompt, tokens)[0]
+            row["greedy_same_as_eager"] = next((i for i, (a, b) in enumerate(zip(own, eager)) if a != b), tokens)
         row["peak_rss_mb"] = _rss(lm.source, m, threads) if rss else None
         out["modes"][m] = row
     out["best"] = max(out["modes"], key=lambda m: out["modes"][m]["tps"])

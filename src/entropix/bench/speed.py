@@ -99,8 +99,10 @@ def run_bench(lm: LoadedModel, tokens: int = 128, prompt_tokens: int = 64, repea
     greedy = catalog.resolve("greedy", lm)
     extra = {name: catalog.resolve(name, lm, branches=branches) for name in samplers}
     hf = load_transformers(lm) if baseline else None
-    # warm-up: first calls allocate and pick kernels
+    # warm-up: first calls allocate, pick kernels and (--compile) compile each decoder's batch size
     time_ours(lm, prompt, 8, greedy)
+    for s in extra.values():
+        time_runner(lm, prompt, 8, s) if s.strategy != "single" else time_ours(lm, prompt, 8, s, seed=1)
     if hf is not None:
         time_transformers(hf, prompt, 8, lm.model.device)
     runs: dict[str, list[Any]] = {"ours": [], "hf": [], **{n: [] for n in extra}}

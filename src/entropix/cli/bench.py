@@ -45,6 +45,7 @@ def register(sub) -> None:
     b.add_argument("--peer", action="append", choices=("llama.cpp",),
                    help="also time llama.cpp (llama-cpp-python) on the same GGUF; implies --modes")
     b.add_argument("--modes", default=None,
-                   help="our weight modes to compare, e.g. none,int8,int4,int4+compile (default with --peer: none,int8,int4)")
+                   help="our weight modes to compare, e.g. none,int8+compile,int4 (default with --peer: "
+                        "none,int8,int4,int4+compile)")
     b.add_argument("--no-rss", action="store_true", help="--modes: skip the peak-RSS subprocesses")
     b.set_defaults(fn=cmd_bench)

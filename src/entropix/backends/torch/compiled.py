@@ -1,110 +1,147 @@
-"""A decode step with less Python in it: `torch.compile` of each block's dense parts.
+"""The whole decode step as one compiled graph (`torch.compile`, inductor).
 
-At batch 1 a decode step of the embedded model is ~30 layers x ~25 small ops; in a profile of
-the int4 step (one thread) about 40% of the time was outside the matmuls. Inductor fuses the
-norms, RoPE, SiLU-gating and residual adds into a few kernels around the projections. On the
-2-core CI CPU it did not pay (56.0 vs 53.8 ms per int4 step, heavily loaded machine), so it is
-opt-in: `compile_decode(model)`, or the `+compile` modes of `entropix bench --modes`. The KV-cache write and attention stay eager: attention
-reads the valid slots only ([:S], S = longest row + 1), so its shape changes every step,
-while the compiled parts see fixed shapes [B, 1, C] (one graph per batch size; prefill,
-T > 1, runs eager).
+At batch 1 an eager decode step of the embedded model is ~30 layers x ~25 small ops, each
+dispatched from Python: on a 2-core CPU about half of the step is outside the matmuls. Here the
+step from the embedding to the logits (every layer's norms, RoPE, attention, SwiGLU, residuals,
+the output projection) is traced once and inductor fuses the small ops around the projections.
 
-Where no compiler works (no C++ toolchain, an unsupported platform) the first compiled
-call fails: one warning, and the model runs eager from then on.
+The graph reads the KV cache and never writes it: a write into one layer's slice of the
+[L, B, Hkv, S, D] cache would be turned by functionalization into a copy of the whole cache per
+layer. Instead each layer attends over the cached keys (slots [0, S), masked per row) and its own
+new key in one softmax, and the new keys and values of every layer come out of the graph and are
+written by one indexed store per tensor after it. Batch and cache length are dynamic: one graph
+serves every batch size from 2 up and every cache length (batch 1 gets its own).
+
+Only the decode step (T == 1) of a plain model (Llama-family blocks with fused q/k/v, no sliding
+window or soft-cap, a KVCache) is compiled; prefill and the other architectures run eager.
+Where no compiler works (no C++ toolchain, an unsupported platform) the first compiled call
+fails: one warning, and the model runs eager from then on.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from .layers import MLP, rotate_half
+from .kvcache import KVCache
+from .layers import MLP, HeadStats, PackedLinear, rotate_half, stats_from_scores
 from .model import Attention, Block
 
 
-def _pre(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Input norm, q/k/v projection and RoPE of one new token per row: q [B, H, 1, D], k, v [B, Hkv, 1, D]."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            valid: torch.Tensor, capture: bool) -> tuple[torch.Tensor, HeadStats | None]:
+    """q [B, H, 1, D] over cached keys/values [B, Hkv, S, D] (valid [B, S]) and its own new
+    k, v [B, Hkv, 1, D], in one softmax: out [B, H, 1, D]."""
+    B, H, _, D = q.shape
+    Hkv = keys.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # query head h reads key head h // (H / Hkv)
+    scale = 1.0 / math.sqrt(D)
+    old = (qg @ keys.transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    new = (qg * k).sum(-1, keepdim=True) * scale  # [B, Hkv, G, 1]
+    masked = old.masked_fill(~valid[:, None, None, :], float("-inf"))
+    top = torch.maximum(masked.amax(-1, keepdim=True), new)
+    p_old, p_new = (masked - top).exp(), (new - top).exp()
+    out = (p_old @ values + p_new * v) / (p_old.sum(-1, keepdim=True) + p_new)
+    stats = None
+    if capture:
+        scores = torch.cat([old, new], -1).reshape(B, H, -1).float()
+        stats = stats_from_scores(scores, torch.cat([valid, valid.new_ones(B, 1)], -1))
+    return out.reshape(B, H, 1, D), stats
+
+
+def _layer(block: Block, x, cos, sin, keys, values, valid, capture: bool):
     a = block.self_attn
-    B, T, _ = x.shape
+    B = x.shape[0]
     H, Hkv, D = a.n_heads, a.n_kv, a.head_dim
-    qkv = a.qkv_proj(block.input_layernorm(x)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+    qkv = a.qkv_proj(block.input_layernorm(x)).view(B, 1, H + 2 * Hkv, D).transpose(1, 2)
     qk = qkv[:, :H + Hkv]
     if a.qk_norm:
         qk = torch.cat([a.q_norm(qk[:, :H]), a.k_norm(qk[:, H:])], 1)
     qk = qk * cos + rotate_half(qk) * sin
-    return qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+    q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+    out, stats = _attend(q, k, v, keys, values, valid, capture)
+    x = x + a.o_proj(out.transpose(1, 2).reshape(B, 1, H * D))
+    return x + block.mlp(block.post_attention_layernorm(x)), k, v, stats
 
 
-def _post(block: Block, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Output projection, residual, MLP and residual."""
-    B, H, T, D = out.shape
-    x = x + block.self_attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
-    return x + block.mlp(block.post_attention_layernorm(x))
+def _step(model, tokens, cos, sin, keys, values, valid, capture: frozenset):
+    """Logits [B, V] of one new token per row (the final hidden state [B, C] where the output
+    projection is oneDNN's), the new keys and values [L, B, Hkv, 1, D], the captured statistics."""
+    x = model.embed_tokens(tokens)
+    new_k, new_v, stats = [], [], {}
+    for i, block in enumerate(model.layers):
+        x, k, v, s = _layer(block, x, cos, sin, keys[i], values[i], valid, i in capture)
+        new_k.append(k)
+        new_v.append(v)
+        if s is not None:
+            stats[i] = s
+    h = model.norm(x[:, -1])
+    # oneDNN's packed output projection is opaque to inductor: it runs after the graph
+    logits = h if isinstance(model.lm_head, PackedLinear) else model.lm_head(h).float()
+    return logits, torch.stack(new_k), torch.stack(new_v), stats
 
 
-class _State:
-    """The compiled parts, shared by every block (one graph serves them all), and whether
-    compiling failed here."""
+class CompiledStep:
+    """The compiled graph with the eager work around it (positions, the mask, the cache write)."""
 
     def __init__(self, mode: str | None) -> None:
-        self.parts = {f: torch.compile(f, dynamic=False, mode=mode) for f in (_pre, _post)}
+        self.graph = torch.compile(_step, dynamic=True, mode=mode)
         self.failed = False
 
-    def call(self, fn, *args):
-        if not self.failed:
-            try:
-                return self.parts[fn](*args)
-            except Exception as e:  # no working compiler: say so once, run eager from here on
-                self.failed = True
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"entropix: warning: torch.compile failed ({first[:160]}); decoding eager", file=sys.stderr)
-        return fn(*args)
-
-
-def _eager_forward(block: Block):
-    return type(block).forward.__get__(block)
-
-
-def _forward(block: Block, state: _State, eager):
-    def forward(x, cos, sin, cache, layer, mask, capture):
-        if x.shape[1] != 1:
-            return eager(x, cos, sin, cache, layer, mask, capture)
-        a = block.self_attn
-        q, k, v = state.call(_pre, block, x, cos, sin)
-        cache.write(layer, k, v)
-        S = mask.shape[-1]
-        keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=a.n_kv != a.n_heads)
-        stats = a.head_stats(q[:, :, -1], keys, mask[:, 0, -1]) if capture else None
-        return state.call(_post, block, x, out), stats
-
-    return forward
+    def __call__(self, model, tokens: torch.Tensor, cache: KVCache, capture: frozenset):
+        """Logits [B, V] and statistics of one decode step, the cache moved on; None (the model
+        then runs eager) once compiling has failed."""
+        if self.failed:
+            return None
+        S = cache.max_length()
+        cache.ensure_capacity(S + 1)
+        starts, lengths = cache.device_lengths()
+        pos = (lengths - starts).clamp(min=0)[:, None]  # [B, 1]
+        cos, sin = model._rotary(pos, model.inv_freq, model.rope_amp)
+        slot = torch.arange(S, device=pos.device)
+        valid = (slot >= starts[:, None]) & (slot < lengths[:, None])  # [B, S]
+        try:
+            logits, new_k, new_v, stats = self.graph(model, tokens, cos, sin, cache.k[:, :, :, :S],
+                                                     cache.v[:, :, :, :S], valid, capture)
+        except Exception as e:  # no working compiler: say so once, run eager from here on
+            self.failed = True
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"entropix: warning: torch.compile failed ({first[:160]}); decoding eager", file=sys.stderr)
+            return None
+        if isinstance(model.lm_head, PackedLinear):
+            logits = model.lm_head(logits).float()
+        cache.write_layers(new_k, new_v)
+        cache.advance(1)
+        return logits, stats
 
 
 def compilable(block: Block) -> bool:
-    """Plain fused attention and MLP without a sliding window (the others stay eager)."""
+    """Plain fused attention and MLP (a Gemma block, MLA or MoE layer stays eager)."""
     a = block.self_attn
-    # type(block) is Block: a Gemma block reuses Attention and MLP between its own norms and scales
-    return type(block) is Block and type(a) is Attention and a.qkv_proj is not None and type(block.mlp) is MLP
+    return (type(block) is Block and type(a) is Attention and a.qkv_proj is not None and type(block.mlp) is MLP
+            and a.scale is None and not a.cap)
 
 
 def compile_decode(model, mode: str | None = None) -> bool:
-    """Route the decode step (T == 1) of every compilable block through compiled parts.
-    False (and nothing changed, one warning) where torch.compile cannot run here."""
+    """Run the decode step (T == 1) of a plain model through one compiled graph. False (and
+    nothing changed, one warning) where torch.compile cannot run here or the model is not plain."""
     if shutil.which("c++") is None and shutil.which("g++") is None and model.device.type == "cpu":
         print("entropix: warning: torch.compile needs a C++ compiler on the CPU (none found); decoding eager",
               file=sys.stderr)
         return False
+    cfg = model.config
+    if cfg.sliding_window or cfg.final_logit_softcapping or not all(compilable(b) for b in model.layers):
+        print(f"entropix: warning: the compiled decode step covers Llama-family blocks; "
+              f"{cfg.arch} decodes eager", file=sys.stderr)
+        return False
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    state = _State(mode)
-    window = model.config.sliding_window
-    for i, block in enumerate(model.layers):
-        if compilable(block) and not (window and model.config.slides(i)):
-            block.forward = _forward(block, state, _eager_forward(block))
-    model.compiled_state = state
+    # a cache length that happens to equal the head dim must not be tied to it (a recompile one step later)
+    fx_config.use_duck_shape = False
+    model.compiled_step = CompiledStep(mode)
     return True

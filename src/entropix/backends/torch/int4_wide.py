@@ -33,7 +33,8 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n *= d
     pool = _local.__dict__.setdefault("pool", {})
     buf = pool.get(dtype)
-    if buf is None or buf.numel() < n:
+    # one made under inference_mode cannot be written outside it: make a new one there
+    if buf is None or buf.numel() < n or (buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = pool[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 

@@ -81,6 +81,19 @@ class KVCache:
             self.k[layer][rows, :, slots] = k.transpose(1, 2)
             self.v[layer][rows, :, slots] = v.transpose(1, 2)
 
+    def write_layers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new token's k, v [L, B, Hkv, 1, D] of every layer at each row's next slot."""
+        L0 = self.lengths[0]
+        if all(n == L0 for n in self.lengths):
+            self.k[:, :, :, L0:L0 + 1] = k
+            self.v[:, :, :, L0:L0 + 1] = v
+        else:
+            slots = self.device_lengths()[1]
+            rows = torch.arange(self.batch, device=k.device)
+            # advanced indices on dims 1 and 3 put [B] first: values must be [B, L, Hkv, D]
+            self.k[:, rows, :, slots] = k[:, :, :, 0].transpose(0, 1)
+            self.v[:, rows, :, slots] = v[:, :, :, 0].transpose(0, 1)
+
     def advance(self, T: int) -> None:
         self.lengths = [n + T for n in self.lengths]
         self._dev = None

@@ -32,7 +32,8 @@ class Linear(nn.Linear):
         rows = x.numel() // self.in_features
         if (_MKL and 4 <= rows <= 12 and self.bias is None and self.out_features >= 4 * self.in_features
                 and x.is_cpu and x.dtype == torch.float32 and type(self.weight.data) is torch.Tensor  # not a DTensor
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):  # out= has no autograd
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)  # out= has no autograd
+                and not torch.compiler.is_compiling()):  # out= would break compiled.py's graph
             x2 = x.reshape(rows, self.in_features)
             out = torch.empty(rows, self.out_features, dtype=x.dtype)
             for i in range(0, self.out_features, _COLUMNS):
@@ -130,6 +131,11 @@ def newest_query_stats(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
     scores = (qg @ keys.transpose(-1, -2)).view(B, H, S).float() * scale  # [B, H, S]
     if cap:
         scores = softcap(scores, cap)
+    return stats_from_scores(scores, valid)
+
+
+def stats_from_scores(scores: torch.Tensor, valid: torch.Tensor) -> HeadStats:
+    """The statistics of scaled pre-softmax scores [B, H, S] (fp32) over valid keys [B, S]."""
     scores = scores.masked_fill(~valid[:, None, :], 0.0)
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
     entropy = torch.special.entr(probs).sum(-1) * (1.0 / math.log(2))  # entr is 0 where p is 0

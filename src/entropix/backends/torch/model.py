@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         # RoPE frequencies stay fp32 whatever .to() does to the weights: a plain attribute, not a buffer
         self.inv_freq = torch.empty(cfg.rope_dim // 2)
         self.local_inv_freq: torch.Tensor | None = None  # Gemma 3's sliding layers turn at their own base
+        self.compiled_step = None  # set by compiled.compile_decode: the decode step as one graph
 
     def finish_setup(self, rope_freq_factors: torch.Tensor | None = None) -> None:
         """Tie the output to the embedding if the config says so and compute RoPE's
@@ -195,6 +196,10 @@ class Transformer(nn.Module):
         return True
 
     @property
+    def rope_amp(self) -> float:
+        return rope_amplitude(self.config)
+
+    @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
@@ -222,11 +227,15 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         n_layers = len(self.layers)
         capture = {i % n_layers for i in capture_layers}
+        if T == 1 and self.compiled_step is not None and type(cache) is KVCache:  # compiled.py's one graph
+            out = self.compiled_step(self, tokens, cache, frozenset(capture))
+            if out is not None:  # None: compiling failed here (one warning), eager from now on
+                return out
         cache.ensure_capacity(cache.max_length() + T)
         mask, pos = cache.attention_mask(T)  # [B, 1, T, S], [B, T]
         if self.inv_freq.device != pos.device:  # the model moved
             self.inv_freq = self.inv_freq.to(pos.device)
-        cos, sin = self._rotary(pos, self.inv_freq, rope_amplitude(self.config))
+        cos, sin = self._rotary(pos, self.inv_freq, self.rope_amp)
         local = self._rotary(pos, self.local_inv_freq) if self.local_inv_freq is not None else None
         window = self.config.sliding_window
         slid = sliding_mask(mask, cache, T, window) if window else mask

@@ -54,15 +54,26 @@ def top_sorted(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     V = x.shape[-1]
     if k >= V:
         return x.sort(dim=-1, descending=True, stable=True)
-    if x.device.type == "cpu":  # a host read is free here: take the exact route only when a tie needs it
+    if x.device.type == "cpu":  # a host read is free here: mend only the rows a tie crosses
         vals, ids = x.topk(k + 1, dim=-1)
-        if not bool((vals[:, k - 1] == vals[:, k]).any()):  # no tie across the k-th place: the set is right
-            ids, perm = ids[:, :k].sort(dim=-1)
-            vals, perm = vals[:, :k].gather(1, perm).sort(dim=-1, descending=True, stable=True)
-            return vals, ids.gather(1, perm)
+        ids = ids[:, :k]
+        tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten().tolist()
+        if tied:  # bf16-rounded logits tie often: the lowest ids among those equal to the k-th value
+            ids = ids.clone()
+            for b in tied:
+                ids[b] = _lowest_ids_first(x[b], vals[b, k - 1], k)
+        ids, perm = ids.sort(dim=-1)
+        vals, perm = x.gather(1, ids).sort(dim=-1, descending=True, stable=True)
+        return vals, ids.gather(1, perm)
     # Elsewhere a host read would stall the queue: rank unique keys (the value's bits, then the id).
     ids = _order_key(x).topk(k, dim=-1).indices
     return x.gather(1, ids), ids
+
+
+def _lowest_ids_first(row: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The k ids of one row [V] above its k-th value `kth`, then those equal to it by lower id."""
+    above = (row > kth).nonzero().flatten()
+    return torch.cat([above, (row == kth).nonzero().flatten()[:k - above.numel()]])
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:
