@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from entropix.cli import main
-from entropix.decode.deepconf import threshold, weighted_vote
+from entropix.decode.deepconf import settled, threshold, weighted_vote
 from entropix.decode.engine import generate
 from entropix.decode.records import PruneRule, Request
 from entropix.decode.scoring import Branch, lowest_window_confidence, token_confidence
@@ -57,6 +57,15 @@ def test_weighted_vote_pools_equal_answers_and_leaves_pruned_traces_out():
     assert answer == "7" and top == 2 and votes == {"7": 3.0, "8": 2.5}  # 1 + 2 beats 2.5; the pruned 9 is out
     assert weighted_vote([branch(0, "1"), branch(1, "2")], [1.0, 1.0], "number")[0] == "1"  # a tie: the first
     assert weighted_vote([branch(0, None)], [1.0], "number") == (None, 0, {})
+
+
+def test_consensus_is_the_top_answers_share_of_all_warm_up_weight():
+    bs = [branch(0, "7"), branch(1, "7.0"), branch(2, "8"), branch(3, None)]
+    w = [3.0, 3.0, 2.0, 2.0]  # "7" holds 6 of 10: a trace without an answer still counts in the whole
+    assert settled(bs, w, "number", 0.6) and not settled(bs, w, "number", 0.61)
+    assert settled(bs[:2], w[:2], "number", 1.0)  # unanimous
+    assert not settled(bs[:2], w[:2], "number", 2.0)  # above 1: never settled
+    assert not settled([branch(0, None)], [1.0], "number", 0.0)  # no answer settles nothing
 
 
 # -- the engine's prune rule -------------------------------------------------------------------------
@@ -132,6 +141,16 @@ def test_sc_early_stops_when_the_first_samples_agree_and_a_budget_caps_the_rest(
                                        tiny.tokenizer, 512))[0]
     warm_spent = sum(len(b["tokens"]) for b in capped["branches"][:4])
     assert len(capped["branches"]) == 4 + min(4, (spread.token_budget - warm_spent) // 12)
+
+
+def test_deepconf_stops_after_a_warm_up_that_agrees(tiny):
+    task = Task(prompts=[[80, 81, 82]], max_tokens=[12], seeds=[3], kind="pattern", pattern=r"(?s)^(.)")
+    params = catalog.parameters("deepconf", samples=8, temperature=0.0)
+    res = [run(tiny.engine(), decode(catalog.build("deepconf", {**params, "consensus": c}, tiny), task,
+                                     tiny.tokenizer, 512))[0] for c in (1.0, 2.0)]
+    assert len(res[0]["branches"]) == 4  # T=0: four equal warm-up traces hold all the weight
+    assert len(res[1]["branches"]) == 8 and res[1]["answer"] == res[0]["answer"]  # consensus off: all of them
+    assert res[0]["tokens_generated"] == sum(len(b["tokens"]) for b in res[0]["branches"][:4])
 
 
 # -- front ends ---------------------------------------------------------------------------------------

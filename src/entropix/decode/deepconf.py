@@ -9,7 +9,9 @@ on equal samples.
   confidence over `window` consecutive tokens (scoring.py); the threshold is the warm-up
   confidences' (1 - keep) quantile. The other traces decode with a prune rule at that
   threshold: a row stops, and frees its slot, at the first window below it. The answer is
-  the confidence-weighted vote of the traces not pruned.
+  the confidence-weighted vote of the traces not pruned. Where the warm-up's own weighted vote
+  already gives one answer at least `consensus` of the warm-up weight (traces without an answer
+  count in the whole), the other traces are not decoded: DeepConf's consensus stop.
 - sc-early: `first` samples; when they all give one answer it stands, else the other samples
   decode too and the majority of all of them wins.
 
@@ -64,6 +66,13 @@ def weighted_vote(branches: list[Branch], weights: list[float], kind: str) -> tu
     return branches[best[0]].answer, top, votes
 
 
+def settled(warm: list[Branch], weights: list[float], kind: str, consensus: float) -> bool:
+    """Whether the warm-up traces' weighted vote gives one answer at least `consensus` of their weight."""
+    answer, _, votes = weighted_vote(warm, weights, kind)
+    total = sum(weights)
+    return answer is not None and total > 0 and max(votes.values()) / total >= consensus - 1e-6  # votes are rounded
+
+
 def deepconf(decoder: Decoder, task: Task, tok: Any, max_context: int) -> Strategy:
     q = decoder.params
     n, warm, window, keep = q["samples"], min(q["warmup"], q["samples"]), q["window"], q["keep"]
@@ -73,7 +82,8 @@ def deepconf(decoder: Decoder, task: Task, tok: Any, max_context: int) -> Strate
     conf = [_trace_confidence(got, r, window) for r in first]
     cut = [threshold(list(c.values()), keep) for c in conf]
     later = {p: r.again(n=k, first_choice=warm, prune=PruneRule(window, cut[p], TOP_K)) for p, r in enumerate(first)
-             if (k := _rows_left(task, p, n - warm, sum(len(b.tokens) for b in traces[p]))) > 0}
+             if not settled(traces[p], [conf[p][b.choice] for b in traces[p]], task.kind, q["consensus"])
+             and (k := _rows_left(task, p, n - warm, sum(len(b.tokens) for b in traces[p]))) > 0}
     if later:
         more = yield Phase(list(later.values()), True)
         for p, r in later.items():

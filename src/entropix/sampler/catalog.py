@@ -183,12 +183,14 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("self-consistency", "several seeded samples in one batch, the majority answer wins ({samples} samples, T={temperature})", "self-consistency", _plain,
                 {"samples": 5, "temperature": 0.7}, ("samples",) + FILTERS, ("sample",),
                 aliases=("self_consistency", "sc")),
-    # self-consistency's samples for less (decode/deepconf.py). keep and window were chosen on development seed 1
-    # (letters, 50 problems, 48 tokens, fp32; self-consistency-16: 13/50 at 337 tokens per problem): keep 0.9 and
-    # window 16 gave 12/50 at 316, 0.5 / 16 10/50 at 280, 0.5 / 8 13/50 at 253, 0.1 / 4 6/50 at 211
-    SamplerSpec("deepconf", "confidence-pruned voting: {warmup} warm-up samples set a confidence threshold; the rest of "
-                "the {samples} stop where {window} tokens in a row fall below it; a confidence-weighted vote (T={temperature})",
-                "deepconf", _plain, {"samples": 16, "temperature": 0.7, "warmup": 4, "window": 8, "keep": 0.5},
+    # self-consistency's samples for less (decode/deepconf.py). keep, window and consensus were chosen on development
+    # seed 1 by replaying full self-consistency-16 traces (benchmarks/deepconf_dev.py, 40 problems of letters, coinflip,
+    # decimals, compare): 58 right against its 54 with 50% of its tokens (docs/results-compute-dev/voting)
+    SamplerSpec("deepconf", "confidence-pruned voting: {warmup} warm-up samples set a confidence threshold and stop "
+                "the vote where one answer holds {consensus} of their weight; else the rest of the {samples} stop where "
+                "{window} tokens in a row fall below it; a confidence-weighted vote (T={temperature})",
+                "deepconf", _plain, {"samples": 16, "temperature": 0.7, "warmup": 4, "window": 12, "keep": 0.1,
+                                     "consensus": 0.6},
                 ("samples",) + FILTERS, ("sample",)),
     SamplerSpec("sc-early", "early-stopping self-consistency: {first} samples, and the rest of the {samples} only if "
                 "they disagree; the majority answer wins (T={temperature})", "sc-early", _plain,
