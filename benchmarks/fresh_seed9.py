@@ -115,6 +115,18 @@ def _paired(task: str, labels: tuple[str, ...]) -> list[list[dict]] | None:
     return [[r[i] for i in ids] for r in runs] if ids else None
 
 
+def looping(text: str, tail: int = 80, longest: int = 32) -> bool:
+    """Whether a text ends in one stretch of at most `longest` characters repeated over its last `tail`."""
+    end = text[-tail:]
+    return len(end) == tail and any(all(end[i] == end[i + p] for i in range(tail - p)) for p in range(1, longest + 1))
+
+
+def _cap_cell(rows: list[dict]) -> str:
+    """Greedy's truncated rows, and how many of them end in a repetition loop (no budget would end those)."""
+    cut = [r for r in rows if r.get("finish_reason") == "length"]
+    return f"{len(cut)} ({len(cut) / max(len(rows), 1):.1%}; {sum(looping(r.get('output') or '') for r in cut)} looping)"
+
+
 def _spent(rows: list[dict]) -> int:
     return sum(int(r["tokens"]) for r in rows)
 
@@ -134,15 +146,18 @@ def primary_lines() -> list[str]:
     out = ["### deepconf against self-consistency-16 (the primary test)", "",
            "b: right only with deepconf; c: right only with self-consistency-16; exact McNemar p, Holm over the "
            "tasks of this table (only Holm p < 0.05 is called significant). Tokens: generated tokens per problem, "
-           "all traces; share: deepconf's tokens over self-consistency-16's on the same problems.", "",
+           "all traces; share: deepconf's tokens over self-consistency-16's on the same problems. Greedy truncated: "
+           "rows cut off by the budget, and how many of those end in one short stretch repeated (a loop no "
+           "budget ends).", "",
            "| task | n | floor | greedy (95% CI) | greedy truncated | greedy no answer | SC-16 (95% CI) | SC-16 tokens "
            "| deepconf (95% CI) | deepconf tokens | share | stopped after warm-up | b, c | p | Holm p |",
            "|---|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---|---:|---:|"]
     total = [0, 0]
     for (task, greedy, sc, dc, b, c, p), hp in zip(entries, adjusted):
-        trunc, no_answer, _ = ce._greedy_cap(greedy)
+        _, no_answer, _ = ce._greedy_cap(greedy)
+        trunc = _cap_cell(greedy)
         total[0], total[1] = total[0] + _spent(sc), total[1] + _spent(dc)
-        settled = sum(len(r.get("branches") or []) < 16 for r in dc)  # pruned traces stay listed
+        settled = sum(0 < len(r.get("branches") or []) < 16 for r in dc)  # pruned traces stay listed
         out.append(f"| {task} | {len(greedy)} | {ce._floor_cell(greedy)} | {ce._acc_ci(greedy)} | {trunc} | "
                    f"{no_answer} | {ce._acc_ci(sc)} | {ce._tokens(sc)} | {ce._acc_ci(dc)} | {ce._tokens(dc)} | "
                    f"{_spent(dc) / max(_spent(sc), 1):.2f} | {settled} | {b}, {c} | {p:.3g} | {hp:.3g} |")

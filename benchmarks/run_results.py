@@ -38,7 +38,7 @@ def regrade(outdir: Path, args: argparse.Namespace) -> None:
             print(f"regraded {name}: {changed} row(s) changed", file=sys.stderr)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
@@ -57,7 +57,11 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the rows there; decode nothing")
     ap.add_argument("--regrade", action="store_true",
                     help="grade the stored rows again with the current graders first (after a grader fix)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.regrade:
         regrade(Path(args.outdir), args)
     if args.report_only:
@@ -65,19 +69,30 @@ def main() -> int:
 
     import torch
 
-    from entropix.evaluate.runner import run_eval, sampler_params
-    from entropix.evaluate.tasks import load_task
     from entropix.loading import load_model
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    log = outdir / "runs.log"
     t0 = time.perf_counter()
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
     load_s = time.perf_counter() - t0
     dev = lm.model.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"loaded {lm.name} on {device_name} in {load_s:.1f}s", file=sys.stderr)
+    failed = decode_all(lm, args, outdir, dict(device=str(dev), dtype=args.dtype, batch=args.batch,
+                                               host=platform.node(), device_name=device_name))
+    write_report(outdir, args.report, args.title)
+    if failed:
+        print("failed runs: " + " ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def decode_all(lm, args: argparse.Namespace, outdir: Path, where: dict) -> list[str]:
+    """Every task with every sampler; the runs that failed (the report shows what finished)."""
+    from entropix.evaluate.runner import run_eval, sampler_params
+    from entropix.evaluate.tasks import load_task
+
     failed = []
     for task in args.tasks.split(","):
         gsm = task == "gsm8k"
@@ -94,16 +109,11 @@ def main() -> int:
                 print(f"!! {task}/{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 failed.append(f"{task}/{name}")
                 continue
-            s.update(run_wall_seconds=round(time.perf_counter() - t1, 1), device=str(dev), dtype=args.dtype,
-                     batch=args.batch, max_tokens=max_tokens, host=platform.node(), device_name=device_name)
-            with log.open("a") as fh:
+            s.update(run_wall_seconds=round(time.perf_counter() - t1, 1), max_tokens=max_tokens, **where)
+            with (outdir / "runs.log").open("a") as fh:
                 fh.write(json.dumps(s) + "\n")
             print(json.dumps(s), file=sys.stderr, flush=True)
-    write_report(outdir, args.report, args.title)
-    if failed:
-        print("failed runs: " + " ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return failed
 
 
 def write_report(outdir: Path, report: str, title: str = "Evaluation results") -> int:
