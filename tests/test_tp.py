@@ -383,6 +383,21 @@ def test_torchrun_ranks_follow_rank_0(gqa_folder, one_device):
     assert json.loads(r.stdout)["tokens"] == one_device(str(gqa_folder), ["--max-tokens", "16"])
 
 
+def test_a_process_that_led_ranks_leaves_with_its_status_and_all_its_output(gqa_folder):
+    """ranks.leave skips the interpreter's teardown (gloo's threads can abort it): the status given
+    still comes out, and what was written to a block-buffered pipe is flushed first."""
+    code = ("import sys\n"
+            "from entropix.loading import load_tensor_parallel\n"
+            "from entropix.backends.torch import ranks\n"
+            f"lm = load_tensor_parallel({str(gqa_folder)!r}, 2, device='cpu', dtype='float32')\n"
+            "assert ranks.started()\n"
+            "print('\\n'.join(str(i) for i in range(5000)))\n"
+            "ranks.leave(5)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 5, r.stderr
+    assert r.stdout.split() == [str(i) for i in range(5000)]
+
+
 @pytest.mark.parametrize("field, value, what", [("qkv_bias", True, "biases"), ("kv_lora_rank", 8, "latent attention"),
                                                  ("n_routed_experts", 4, "experts")])
 def test_tp_refuses_what_it_would_split_wrongly(field, value, what):

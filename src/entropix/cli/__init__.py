@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import NoReturn
 
 from .. import EntropixError, __version__
 from . import bench, calibrate, chat, download, eval, export, generate, plan, plot, serve
@@ -48,3 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         eprint(f"entropix: error: {type(e).__name__}: {msg} (set ENTROPIX_DEBUG=1 for the traceback)")
         return 1
 
+
+
+def run() -> NoReturn:
+    """The console script and `python -m entropix.cli`: main(), then exit with its status. A process
+    that led tensor-parallel ranks leaves through `ranks.leave` (why: see there)."""
+    code = main()
+    ranks = sys.modules.get("entropix.backends.torch.ranks")  # loaded only where ranks were started
+    if ranks is not None and ranks.started():
+        ranks.leave(code)
+    sys.exit(code)

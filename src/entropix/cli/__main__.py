@@ -1,7 +1,5 @@
 """`python -m entropix.cli`."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()

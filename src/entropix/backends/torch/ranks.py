@@ -21,6 +21,7 @@ if that one had died. The other ranks exit when rank 0 is gone or silent as long
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import subprocess
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ... import EntropixError
 from ...io.checkpoint import Checkpoint
@@ -44,6 +45,7 @@ START_TIMEOUT = timedelta(seconds=300)  # the compute group's collectives and th
 EXIT_GRACE_S = 2.0  # how long rank 0 keeps answering (503) after a rank died, before it exits
 EXIT_STATUS = 3
 CHILD_EXIT_WAIT_S = 2.0  # a failed broadcast waits this long to see whether a rank exited
+_STARTED: list["Session"] = []  # rank 0's sessions in this process: see leave()
 
 
 class WorkerLost(EntropixError):
@@ -286,6 +288,7 @@ def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto
     else:
         session, ckpt = _spawn_ranks(spec, tp, device, dtype, exit_on_lost, timeout)
     atexit.register(session.close)
+    _STARTED.append(session)
     try:
         ckpt = _load_part(session, spec, dtype, ckpt)
         dist.barrier(group=session.ctrl)  # every rank has its part
@@ -300,6 +303,27 @@ def start(spec: str | None, tp: int | None = None, *, device: str | None = "auto
             raise WorkerLost(f"{session.dead or e} while loading (see its error above)") from None
         raise
     return session, ckpt
+
+
+def started() -> bool:
+    """Whether this process led tensor-parallel ranks."""
+    return bool(_STARTED)
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that led ranks: close its sessions, flush, and exit without the interpreter's
+    teardown. gloo's threads outlive destroy_process_group, and one that meets the teardown aborts the
+    process after its work is done ("terminate called without an active exception", about one exit in
+    forty on a loaded 2-core machine), turning a good run's status 0 into a SIGABRT."""
+    for session in _STARTED:
+        session.close()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def _check_peer_timeout(peer_timeout: float | None) -> float:
