@@ -4,6 +4,8 @@ DSlider and auto beside them and the trivial floors).
     python benchmarks/fresh_seed9.py budgets           # BUDGETS from the development greedy rows
     python benchmarks/fresh_seed9.py decode --part 0   # one process per part, one torch thread each
     python benchmarks/fresh_seed9.py decode --part 1
+    python benchmarks/fresh_seed9.py decode --part 1 --tasks coinflip   # one task of a part: never two
+                                                                        # processes on the same task
     python benchmarks/fresh_seed9.py report            # docs/results-compute-seed9/REPORT.md
 
 Everything below was committed before any seed-9 row was decoded; rows are appended as they
@@ -86,7 +88,7 @@ def cmd_decode(args) -> int:
     FOLDER.mkdir(parents=True, exist_ok=True)
     for label in SAMPLERS:
         name, params = _params(label)
-        for task in PARTS[args.part]:
+        for task in args.tasks or PARTS[args.part]:
             t0 = time.perf_counter()
             s = run_eval(lm, load_task(task, PROBLEMS, SEED), name, task=task, params=params, label=label,
                          out=FOLDER / f"{task}_{label}.jsonl", seed=SEED, max_tokens=BUDGETS[task],
@@ -211,6 +213,8 @@ def main() -> int:
     sub.add_parser("budgets")
     d = sub.add_parser("decode")
     d.add_argument("--part", type=int, choices=range(len(PARTS)), required=True)
+    d.add_argument("--tasks", nargs="+", choices=TASKS,
+                   help="only these tasks (a part's work over more processes once the other part is done)")
     r = sub.add_parser("report")
     r.add_argument("--title", default="Fresh seed 9: confidence-pruned voting against self-consistency")
     args = ap.parse_args()
