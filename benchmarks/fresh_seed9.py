@@ -7,6 +7,7 @@ DSlider and auto beside them and the trivial floors).
     python benchmarks/fresh_seed9.py decode --part 1 --tasks coinflip   # one task of a part: never two
                                                                         # processes on the same task
     python benchmarks/fresh_seed9.py report            # docs/results-compute-seed9/REPORT.md
+    python benchmarks/fresh_seed9.py readme            # the README's summary table
 
 Everything below was committed before any seed-9 row was decoded; rows are appended as they
 finish and a rerun skips the problems already written, so the run may span sittings without
@@ -196,6 +197,45 @@ def others_lines() -> list[str]:
     return out
 
 
+def _short_ci(rows: list[dict]) -> str:
+    from entropix.evaluate.stats import wilson_interval
+
+    k, n = sum(bool(r["correct"]) for r in rows), len(rows)
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f}% ({100 * lo:.0f}-{100 * hi:.0f})"
+
+
+def readme_lines() -> list[str]:
+    """The README's table: per task the floor, greedy with its cut-off and no-answer rates, then each
+    decoder's accuracy, tokens per problem and Holm p against greedy (Holm within each decoder)."""
+    from entropix.evaluate.stats import holm, mcnemar_exact
+
+    ce = _helpers()
+    cells: dict[str, dict[str, str]] = {task: {} for task in TASKS}
+    for label in SAMPLERS[1:]:
+        got = {task: _paired(task, ("greedy", label)) for task in TASKS}
+        tests = {t: mcnemar_exact(*ce._discordant([bool(r["correct"]) for r in g[1]], [bool(r["correct"]) for r in g[0]]))
+                 for t, g in got.items() if g}
+        for (task, p), hp in zip(tests.items(), holm(list(tests.values()))):
+            mine = got[task][1]
+            cells[task][label] = f"{_short_ci(mine)}, {ce._tokens(mine)} tok, Holm p {hp:.2g}"
+    head = "| task | floor | greedy, tokens | greedy truncated / no answer | " + " | ".join(SAMPLERS[1:]) + " |"
+    out = [head, "|" + "---|" * (4 + len(SAMPLERS) - 1)]
+    for task in TASKS:
+        greedy = list(ce._rows(FOLDER / f"{task}_greedy.jsonl").values())
+        trunc, no_answer, unfair = ce._greedy_cap(greedy)
+        mark = " †" if unfair else ""
+        row = [f"{task}{mark}", ce._floor_cell(greedy), f"{_short_ci(greedy)}, {ce._tokens(greedy)} tok",
+               f"{trunc.split(' ')[-1].strip('()')} / {no_answer.split(' ')[-1].strip('()')}"]
+        out.append("| " + " | ".join(row + [cells[task].get(label, "—") for label in SAMPLERS[1:]]) + " |")
+    return out
+
+
+def cmd_readme(args) -> int:
+    print("\n".join(readme_lines()))
+    return 0
+
+
 def cmd_report(args) -> int:
     from entropix.evaluate.report import eval_report
 
@@ -215,11 +255,12 @@ def main() -> int:
     d.add_argument("--part", type=int, choices=range(len(PARTS)), required=True)
     d.add_argument("--tasks", nargs="+", choices=TASKS,
                    help="only these tasks (a part's work over more processes once the other part is done)")
+    sub.add_parser("readme", help="the README's summary table")
     r = sub.add_parser("report")
     r.add_argument("--title", default="Fresh seed 9: confidence-pruned voting against self-consistency")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    return {"budgets": cmd_budgets, "decode": cmd_decode, "report": cmd_report}[args.cmd](args)
+    return {"budgets": cmd_budgets, "decode": cmd_decode, "report": cmd_report, "readme": cmd_readme}[args.cmd](args)
 
 
 if __name__ == "__main__":
